@@ -1,0 +1,135 @@
+"""The `edgellm` command: pull, run, chat, info, bench."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from edgellm.cli import common
+
+# errors a user causes (bad name, missing or unreadable file, bad value): shown without their type
+USER_ERRORS = (KeyError, FileNotFoundError, ValueError, OSError)
+
+
+def cmd_pull(args) -> None:
+    from edgellm.runtime.registry import pull
+    print(pull(args.name, force=args.force))
+
+
+def cmd_run(args) -> None:
+    sampling = common.sampling_kwargs(args)
+    with contextlib.closing(common.load_llm(args.model, args.threads, args.kv_dtype)) as llm:
+        if args.chat:
+            pieces = llm.chat([{"role": "user", "content": args.prompt}], stream=True, **sampling)
+        else:
+            pieces = llm.generate(args.prompt, stream=True, **sampling)
+        common.stream_to(pieces, sys.stdout, [])
+        sys.stdout.write("\n")
+        common.print_note(common.speed_note(llm.stats()))
+
+
+def cmd_chat(args) -> None:
+    from edgellm.cli.chat import repl
+    with contextlib.closing(common.load_llm(args.model, args.threads, args.kv_dtype)) as llm:
+        repl(llm, args.system, common.sampling_kwargs(args))
+
+
+def cmd_info(args) -> None:
+    from edgellm.cli.info import format_info, memory_estimate
+    # memory_estimate scales from the f16 KV size
+    with contextlib.closing(common.load_llm(args.model, kv_dtype="f16")) as llm:
+        info = llm.info()
+    estimate = memory_estimate(info)
+    if args.json:
+        print(json.dumps({**info, "memory_estimate": estimate}, indent=2, default=str))
+    else:
+        print(format_info(info, estimate))
+
+
+def cmd_bench(args) -> None:
+    from edgellm.cli.bench import format_bench, run_bench
+    result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads,
+                       args.kv_dtype, args.context, args.repeat)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_bench(result))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgellm", description="On-device LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pull", help="download a registry model into the cache")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("run", help="complete one prompt, streaming to stdout")
+    common.add_model_arg(p)
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    common.add_load_flags(p)
+    common.add_sampling_flags(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat (reads lines from stdin)")
+    common.add_model_arg(p)
+    p.add_argument("--system", metavar="TEXT", help="system prompt, kept across /reset")
+    common.add_load_flags(p)
+    common.add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="model architecture, quantization and memory estimate")
+    common.add_model_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="prefill / decode throughput, peak RSS, KV bytes per token")
+    common.add_model_arg(p)
+    p.add_argument("--prompt-tokens", type=positive_int, default=512, metavar="N")
+    p.add_argument("--gen-tokens", type=positive_int, default=128, metavar="N")
+    p.add_argument("--context", type=positive_int, default=None, metavar="N",
+                   help="measure decode after N tokens of context (a prompt of N tokens)")
+    p.add_argument("--repeat", type=positive_int, default=1, metavar="R", help="best of R runs")
+    p.add_argument("--json", action="store_true")
+    common.add_load_flags(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def one_line(exc: BaseException) -> str:
+    """A single line for `exc`: its first line, plus its last when it carries more (e.g. pip's error)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
+    message = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return message if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {message}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (`edgellm run ... | head`): not an error; stop writing to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if os.environ.get("EDGELLM_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"edgellm: error: {one_line(exc)}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
