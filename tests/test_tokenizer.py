@@ -115,6 +115,8 @@ def test_stream_decoder_skips_special(tok):
 
 
 def test_unsupported_models_are_rejected():
+    with pytest.raises(ValueError, match="no tokenizer.ggml.tokens"):
+        Tokenizer.from_metadata({"tokenizer.ggml.model": "gpt2"})
     with pytest.raises(ValueError, match="tokenizer.ggml.model"):
         Tokenizer.from_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(ValueError, match="tokenizer.ggml.pre"):

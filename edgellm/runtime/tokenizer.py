@@ -105,6 +105,8 @@ class Tokenizer:
         self.model = md.get("tokenizer.ggml.model")
         if self.model not in ("gpt2", "llama"):
             raise ValueError(f"unsupported tokenizer.ggml.model {self.model!r} (supported: gpt2, llama)")
+        if "tokenizer.ggml.tokens" not in md:
+            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
         tokens: list[str] = list(md["tokenizer.ggml.tokens"])
         types: list[int] = list(md.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
         if len(types) != len(tokens):
@@ -117,7 +119,8 @@ class Tokenizer:
         # llama.cpp defaults: SentencePiece vocabularies add BOS, byte-level BPE ones do not.
         self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", self.model == "llama"))
         self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
-        self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", self.model == "llama"))
+        # Only SentencePiece vocabularies mark word starts with '▁'; byte-level BPE ignores the flag.
+        self.add_space_prefix = self.model == "llama" and bool(md.get("tokenizer.ggml.add_space_prefix", True))
         self._special = frozenset(i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN))
         self.stop_ids = self._find_stop_ids(md)
         self._hf = self._build_hf(md)
@@ -244,7 +247,7 @@ class StreamDecoder:
         self._skip_special = skip_special
         self._pending = b""
         # SentencePiece vocabularies with a space prefix drop the first leading space they decode.
-        self._strip_space = tokenizer.add_space_prefix and tokenizer.model == "llama"
+        self._strip_space = tokenizer.add_space_prefix
 
     def push(self, id: int) -> str:
         if self._skip_special and self._tok.is_special(id):
