@@ -176,6 +176,15 @@ def test_spm_round_trip(spm, text):
     assert "".join(stream.push(i) for i in ids) + stream.flush() == text
 
 
+def test_spm_literal_control_text_is_not_merged_into_the_control_token():
+    md = spm_metadata()
+    md["tokenizer.ggml.tokens"] = [*md["tokenizer.ggml.tokens"], "<e", "os>"]
+    md["tokenizer.ggml.scores"] = [*md["tokenizer.ggml.scores"], -1.0, -1.0]
+    md["tokenizer.ggml.token_type"] = [*md["tokenizer.ggml.token_type"], 1, 1]
+    tok = Tokenizer.from_metadata(md)
+    assert 1 not in tok.encode("<eos>", add_bos=False, parse_special=False)
+
+
 def test_spm_control_tokens_and_stop_ids(spm):
     ids = spm.encode("<start_of_turn>hello<end_of_turn>", add_bos=False)
     assert pieces(spm, ids) == ["<start_of_turn>", "hello", "<end_of_turn>"]

@@ -14,7 +14,7 @@ import functools
 import re
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+from tokenizers import AddedToken, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
@@ -62,12 +62,15 @@ def _byte_level_pre_tokenizer(pre: str):
                      "(supported: default, gpt2, smollm, starcoder, refact)")
 
 
-def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """SentencePiece BPE merges: every split of a vocab piece into two vocab pieces, ranked by the
-    merged piece's score (higher merges first), as HF's SentencePieceExtractor derives them."""
+def _merges_from_scores(tokens: list[str], types: list[int], scores: list[float]) -> list[tuple[str, str]]:
+    """SentencePiece BPE merges: every split of a normal vocab piece into two vocab pieces, ranked
+    by the merged piece's score (higher merges first), as HF's SentencePieceExtractor derives them.
+    Control, byte and unused pieces are never merge results, so plain text cannot spell them."""
     index = {tok: i for i, tok in enumerate(tokens)}
     ranked = []
     for i, tok in enumerate(tokens):
+        if types[i] != NORMAL:
+            continue
         for cut in range(1, len(tok)):
             left, right = tok[:cut], tok[cut:]
             if left in index and right in index:
@@ -154,7 +157,7 @@ class Tokenizer:
             if "tokenizer.ggml.merges" in md:
                 merges = _split_merges(md["tokenizer.ggml.merges"])
             elif "tokenizer.ggml.scores" in md:
-                merges = _merges_from_scores(self._tokens, list(md["tokenizer.ggml.scores"]))
+                merges = _merges_from_scores(self._tokens, self._types, list(md["tokenizer.ggml.scores"]))
             else:
                 raise ValueError("a 'llama' tokenizer needs tokenizer.ggml.merges or tokenizer.ggml.scores")
             unk = self._tokens[self.unk_id] if self.unk_id is not None else None
