@@ -1,0 +1,129 @@
+"""The KV manager: owns every KV byte, in fixed-size blocks of tokens per layer.
+
+A block holds `block_size` tokens of all KV heads of one layer: K and V arrays shaped
+[n_kv_head, block_size, row] (row = one head vector in the block's dtype) plus the token positions.
+The block being filled (the tail) is f16; when it fills and the cache dtype is quantized it is
+quantized once into a block of that dtype. Attention reads the blocks in place through a per-layer
+array of `el_kvblock` descriptors that this class keeps current, so a decode step touches only
+the tail's descriptor.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..native import ffi, lib
+from ..quant.blocks import GGMLType, row_bytes
+
+DTYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
+
+
+class KVBlock:
+    __slots__ = ("k", "v", "pos", "n", "dtype")
+
+    def __init__(self, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n: int, dtype: GGMLType):
+        self.k, self.v, self.pos, self.n, self.dtype = k, v, pos, n, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class KVCache:
+    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, max_tokens: int,
+                 kv_dtype: str = "f16", block_size: int = 64):
+        if kv_dtype not in DTYPES:
+            raise ValueError(f"kv_dtype {kv_dtype!r}: choose one of {', '.join(DTYPES)}")
+        self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
+        self.dtype, self.block_size, self.max_tokens = DTYPES[kv_dtype], block_size, max_tokens
+        self._max_blocks = -(-max_tokens // block_size)
+        self._descs = [ffi.new("el_kvblock[]", self._max_blocks) for _ in range(n_layer)]
+        self.reset()
+
+    # -- state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.blocks: list[list[KVBlock]] = [[] for _ in range(self.n_layer)]
+        self.n_tokens = [0] * self.n_layer
+
+    def __len__(self) -> int:
+        return self.n_tokens[-1]
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for layer in self.blocks for b in layer)
+
+    def bytes_per_token(self) -> float:
+        """Steady-state bytes per token of context (all layers, K and V) in the cache dtype."""
+        return 2 * self.n_layer * self.n_head_kv * row_bytes(self.dtype, self.head_dim)
+
+    # -- writing -----------------------------------------------------------------------------
+    def _new_tail(self, layer: int) -> KVBlock:
+        shape = (self.n_head_kv, self.block_size, self.head_dim)
+        blk = KVBlock(np.empty(shape, np.float16), np.empty(shape, np.float16),
+                      np.empty(self.block_size, np.int32), 0, GGMLType.F16)
+        self.blocks[layer].append(blk)
+        return blk
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> None:
+        """Add n tokens: k, v [n, n_head_kv, head_dim] float32 (k already rotated), pos [n]."""
+        n = k.shape[0]
+        if self.n_tokens[layer] + n > self.max_tokens:
+            raise ValueError(f"KV cache full: {self.n_tokens[layer]} + {n} tokens exceed its {self.max_tokens}")
+        blocks, i = self.blocks[layer], 0
+        while i < n:
+            tail = blocks[-1] if blocks and blocks[-1].dtype == GGMLType.F16 and blocks[-1].n < self.block_size \
+                else self._new_tail(layer)
+            m = min(n - i, self.block_size - tail.n)
+            tail.k[:, tail.n:tail.n + m] = k[i:i + m].transpose(1, 0, 2)
+            tail.v[:, tail.n:tail.n + m] = v[i:i + m].transpose(1, 0, 2)
+            tail.pos[tail.n:tail.n + m] = pos[i:i + m]
+            tail.n += m
+            i += m
+            if tail.n == self.block_size and self.dtype != GGMLType.F16:
+                blocks[-1] = self._quantize(tail)
+            self._describe(layer, len(blocks) - 1)
+        self.n_tokens[layer] += n
+
+    def _quantize(self, blk: KVBlock) -> KVBlock:
+        """Convert a full f16 block to the cache dtype, once."""
+        shape = (self.n_head_kv, self.block_size, row_bytes(self.dtype, self.head_dim))
+
+        def conv(x16):
+            x = np.ascontiguousarray(x16, np.float32)
+            out = np.empty(shape, np.uint8)
+            lib.el_quantize_row(ffi.cast("float *", x.ctypes.data), ffi.cast("void *", out.ctypes.data),
+                                x.size, int(self.dtype))
+            return out
+        return KVBlock(conv(blk.k), conv(blk.v), blk.pos, blk.n, self.dtype)
+
+    def _describe(self, layer: int, i: int) -> None:
+        blk, d = self.blocks[layer][i], self._descs[layer][i]
+        d.k = ffi.cast("void *", blk.k.ctypes.data)
+        d.v = ffi.cast("void *", blk.v.ctypes.data)
+        d.pos = ffi.cast("int32_t *", blk.pos.ctypes.data)
+        d.n, d.cap, d.dtype = blk.n, self.block_size, int(blk.dtype)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n tokens of every layer (to reuse a shared prompt prefix)."""
+        for layer in range(self.n_layer):
+            keep_blocks, rem = divmod(n, self.block_size)
+            blocks = self.blocks[layer][:keep_blocks + (1 if rem else 0)]
+            if rem and blocks[-1].dtype != GGMLType.F16:
+                blocks[-1] = self._dequantize(blocks[-1])
+            if rem:
+                blocks[-1].n = rem
+            self.blocks[layer] = blocks
+            self.n_tokens[layer] = n
+            for i in range(len(blocks)):
+                self._describe(layer, i)
+
+    def _dequantize(self, blk: KVBlock) -> KVBlock:
+        def conv(q):
+            out = np.empty((self.n_head_kv, self.block_size, self.head_dim), np.float32)
+            lib.el_dequantize_row(ffi.cast("void *", q.ctypes.data), ffi.cast("float *", out.ctypes.data),
+                                  out.size, int(blk.dtype))
+            return out.astype(np.float16)
+        return KVBlock(conv(blk.k), conv(blk.v), blk.pos, blk.n, GGMLType.F16)
+
+    # -- reading -----------------------------------------------------------------------------
+    def descriptors(self, layer: int):
+        """(el_kvblock* , n_blocks) for the attention kernel."""
+        return self._descs[layer], len(self.blocks[layer])

@@ -1,0 +1,99 @@
+"""Native backend: every op is one call into the C kernels; buffers are allocated once per chunk size."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..kv.cache import KVCache
+from ..native import ffi, lib
+from .config import ModelConfig
+from .weights import Weights
+
+
+def _fptr(a: np.ndarray):
+    return ffi.cast("float *", a.ctypes.data)
+
+
+class _Matrix:
+    """A weight matrix as the kernel sees it: pointer, type and shape."""
+    __slots__ = ("ptr", "type", "rows", "cols", "data")
+
+    def __init__(self, t):
+        self.data = t.data  # keeps the mapped view alive
+        self.ptr, self.type, self.rows, self.cols = ffi.cast("void *", t.data.ctypes.data), int(t.type), t.rows, t.cols
+
+
+class NativeBackend:
+    def __init__(self, cfg: ModelConfig, w: Weights, n_threads: int):
+        self.cfg = cfg
+        lib.el_set_threads(n_threads)
+        self.layers = [{name: _Matrix(getattr(lw, name)) for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+                       for lw in w.layers]
+        self.norms = [(lw.attn_norm, lw.ffn_norm) for lw in w.layers]
+        self.out_norm = w.out_norm
+        self.embd, self.output = _Matrix(w.token_embd), _Matrix(w.output)
+        self.scale = 1.0 / np.sqrt(cfg.head_dim)
+        self._cap = 0
+
+    def new_cache(self, max_tokens, kv_dtype, block_size):
+        c = self.cfg
+        return KVCache(c.n_layer, c.n_head_kv, c.head_dim, max_tokens, kv_dtype, block_size)
+
+    def _buffers(self, n: int):
+        if n > self._cap:
+            c = self.cfg
+            q_dim, kv_dim = c.n_head * c.head_dim, c.kv_dim
+            self._cap = n
+            self.x = np.empty((n, c.n_embd), np.float32)
+            self.h = np.empty((n, c.n_embd), np.float32)
+            self.q = np.empty((n, q_dim), np.float32)
+            self.k = np.empty((n, kv_dim), np.float32)
+            self.v = np.empty((n, kv_dim), np.float32)
+            self.att = np.empty((n, q_dim), np.float32)
+            self.lse = np.empty((n, c.n_head), np.float32)
+            self.g = np.empty((n, c.n_ff), np.float32)
+            self.u = np.empty((n, c.n_ff), np.float32)
+            self.p = {name: _fptr(getattr(self, name)) for name in ("x", "h", "q", "k", "v", "att", "lse", "g", "u")}
+
+    def _mm(self, m: _Matrix, src: str, n: int, dst: str):
+        lib.el_matmul(m.ptr, m.type, m.rows, m.cols, self.p[src], n, self.p[dst], m.rows)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        n = ids.size
+        self._buffers(n)
+        lib.el_get_rows(self.embd.ptr, self.embd.type, self.embd.cols,
+                        ffi.cast("int32_t *", ids.ctypes.data), n, self.p["x"])
+        return self.x[:n]
+
+    def layer(self, i: int, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> None:
+        c, p, m = self.cfg, self.p, self.layers[i]
+        n, d = x.shape
+        attn_norm, ffn_norm = self.norms[i]
+        ppos = ffi.cast("int32_t *", pos.ctypes.data)
+        lib.el_rmsnorm(p["x"], _fptr(attn_norm), n, d, c.norm_eps, p["h"])
+        self._mm(m["wq"], "h", n, "q")
+        self._mm(m["wk"], "h", n, "k")
+        self._mm(m["wv"], "h", n, "v")
+        lib.el_rope(p["q"], n, c.n_head, c.head_dim, c.rope_dim, ppos, c.rope_base, c.rope_neox)
+        lib.el_rope(p["k"], n, c.n_head_kv, c.head_dim, c.rope_dim, ppos, c.rope_base, c.rope_neox)
+        shape = (n, c.n_head_kv, c.head_dim)
+        cache.append(i, self.k[:n].reshape(shape), self.v[:n].reshape(shape), pos)
+        descs, n_blocks = cache.descriptors(i)
+        lib.el_attention(p["q"], n, ppos, c.n_head, c.n_head_kv, c.head_dim, self.scale, descs, n_blocks,
+                         p["att"], p["lse"])
+        self._mm(m["wo"], "att", n, "h")
+        x += self.h[:n]
+        lib.el_rmsnorm(p["x"], _fptr(ffn_norm), n, d, c.norm_eps, p["h"])
+        self._mm(m["w_gate"], "h", n, "g")
+        self._mm(m["w_up"], "h", n, "u")
+        lib.el_silu_mul(p["g"], p["u"], n * c.n_ff)
+        self._mm(m["w_down"], "g", n, "h")
+        x += self.h[:n]
+
+    def logits(self, x: np.ndarray, n: int) -> np.ndarray:
+        h = np.empty((n, self.cfg.n_embd), np.float32)
+        xs = np.ascontiguousarray(x[:n])
+        lib.el_rmsnorm(_fptr(xs), _fptr(self.out_norm), n, self.cfg.n_embd, self.cfg.norm_eps, _fptr(h))
+        out = np.empty((n, self.output.rows), np.float32)
+        lib.el_matmul(self.output.ptr, self.output.type, self.output.rows, self.output.cols, _fptr(h), n,
+                      _fptr(out), self.output.rows)
+        return out

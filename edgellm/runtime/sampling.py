@@ -1,0 +1,63 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0   # 0 = greedy
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+                  (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+                  (self.repeat_last_n >= 0, "repeat_last_n must be >= 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history) -> int:
+        p = self.p
+        logits = np.asarray(logits, np.float32).reshape(-1)
+        if p.repeat_penalty != 1.0 and p.repeat_last_n and len(history):
+            logits = _penalize(logits, history[-p.repeat_last_n:], p.repeat_penalty)
+        if p.temperature == 0.0:
+            return int(np.argmax(logits))
+        return self._sample(logits / p.temperature)
+
+    def _sample(self, logits: np.ndarray) -> int:
+        p = self.p
+        k = logits.size if p.top_k == 0 else min(p.top_k, logits.size)
+        cand = np.argpartition(-logits, k - 1)[:k] if k < logits.size else np.arange(logits.size)
+        cand = cand[np.argsort(-logits[cand], kind="stable")]
+        probs = np.exp(logits[cand] - logits[cand[0]])
+        probs /= probs.sum()
+        keep = probs >= p.min_p * probs[0]
+        if p.top_p < 1.0:  # smallest prefix whose mass reaches top_p
+            keep &= np.arange(probs.size) <= np.searchsorted(np.cumsum(probs), p.top_p)
+        probs = probs[keep] / probs[keep].sum()
+        return int(cand[:probs.size][self.rng.choice(probs.size, p=probs)])
+
+
+def _penalize(logits: np.ndarray, recent, penalty: float) -> np.ndarray:
+    """llama.cpp/CTRL style: divide positive logits of recently seen tokens by the penalty, multiply negative ones."""
+    out = logits.copy()
+    ids = np.unique(np.asarray(recent, np.int64))
+    v = out[ids]
+    out[ids] = np.where(v > 0, v / penalty, v * penalty)
+    return out
