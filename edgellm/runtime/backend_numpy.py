@@ -33,8 +33,8 @@ class RefCache:
         self.v = [None] * len(self.v)
 
     def truncate(self, n: int):
-        self.k = [a[:n] for a in self.k]
-        self.v = [a[:n] for a in self.v]
+        self.k = [None if a is None else a[:n] for a in self.k]
+        self.v = [None if a is None else a[:n] for a in self.v]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v if a is not None)
