@@ -1,0 +1,110 @@
+"""The public API end to end on the default model."""
+import numpy as np
+import pytest
+
+import edgellm
+from edgellm.runtime.model import Model
+
+PROMPT = "The three primary colors are"
+
+
+@pytest.fixture(scope="module")
+def llm(model_path):
+    with edgellm.LLM(str(model_path), n_threads=2) as m:
+        yield m
+
+
+def test_kvconfig_rejects_unavailable_choices():
+    with pytest.raises(ValueError, match="not available"):
+        edgellm.KVConfig(policy="h2o")
+    with pytest.raises(ValueError, match="choose one of"):
+        edgellm.KVConfig(policy="lru")
+    with pytest.raises(ValueError, match="kv_dtype"):
+        edgellm.KVConfig(kv_dtype="int3")
+    with pytest.raises(TypeError):
+        edgellm.KVConfig(polcy="full")
+
+
+def test_unknown_model_name():
+    with pytest.raises(FileNotFoundError, match="neither a registry name"):
+        edgellm.LLM("no-such-model")
+
+
+def test_tokenize_roundtrip(llm):
+    ids = llm.tokenize("Hello, world! 123")
+    assert llm.detokenize(ids) == "Hello, world! 123"
+
+
+def test_greedy_matches_numpy_reference(llm, model_path):
+    ids = llm.tokenize(PROMPT)
+    ours = llm.generate(ids, max_tokens=6, ignore_eos=True)
+    ref = edgellm.LLM(str(model_path), backend="numpy").generate(ids, max_tokens=6, ignore_eos=True)
+    assert ours == ref and len(ours) > 0
+
+
+def test_stream_equals_blocking(llm):
+    text = llm.generate(PROMPT, max_tokens=16, ignore_eos=True)
+    pieces = list(llm.generate(PROMPT, max_tokens=16, ignore_eos=True, stream=True))
+    assert "".join(pieces) == text and len(pieces) > 1
+
+
+def test_max_tokens_and_stats(llm):
+    llm.generate(PROMPT, max_tokens=5, ignore_eos=True)
+    s = llm.stats()
+    assert s["decode_tokens"] == 5 and s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0
+    assert s["peak_rss_mb"] > 0 and s["kv_bytes"]["hot"] > 0 and s["kv_bytes"]["ssd"] == 0
+
+
+def test_stop_string(llm):
+    full = llm.generate(PROMPT, max_tokens=16, ignore_eos=True)
+    stop = full.strip().split()[1]
+    cut = llm.generate(PROMPT, max_tokens=16, ignore_eos=True, stop=[stop])
+    assert stop not in cut and full.startswith(cut)
+    assert "".join(llm.generate(PROMPT, max_tokens=16, ignore_eos=True, stop=stop, stream=True)) == cut
+
+
+def test_prefix_reuse_equals_fresh_run(llm, model_path):
+    llm.generate("Once upon a time", max_tokens=4)
+    cont = llm.generate("Once upon a time there was", max_tokens=8, ignore_eos=True)
+    fresh = edgellm.LLM(str(model_path)).generate("Once upon a time there was", max_tokens=8, ignore_eos=True)
+    assert cont == fresh
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    kw = dict(max_tokens=12, temperature=0.9, top_k=40, top_p=0.95, min_p=0.02, ignore_eos=True)
+    a, b = llm.generate(PROMPT, seed=1, **kw), llm.generate(PROMPT, seed=1, **kw)
+    others = {llm.generate(PROMPT, seed=s, **kw) for s in range(2, 6)}
+    assert a == b and len(others | {a}) > 1
+
+
+def test_chat_uses_template_and_stops(llm):
+    reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24)
+    assert "Paris" in reply and "<|im_end|>" not in reply
+
+
+def test_logits_every_position(llm):
+    ids = llm.tokenize(PROMPT)
+    lg = llm.logits(ids)
+    assert lg.shape == (len(ids), 49152) and lg.dtype == np.float32
+    # teacher forcing: the last row is the next-token distribution generate() starts from
+    assert llm.detokenize([int(lg[-1].argmax())]) == llm.generate(ids, max_tokens=1, ignore_eos=True)
+
+
+def test_over_long_prompt_is_refused(model_path):
+    small = edgellm.LLM(str(model_path), n_ctx=64)
+    with pytest.raises(ValueError, match="the context holds 64"):
+        small.generate(list(range(100, 200)))
+
+
+def test_chunked_prefill_equals_single_chunk(model_path, parity_ref):
+    model = Model(model_path)
+    ids = parity_ref["ids"][0][:100]
+    one = model.forward(ids, model.new_cache(128), logits="all", chunk=512)
+    many = model.forward(ids, model.new_cache(128), logits="all", chunk=7)
+    np.testing.assert_allclose(many, one, atol=2e-3, rtol=0)
+
+
+def test_info(llm):
+    info = llm.info()
+    assert info["arch"] == "llama" and info["n_layer"] == 30 and info["context_length"] == 8192
+    assert info["quant_types"]["Q4_1"] == 210 and 130e6 < info["n_params"] < 140e6
