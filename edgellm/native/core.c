@@ -1,0 +1,409 @@
+/* Run-time dispatch, thread pool, scratch memory, format conversion and the cheap element-wise kernels. */
+#define _GNU_SOURCE
+#include "kernels.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#endif
+
+/* ---------------- f16 <-> f32 (bit exact with numpy's astype) ---------------- */
+
+float el_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (e) {
+        bits = sign | ((e + 112) << 23) | (man << 13);
+    } else {
+        float f = (float)man * 0x1p-24f;   /* subnormal (or zero): exact */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t el_f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    x &= 0x7fffffffu;
+    if (x >= 0x7f800000u) return sign | 0x7c00 | (x > 0x7f800000u ? 0x200 : 0);
+    if (x >= 0x477ff000u) return sign | 0x7c00;           /* rounds past 65504 */
+    if (x < 0x38800000u) {                                /* below 2^-14: subnormal half */
+        float a;
+        memcpy(&a, &x, 4);
+        return sign | (uint16_t)nearbyintf(a * 0x1p24f);
+    }
+    x += 0xfffu + ((x >> 13) & 1);                        /* round to nearest even */
+    return sign | (uint16_t)((x - 0x38000000u) >> 13);
+}
+
+int el_is_quant(int type) { return type == EL_Q4_0 || type == EL_Q4_1 || type == EL_Q8_0; }
+
+size_t el_row_bytes(int type, long n) {
+    switch (type) {
+    case EL_F32: return (size_t)n * 4;
+    case EL_F16: return (size_t)n * 2;
+    case EL_Q4_0: return (size_t)(n / EL_QK) * sizeof(el_block_q4_0);
+    case EL_Q4_1: return (size_t)(n / EL_QK) * sizeof(el_block_q4_1);
+    case EL_Q8_0: return (size_t)(n / EL_QK) * sizeof(el_block_q8_0);
+    default: return 0;
+    }
+}
+
+/* ---------------- SIMD level ---------------- */
+
+const el_kernels *el_kern = &el_kernels_scalar;
+static int el_level, el_detected;
+
+static int detect_level(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();   /* libgcc checks OS (XCR0) support before reporting avx2 */
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
+#endif
+    return 0;
+}
+
+static const el_kernels *table_for(int level) {
+#if defined(__x86_64__)
+    if (level == 1) return &el_kernels_avx2;
+#endif
+    (void)level;
+    return &el_kernels_scalar;
+}
+
+int el_simd_level(void) { return el_level; }
+
+int el_set_simd(int level) {
+    if (level < 0) level = 0;
+    el_level = level >= el_detected ? el_detected : 0;   /* only the detected level or scalar exist */
+    el_kern = table_for(el_level);
+    return el_level;
+}
+
+/* ---------------- thread pool ---------------- */
+
+#define EL_MAX_THREADS 64
+#define EL_SPIN_ROUNDS 200000   /* ~ a few ms of pause loops before a worker blocks */
+
+static struct {
+    int nth;                    /* 0 until first use */
+    pthread_t th[EL_MAX_THREADS];
+    atomic_uint gen;            /* bumped once per job */
+    atomic_int pending;         /* workers still running the current job */
+    atomic_int stop;
+    unsigned start_gen;         /* gen when the workers were created (they must not miss a job bumped before they run) */
+    el_task_fn fn;
+    void *ctx;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+/* Serializes el_matmul / el_attention / el_set_threads: they share the pool and the scratch buffers,
+ * and cffi releases the GIL around calls. */
+static pthread_mutex_t api_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void *worker(void *arg) {
+    int ith = (int)(intptr_t)arg;
+    unsigned seen = pool.start_gen;
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen && !atomic_load(&pool.stop)) {
+            if (++spins < EL_SPIN_ROUNDS) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&pool.mu);
+            while (atomic_load(&pool.gen) == seen && !atomic_load(&pool.stop)) pthread_cond_wait(&pool.cv, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        if (atomic_load(&pool.stop)) return NULL;
+        seen = atomic_load(&pool.gen);
+        pool.fn(pool.ctx, ith, pool.nth);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+}
+
+static void pool_stop(void) {
+    if (pool.nth <= 1) return;
+    pthread_mutex_lock(&pool.mu);
+    atomic_store(&pool.stop, 1);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    for (int i = 1; i < pool.nth; i++) pthread_join(pool.th[i], NULL);
+    atomic_store(&pool.stop, 0);
+}
+
+static void pool_start(int n) {
+    if (n < 1) n = 1;
+    if (n > EL_MAX_THREADS) n = EL_MAX_THREADS;
+    pool.nth = 1;
+    pool.start_gen = atomic_load(&pool.gen);
+    for (int i = 1; i < n; i++) {
+        if (pthread_create(&pool.th[i], NULL, worker, (void *)(intptr_t)i) != 0) break;
+        pool.nth = i + 1;
+    }
+}
+
+static void pool_ensure(void) {
+    if (pool.nth) return;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    pool_start(ncpu > 0 ? (int)ncpu : 1);
+}
+
+void el_set_threads(int n) {
+    pthread_mutex_lock(&api_mu);
+    if (pool.nth) pool_stop();
+    pool_start(n);
+    pthread_mutex_unlock(&api_mu);
+}
+
+int el_get_threads_locked(void) {
+    pool_ensure();
+    return pool.nth;
+}
+
+int el_get_threads(void) {
+    pthread_mutex_lock(&api_mu);
+    int n = el_get_threads_locked();
+    pthread_mutex_unlock(&api_mu);
+    return n;
+}
+
+/* caller holds api_mu */
+void el_parallel(el_task_fn fn, void *ctx) {
+    pool_ensure();
+    if (pool.nth == 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    atomic_store(&pool.pending, pool.nth - 1);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    fn(ctx, 0, pool.nth);
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
+}
+
+static void *scratch_buf[2];
+static size_t scratch_size[2];
+
+void *el_scratch(int slot, size_t bytes) {
+    if (bytes <= scratch_size[slot]) return scratch_buf[slot];
+    free(scratch_buf[slot]);
+    scratch_buf[slot] = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    scratch_size[slot] = scratch_buf[slot] ? bytes : 0;
+    return scratch_buf[slot];
+}
+
+void el_lock(void) { pthread_mutex_lock(&api_mu); }
+void el_unlock(void) { pthread_mutex_unlock(&api_mu); }
+
+__attribute__((constructor)) static void el_init(void) {
+    el_detected = detect_level();
+    const char *force = getenv("EDGELLM_FORCE_SCALAR");
+    el_set_simd(force && strcmp(force, "1") == 0 ? 0 : el_detected);
+}
+
+/* ---------------- matmul driver ---------------- */
+
+typedef struct {
+    const el_mm *m;
+    const float *x;
+    el_block_q8a *q;
+} quant_ctx;
+
+static void quant_task(void *p, int ith, int nth) {
+    quant_ctx *c = p;
+    int nb = c->m->cols / EL_QK, n = c->m->n;
+    for (int t = ith; t < n; t += nth) el_kern->quant_act(c->x + (size_t)t * c->m->cols, c->q + (size_t)t * nb, nb);
+}
+
+static void mm_task(void *p, int ith, int nth) {
+    const el_mm *m = p;
+    /* contiguous row ranges in multiples of 8 so tiles stay whole and each weight byte is read once */
+    int per = ((m->rows + nth - 1) / nth + 7) & ~7;
+    int r0 = ith * per, r1 = r0 + per < m->rows ? r0 + per : m->rows;
+    if (r0 < r1) el_kern->mm_rows(m, r0, r1);
+}
+
+void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy) {
+    size_t rb = el_row_bytes(wtype, cols);
+    if (rows <= 0 || cols <= 0 || n <= 0 || !rb || (el_is_quant(wtype) && cols % EL_QK)) return;
+    el_lock();
+    el_mm m = {W, rb, wtype, rows, cols, n, ldy, X, Y};
+    if (el_is_quant(wtype)) {
+        quant_ctx qc = {&m, X, el_scratch(0, (size_t)n * (cols / EL_QK) * sizeof(el_block_q8a))};
+        if (qc.q) {
+            if (n >= 8) el_parallel(quant_task, &qc);
+            else quant_task(&qc, 0, 1);
+            m.act = qc.q;
+        }
+    }
+    if (m.act) el_parallel(mm_task, &m);
+    el_unlock();
+}
+
+/* ---------------- conversions ---------------- */
+
+void el_dequantize_row(const void *src, float *y, long n, int type) {
+    if (type == EL_F32) {
+        memcpy(y, src, (size_t)n * 4);
+        return;
+    }
+    if (type == EL_F16) {
+        for (long i = 0; i < n; i++) y[i] = el_f16_to_f32(((const uint16_t *)src)[i]);
+        return;
+    }
+    for (long b = 0; b < n / EL_QK; b++, y += EL_QK) {
+        if (type == EL_Q8_0) {
+            const el_block_q8_0 *x = (const el_block_q8_0 *)src + b;
+            float d = el_f16_to_f32(x->d);
+            for (int j = 0; j < 32; j++) y[j] = x->qs[j] * d;
+        } else if (type == EL_Q4_0) {
+            const el_block_q4_0 *x = (const el_block_q4_0 *)src + b;
+            float d = el_f16_to_f32(x->d);
+            for (int j = 0; j < 16; j++) {
+                y[j] = ((x->qs[j] & 15) - 8) * d;
+                y[j + 16] = ((x->qs[j] >> 4) - 8) * d;
+            }
+        } else if (type == EL_Q4_1) {
+            const el_block_q4_1 *x = (const el_block_q4_1 *)src + b;
+            float d = el_f16_to_f32(x->d), m = el_f16_to_f32(x->m);
+            for (int j = 0; j < 16; j++) {
+                y[j] = (x->qs[j] & 15) * d + m;
+                y[j + 16] = (x->qs[j] >> 4) * d + m;
+            }
+        }
+    }
+}
+
+static inline float inverse(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
+
+/* Round-to-nearest quantizers, bit exact with ggml's quantize_row_*_ref. */
+void el_quantize_row(const float *x, void *dst, long n, int type) {
+    if (type == EL_F32) {
+        memcpy(dst, x, (size_t)n * 4);
+        return;
+    }
+    if (type == EL_F16) {
+        for (long i = 0; i < n; i++) ((uint16_t *)dst)[i] = el_f32_to_f16(x[i]);
+        return;
+    }
+    for (long b = 0; b < n / EL_QK; b++, x += EL_QK) {
+        if (type == EL_Q8_0) {
+            el_block_q8_0 *y = (el_block_q8_0 *)dst + b;
+            float amax = 0;
+            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+            float d = amax / 127.0f, id = inverse(d);
+            for (int j = 0; j < 32; j++) y->qs[j] = (int8_t)roundf(x[j] * id);
+            y->d = el_f32_to_f16(d);
+        } else if (type == EL_Q4_0) {
+            el_block_q4_0 *y = (el_block_q4_0 *)dst + b;
+            float amax = 0, mx = 0;   /* signed value of the first largest magnitude maps to -8 */
+            for (int j = 0; j < 32; j++)
+                if (fabsf(x[j]) > amax) amax = fabsf(x[j]), mx = x[j];
+            float d = mx / -8.0f, id = inverse(d);
+            for (int j = 0; j < 16; j++) {
+                int lo = (int)(x[j] * id + 8.5f), hi = (int)(x[j + 16] * id + 8.5f);
+                y->qs[j] = (uint8_t)((lo < 15 ? lo : 15) | (hi < 15 ? hi : 15) << 4);
+            }
+            y->d = el_f32_to_f16(d);
+        } else if (type == EL_Q4_1) {
+            el_block_q4_1 *y = (el_block_q4_1 *)dst + b;
+            float lo = x[0], hi = x[0];
+            for (int j = 1; j < 32; j++) lo = fminf(lo, x[j]), hi = fmaxf(hi, x[j]);
+            float d = (hi - lo) / 15.0f, id = inverse(d);
+            for (int j = 0; j < 16; j++) {
+                int a = (int)((x[j] - lo) * id + 0.5f), c = (int)((x[j + 16] - lo) * id + 0.5f);
+                y->qs[j] = (uint8_t)((a < 15 ? a : 15) | (c < 15 ? c : 15) << 4);
+            }
+            y->d = el_f32_to_f16(d);
+            y->m = el_f32_to_f16(lo);
+        }
+    }
+}
+
+void el_get_rows(const void *W, int wtype, int cols, const int32_t *ids, int n, float *out) {
+    size_t rb = el_row_bytes(wtype, cols);
+    if (!rb || cols <= 0) return;
+    for (int i = 0; i < n; i++) el_dequantize_row((const uint8_t *)W + (size_t)ids[i] * rb, out + (size_t)i * cols, cols, wtype);
+}
+
+/* ---------------- element-wise kernels ---------------- */
+
+void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float *out) {
+    for (int i = 0; i < n; i++, x += dim, out += dim) {
+        float acc[8] = {0};   /* 8 independent partial sums vectorize at baseline SSE */
+        int j = 0;
+        for (; j + 8 <= dim; j += 8)
+            for (int k = 0; k < 8; k++) acc[k] += x[j + k] * x[j + k];
+        float ss = 0;
+        for (; j < dim; j++) ss += x[j] * x[j];
+        for (int k = 0; k < 8; k++) ss += acc[k];
+        float r = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (j = 0; j < dim; j++) out[j] = x[j] * r * w[j];
+    }
+}
+
+void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox) {
+    int half = rope_dim / 2;
+    if (half <= 0 || rope_dim > head_dim) return;
+    float *cs = malloc(sizeof(float) * 2 * half);
+    if (!cs) return;
+    for (int i = 0; i < n; i++) {
+        /* angles in double: positions reach 1e5+ and f32 would lose the small frequencies' phase */
+        for (int j = 0; j < half; j++) {
+            double a = (double)pos[i] * pow((double)freq_base, -2.0 * j / rope_dim);
+            cs[2 * j] = (float)cos(a);
+            cs[2 * j + 1] = (float)sin(a);
+        }
+        for (int h = 0; h < n_heads; h++) {
+            float *v = x + ((size_t)i * n_heads + h) * head_dim;
+            for (int j = 0; j < half; j++) {
+                int a = neox ? j : 2 * j, b = neox ? j + half : 2 * j + 1;
+                float x0 = v[a], x1 = v[b], c = cs[2 * j], s = cs[2 * j + 1];
+                v[a] = x0 * c - x1 * s;
+                v[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+    free(cs);
+}
+
+void el_silu_mul(float *gate, const float *up, long n) { el_kern->silu_mul(gate, up, n); }
+
+void el_softmax(float *x, int rows, int cols) {
+    for (int i = 0; i < rows; i++, x += cols) {
+        float mx = -INFINITY;
+        for (int j = 0; j < cols; j++) mx = fmaxf(mx, x[j]);
+        if (mx == -INFINITY) {   /* nothing visible: all zeros rather than NaN */
+            memset(x, 0, sizeof(float) * cols);
+            continue;
+        }
+        float r = 1.0f / el_kern->exp_sum(x, cols, mx);
+        for (int j = 0; j < cols; j++) x[j] *= r;
+    }
+}

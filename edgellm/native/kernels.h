@@ -1,0 +1,103 @@
+/* edgellm native kernels: public C API (mirrored in build.py's cdef) and the internal interfaces
+ * shared by the per-ISA kernel files. */
+#ifndef EDGELLM_KERNELS_H
+#define EDGELLM_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- public API ---- */
+enum { EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q8_0 = 8 };
+
+typedef struct {
+    const void *k;
+    const void *v;
+    const int32_t *pos;
+    int n;
+    int cap;
+    int dtype;
+} el_kvblock;
+
+int  el_simd_level(void);
+int  el_set_simd(int level);
+void el_set_threads(int n);
+int  el_get_threads(void);
+void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
+void el_get_rows(const void *W, int wtype, int cols, const int32_t *ids, int n, float *out);
+void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float *out);
+void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox);
+void el_silu_mul(float *gate, const float *up, long n);
+void el_softmax(float *x, int rows, int cols);
+void el_quantize_row(const float *x, void *dst, long n, int type);
+void el_dequantize_row(const void *src, float *y, long n, int type);
+void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
+                  const el_kvblock *blocks, int n_blocks, float *out, float *lse);
+
+/* ---- internal ---- */
+#define EL_QK 32
+
+/* GGUF blocks; f16 fields kept as raw bits. */
+typedef struct { uint16_t d; uint8_t qs[16]; } el_block_q4_0;
+typedef struct { uint16_t d, m; uint8_t qs[16]; } el_block_q4_1;
+typedef struct { uint16_t d; int8_t qs[32]; } el_block_q8_0;
+/* Quantized activation block: s = d * sum(qs) lets the Q4_1 min (m*s) and the Q4_0 offset (-8*d_w*s)
+ * be added once per block outside the integer dot product. */
+typedef struct { float d, s; int8_t qs[32]; } el_block_q8a;
+
+_Static_assert(sizeof(el_block_q4_0) == 18, "q4_0 block");
+_Static_assert(sizeof(el_block_q4_1) == 20, "q4_1 block");
+_Static_assert(sizeof(el_block_q8_0) == 34, "q8_0 block");
+_Static_assert(sizeof(el_block_q8a) == 40, "q8a block");
+
+float el_f16_to_f32(uint16_t h);
+uint16_t el_f32_to_f16(float f);
+int el_is_quant(int type);
+size_t el_row_bytes(int type, long n);   /* 0 for an unknown type */
+
+/* Thread pool: fn runs once on each of the el_get_threads() threads (ith = 0 is the caller). */
+typedef void (*el_task_fn)(void *ctx, int ith, int nth);
+void el_parallel(el_task_fn fn, void *ctx);   /* caller holds el_lock() */
+void el_lock(void);
+int el_get_threads_locked(void);
+void el_unlock(void);
+
+/* Arguments of one matmul; act is the quantized X (quant W) or X itself (F16/F32 W). */
+typedef struct {
+    const uint8_t *W;
+    size_t row_bytes;
+    int wtype, rows, cols, n, ldy;
+    const void *act;
+    float *Y;
+} el_mm;
+
+/* One table of kernels per SIMD level; the active one is el_kern. */
+typedef struct {
+    /* nb blocks of 32 floats -> activation blocks */
+    void (*quant_act)(const float *x, el_block_q8a *y, int nb);
+    /* rows [r0, r1) of Y for all n tokens */
+    void (*mm_rows)(const el_mm *m, int r0, int r1);
+    /* dot of one W row of `type` with an activation row (el_block_q8a for quant types, f32 otherwise) */
+    float (*dot)(int type, const void *row, const void *act, int cols);
+    /* o[h*cols + c] += p[h] * row[c] for h < np: one dequantized V row shared by np query heads */
+    void (*axpy_rows)(int type, const void *row, const float *p, int np, float *o, int cols);
+    /* x[i] = exp(x[i] - sub); returns the sum */
+    float (*exp_sum)(float *x, int n, float sub);
+    void (*silu_mul)(float *gate, const float *up, long n);
+} el_kernels;
+
+extern const el_kernels *el_kern;
+extern const el_kernels el_kernels_scalar;
+#if defined(__x86_64__)
+extern const el_kernels el_kernels_avx2;
+#endif
+
+/* shared scalar pieces the SIMD tables fall back to */
+void el_quant_act_scalar(const float *x, el_block_q8a *y, int nb);
+float el_dot_scalar(int type, const void *row, const void *act, int cols);
+void el_axpy_rows_scalar(int type, const void *row, const float *p, int np, float *o, int cols);
+
+/* Scratch memory owned by the library, grown on demand; slot 0 is matmul activations, 1 attention.
+ * Only used under the library lock (el_matmul / el_attention serialize). */
+void *el_scratch(int slot, size_t bytes);
+
+#endif

@@ -1,0 +1,92 @@
+/* Portable scalar kernels: the reference every SIMD table is tested against, and the fallback. */
+#include "kernels.h"
+
+#include <math.h>
+
+void el_quant_act_scalar(const float *x, el_block_q8a *y, int nb) {
+    for (int b = 0; b < nb; b++, x += EL_QK, y++) {
+        float amax = 0;
+        for (int j = 0; j < EL_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < EL_QK; j++) {
+            int q = (int)nearbyintf(x[j] * id);   /* half to even, like cvtps2dq / vcvtnq */
+            y->qs[j] = (int8_t)q;
+            sum += q;
+        }
+        y->d = d;
+        y->s = d * (float)sum;
+    }
+}
+
+float el_dot_scalar(int type, const void *row, const void *act, int cols) {
+    const el_block_q8a *a = act;
+    float acc = 0;
+    switch (type) {
+    case EL_F32:
+        for (int c = 0; c < cols; c++) acc += ((const float *)row)[c] * ((const float *)act)[c];
+        break;
+    case EL_F16:
+        for (int c = 0; c < cols; c++) acc += el_f16_to_f32(((const uint16_t *)row)[c]) * ((const float *)act)[c];
+        break;
+    case EL_Q8_0:
+        for (int b = 0; b < cols / EL_QK; b++) {
+            const el_block_q8_0 *w = (const el_block_q8_0 *)row + b;
+            int s = 0;
+            for (int j = 0; j < 32; j++) s += w->qs[j] * a[b].qs[j];
+            acc += el_f16_to_f32(w->d) * a[b].d * (float)s;
+        }
+        break;
+    case EL_Q4_0:
+        for (int b = 0; b < cols / EL_QK; b++) {
+            const el_block_q4_0 *w = (const el_block_q4_0 *)row + b;
+            int s = 0;
+            for (int j = 0; j < 16; j++) s += (w->qs[j] & 15) * a[b].qs[j] + (w->qs[j] >> 4) * a[b].qs[j + 16];
+            float d = el_f16_to_f32(w->d);   /* sum (q-8) d a = d (sum q a) - 8 d s */
+            acc += d * a[b].d * (float)s - 8.0f * d * a[b].s;
+        }
+        break;
+    case EL_Q4_1:
+        for (int b = 0; b < cols / EL_QK; b++) {
+            const el_block_q4_1 *w = (const el_block_q4_1 *)row + b;
+            int s = 0;
+            for (int j = 0; j < 16; j++) s += (w->qs[j] & 15) * a[b].qs[j] + (w->qs[j] >> 4) * a[b].qs[j + 16];
+            acc += el_f16_to_f32(w->d) * a[b].d * (float)s + el_f16_to_f32(w->m) * a[b].s;
+        }
+        break;
+    }
+    return acc;
+}
+
+static void mm_rows_scalar(const el_mm *m, int r0, int r1) {
+    size_t act_stride = el_is_quant(m->wtype) ? (size_t)(m->cols / EL_QK) * sizeof(el_block_q8a) : (size_t)m->cols * 4;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < m->n; t++)
+            m->Y[(size_t)t * m->ldy + r] =
+                el_dot_scalar(m->wtype, m->W + (size_t)r * m->row_bytes, (const char *)m->act + t * act_stride, m->cols);
+}
+
+void el_axpy_rows_scalar(int type, const void *row, const float *p, int np, float *o, int cols) {
+    float v[EL_QK];
+    int step = el_is_quant(type) ? EL_QK : 1;
+    size_t bytes = el_row_bytes(type, step);
+    for (int c = 0; c < cols; c += step) {
+        el_dequantize_row((const char *)row + (size_t)(c / step) * bytes, v, step, type);
+        for (int h = 0; h < np; h++)
+            for (int j = 0; j < step; j++) o[(size_t)h * cols + c + j] += p[h] * v[j];
+    }
+}
+
+static float exp_sum_scalar(float *x, int n, float sub) {
+    float s = 0;
+    for (int i = 0; i < n; i++) s += x[i] = expf(x[i] - sub);
+    return s;
+}
+
+static void silu_mul_scalar(float *g, const float *u, long n) {
+    for (long i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+const el_kernels el_kernels_scalar = {
+    el_quant_act_scalar, mm_rows_scalar, el_dot_scalar, el_axpy_rows_scalar, exp_sum_scalar, silu_mul_scalar,
+};

@@ -1,0 +1,111 @@
+"""Numpy references of the native kernels (slow, straightforward, float64 where it keeps them exact)."""
+from __future__ import annotations
+
+import numpy as np
+
+from edgellm.quant.blocks import (BLOCK_DTYPES, GGMLType, dequantize, dequantize_activations,
+                                  quantize_activations, row_bytes)
+
+
+def dequantize_matrix(W: np.ndarray, wtype, rows: int, cols: int) -> np.ndarray:
+    return dequantize(W, wtype, rows * cols).reshape(rows, cols)
+
+
+def matmul_exact(W, wtype, rows: int, cols: int, X: np.ndarray) -> np.ndarray:
+    """X @ dequant(W).T in float64, with unquantized activations."""
+    return (X.astype(np.float64) @ dequantize_matrix(W, wtype, rows, cols).T.astype(np.float64)).astype(np.float32)
+
+
+def matmul(W, wtype, rows: int, cols: int, X: np.ndarray) -> np.ndarray:
+    """What the native matmul computes: for quantized W the activations are first quantized to 8-bit blocks
+    of 32 (quantize_activations); F16/F32 W use X as is."""
+    t = GGMLType.parse(wtype)
+    if t in (GGMLType.F32, GGMLType.F16):
+        return matmul_exact(W, t, rows, cols, X)
+    Xq = dequantize_activations(quantize_activations(X.reshape(-1, cols))).reshape(X.shape)
+    return matmul_exact(W, t, rows, cols, Xq)
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return (x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps) * w).astype(np.float32)
+
+
+def rope(x: np.ndarray, pos, rope_dim: int, freq_base: float, neox: bool) -> np.ndarray:
+    """x[n, heads, hd] -> rotated copy."""
+    y = x.astype(np.float64)
+    half = rope_dim // 2
+    ang = np.asarray(pos, np.float64)[:, None] * float(freq_base) ** (-2.0 * np.arange(half) / rope_dim)
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    a, b = (np.arange(half), np.arange(half) + half) if neox else (np.arange(0, rope_dim, 2), np.arange(1, rope_dim, 2))
+    x0, x1 = y[..., a].copy(), y[..., b].copy()
+    y[..., a], y[..., b] = x0 * c - x1 * s, x0 * s + x1 * c
+    return y.astype(np.float32)
+
+
+def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    g64 = g.astype(np.float64)
+    return (g64 / (1 + np.exp(-g64)) * u).astype(np.float32)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    m = x64.max(-1, keepdims=True)
+    finite = np.isfinite(m)
+    e = np.exp(x64 - np.where(finite, m, 0))
+    return np.where(finite, e / np.maximum(e.sum(-1, keepdims=True), 1e-300), 0).astype(np.float32)
+
+
+def _kv_rows(arr: np.ndarray, dtype: GGMLType, n_kv: int, n: int, hd: int) -> np.ndarray:
+    """First n rows of each kv head of a cache block -> float64 [n_kv, n, hd]."""
+    rb = row_bytes(dtype, hd)
+    raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8).reshape(n_kv, -1, rb)[:, :n]
+    return dequantize(raw, dtype, n_kv * n * hd).reshape(n_kv, n, hd).astype(np.float64)
+
+
+def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, quantize_q: bool = True):
+    """Causal GQA attention over blocks (k, v, pos, n, dtype) -> (out[n_q, n_head, hd], lse[n_q, n_head]).
+    With quantize_q the query is scored against quantized keys (Q8_0/Q4_0) after the same 8-bit block
+    quantization the native kernel applies."""
+    n_q, n_head, hd = q.shape
+    gs = n_head // n_kv_head
+    keys, vals, kpos = [], [], []
+    qd = {}
+    for k, v, pos, n, dtype in blocks:
+        t = GGMLType.parse(dtype)
+        K, V = _kv_rows(k, t, n_kv_head, n, hd), _kv_rows(v, t, n_kv_head, n, hd)
+        quant = quantize_q and t in (GGMLType.Q8_0, GGMLType.Q4_0)
+        if quant not in qd:
+            qd[quant] = (dequantize_activations(quantize_activations(q)) if quant else q).astype(np.float64)
+        # scores against this block's keys: [n_q, n_head, n]
+        keys.append(np.einsum("qgkd,gnd->qgkn", qd[quant].reshape(n_q, n_kv_head, gs, hd), K).reshape(n_q, n_head, n))
+        vals.append(V)
+        kpos.append(np.asarray(pos, np.int64).reshape(-1)[:n])
+    s = np.concatenate(keys, -1) * scale if keys else np.zeros((n_q, n_head, 0))
+    V = np.concatenate(vals, 1) if vals else np.zeros((n_kv_head, 0, hd))
+    kp = np.concatenate(kpos) if kpos else np.zeros(0, np.int64)
+    mask = kp[None, :] <= np.asarray(q_pos, np.int64)[:, None]        # [n_q, n]
+    s = np.where(mask[:, None, :], s, -np.inf)
+    m = s.max(-1, keepdims=True, initial=-np.inf)
+    visible = np.isfinite(m)
+    e = np.where(visible, np.exp(s - np.where(visible, m, 0)), 0)
+    lsum = e.sum(-1, keepdims=True)
+    p = np.where(visible, e / np.where(visible, lsum, 1), 0)
+    out = np.einsum("qgkn,gnd->qgkd", p.reshape(n_q, n_kv_head, gs, -1), V).reshape(n_q, n_head, hd)
+    with np.errstate(divide="ignore"):
+        lse = np.where(visible, m + np.log(np.where(visible, lsum, 1)), -np.inf)[..., 0]
+    return out.astype(np.float32), lse.astype(np.float32)
+
+
+def merge(o1, l1, o2, l2):
+    """Combine two partial attentions over disjoint key sets by their log-sum-exp."""
+    o1, l1, o2, l2 = (np.asarray(a, np.float64) for a in (o1, l1, o2, l2))
+    with np.errstate(invalid="ignore"):
+        l = np.logaddexp(l1, l2)
+        w1 = np.where(np.isfinite(l1), np.exp(l1 - l), 0)[..., None]
+        w2 = np.where(np.isfinite(l2), np.exp(l2 - l), 0)[..., None]
+    return (w1 * o1 + w2 * o2).astype(np.float32), l.astype(np.float32)
+
+
+__all__ = ["BLOCK_DTYPES", "attention", "dequantize_matrix", "matmul", "matmul_exact", "merge", "rmsnorm", "rope",
+           "silu_mul", "softmax"]

@@ -1,0 +1,165 @@
+"""Numpy reference of the GGUF block formats used by edgellm, and of the 8-bit activation blocks
+the native matmul quantizes its input to.
+
+Layouts (little-endian, f16 = IEEE half), one block = 32 elements:
+  Q4_0: d f16, qs u8[16]         y[j] = (lo(qs[j]) - 8) * d,  y[j+16] = (hi(qs[j]) - 8) * d
+  Q4_1: d f16, m f16, qs u8[16]  y[j] = lo(qs[j]) * d + m,    y[j+16] = hi(qs[j]) * d + m
+  Q8_0: d f16, qs i8[32]         y[j] = qs[j] * d
+Activation blocks (native scratch only, never stored in files): d f32, s f32 = d * sum(qs), qs i8[32].
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+QK = 32
+
+
+class GGMLType(IntEnum):
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q8_0 = 8
+
+    @classmethod
+    def parse(cls, t: "GGMLType | int | str") -> "GGMLType":
+        """Accept an enum, its int id or its name ("q8_0"); ValueError otherwise."""
+        if isinstance(t, str):
+            try:
+                return cls[t.upper()]
+            except KeyError:
+                raise ValueError(f"unknown GGML type name {t!r}") from None
+        try:
+            return cls(int(t))
+        except (ValueError, TypeError):
+            raise ValueError(f"unsupported GGML type {t!r}") from None
+
+
+# type -> (elements per block, bytes per block)
+BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
+    GGMLType.F32: (1, 4),
+    GGMLType.F16: (1, 2),
+    GGMLType.Q4_0: (QK, 18),
+    GGMLType.Q4_1: (QK, 20),
+    GGMLType.Q8_0: (QK, 34),
+}
+
+BLOCK_DTYPES: dict[GGMLType, np.dtype] = {
+    GGMLType.F32: np.dtype("<f4"),
+    GGMLType.F16: np.dtype("<f2"),
+    GGMLType.Q4_0: np.dtype([("d", "<f2"), ("qs", "u1", (16,))]),
+    GGMLType.Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))]),
+    GGMLType.Q8_0: np.dtype([("d", "<f2"), ("qs", "i1", (32,))]),
+}
+
+# the native activation block (el_block_q8a in kernels.h)
+ACT_BLOCK_DTYPE = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", (32,))])
+
+for _t, (_, _nbytes) in BLOCK_SIZES.items():
+    assert BLOCK_DTYPES[_t].itemsize == _nbytes, _t
+
+
+def row_bytes(t: GGMLType | int, n: int) -> int:
+    """Bytes of a row of n elements; ValueError when n is not a whole number of blocks."""
+    t = GGMLType.parse(t)
+    bs, nb = BLOCK_SIZES[t]
+    if n % bs:
+        raise ValueError(f"{t.name} rows need a multiple of {bs} elements, got {n}")
+    return n // bs * nb
+
+
+def _blocks(raw: np.ndarray, t: GGMLType, n: int) -> np.ndarray:
+    raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    nbytes = row_bytes(t, n)
+    if raw.size < nbytes:
+        raise ValueError(f"{t.name}: {n} elements need {nbytes} bytes, got {raw.size}")
+    return raw[:nbytes].view(BLOCK_DTYPES[t])
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """u8[nb,16] -> u8[nb,32]: low nibbles are elements 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def dequantize(raw: np.ndarray, t: GGMLType | int, n: int) -> np.ndarray:
+    """First n elements stored in raw (uint8 bytes) as type t -> float32[n]."""
+    t = GGMLType.parse(t)
+    b = _blocks(raw, t, n)
+    if t in (GGMLType.F32, GGMLType.F16):
+        return b.astype(np.float32)
+    d = b["d"].astype(np.float32)[:, None]
+    if t == GGMLType.Q8_0:
+        y = b["qs"].astype(np.float32) * d
+    elif t == GGMLType.Q4_0:
+        y = (_nibbles(b["qs"]).astype(np.int8) - np.int8(8)).astype(np.float32) * d
+    else:
+        y = _nibbles(b["qs"]).astype(np.float32) * d + b["m"].astype(np.float32)[:, None]
+    return y.reshape(-1)
+
+
+def _roundf(x: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero), as ggml's reference quantizers use."""
+    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+
+
+def quantize(x: np.ndarray, t: GGMLType | int) -> np.ndarray:
+    """float32 values -> uint8 bytes of type t, round-to-nearest like ggml's *_ref quantizers."""
+    t = GGMLType.parse(t)
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if t == GGMLType.F32:
+        return x.view(np.uint8).copy()
+    if t == GGMLType.F16:
+        return x.astype(np.float16).view(np.uint8)
+    if x.size % QK:
+        raise ValueError(f"{t.name} needs a multiple of {QK} elements, got {x.size}")
+    xb = x.reshape(-1, QK)
+    out = np.zeros(xb.shape[0], BLOCK_DTYPES[t])
+    if t == GGMLType.Q8_0:
+        d = np.abs(xb).max(axis=1) / np.float32(127)
+        out["qs"] = _roundf(xb * _inverse(d)[:, None]).astype(np.int8)
+    elif t == GGMLType.Q4_0:
+        # the signed value of largest magnitude maps to -8
+        mx = np.take_along_axis(xb, np.abs(xb).argmax(axis=1)[:, None], axis=1)[:, 0]
+        d = mx / np.float32(-8)
+        q = np.trunc(xb * _inverse(d)[:, None] + np.float32(8.5))
+        out["qs"] = _pack(np.clip(q, 0, 15).astype(np.uint8))
+    else:
+        lo, hi = xb.min(axis=1), xb.max(axis=1)
+        d = (hi - lo) / np.float32(15)
+        q = np.trunc((xb - lo[:, None]) * _inverse(d)[:, None] + np.float32(0.5))
+        out["qs"] = _pack(np.clip(q, 0, 15).astype(np.uint8))
+        out["m"] = lo
+    out["d"] = d
+    return out.view(np.uint8)
+
+
+def _pack(q: np.ndarray) -> np.ndarray:
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """float32[..., k] (k % 32 == 0) -> ACT_BLOCK_DTYPE[..., k/32], exactly as the native matmul does:
+    d = amax/127, q = round-half-to-even(x * (1/d)), s = d * sum(q)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] % QK:
+        raise ValueError(f"activation rows need a multiple of {QK} elements, got {x.shape[-1]}")
+    xb = x.reshape(*x.shape[:-1], -1, QK)
+    d = np.abs(xb).max(axis=-1) / np.float32(127)
+    q = np.rint(xb * _inverse(d)[..., None]).astype(np.int8)
+    out = np.zeros(xb.shape[:-1], ACT_BLOCK_DTYPE)
+    out["d"], out["qs"] = d, q
+    out["s"] = d * q.astype(np.int32).sum(axis=-1).astype(np.float32)
+    return out
+
+
+def dequantize_activations(a: np.ndarray) -> np.ndarray:
+    """ACT_BLOCK_DTYPE[..., nb] -> float32[..., nb*32]."""
+    y = a["qs"].astype(np.float32) * a["d"][..., None]
+    return y.reshape(*a.shape[:-1], -1)

@@ -1,0 +1,237 @@
+"""Native kernels vs their numpy references, on the SIMD path and the scalar path, at 1 and 2 threads."""
+import numpy as np
+import pytest
+
+from edgellm import native as N
+from edgellm.native import reference as R
+from edgellm.quant import BLOCK_DTYPES, BLOCK_SIZES, GGMLType, dequantize, quantize, row_bytes
+
+QTYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
+WTYPES = QTYPES + [GGMLType.F16, GGMLType.F32]
+KVTYPES = [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0]
+LEVELS = sorted({0, N.lib.el_simd_level()})
+
+
+@pytest.fixture(params=LEVELS, ids=lambda lv: N.SIMD_NAMES[lv])
+def simd(request):
+    best = N.lib.el_simd_level()
+    assert N.set_simd(request.param) == request.param
+    yield request.param
+    N.set_simd(best)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
+def threads(request):
+    before = N.get_threads()
+    N.set_threads(request.param)
+    yield request.param
+    N.set_threads(before)
+
+
+def random_weights(t: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
+    """Random bytes for quant blocks (finite f16 scales of moderate size), a zero row, normal floats otherwise."""
+    if t in (GGMLType.F32, GGMLType.F16):
+        W = quantize(rng.standard_normal(rows * cols).astype(np.float32), t)
+    else:
+        W = rng.integers(0, 256, rows * row_bytes(t, cols), dtype=np.uint8)
+        b = W.view(BLOCK_DTYPES[t])
+        b["d"] = rng.uniform(-0.05, 0.05, b.size).astype(np.float16)
+        if t == GGMLType.Q4_1:
+            b["m"] = rng.uniform(-0.2, 0.2, b.size).astype(np.float16)
+    W = W.reshape(rows, -1)
+    W[rows // 2] = 0   # all-zero blocks
+    return W
+
+
+@pytest.mark.parametrize("t", WTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols,n", [(1, 32, 1), (13, 64, 2), (64, 576, 3), (37, 96, 5), (70, 160, 17), (9, 64, 64)])
+def test_matmul(simd, threads, t, rows, cols, n):
+    rng = np.random.default_rng(rows * 1000 + cols + n)
+    W = random_weights(t, rows, cols, rng)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    X[0, :32] = 0
+    Y = N.matmul(W, t, rows, cols, X)
+    scale = np.abs(R.matmul_exact(W, t, rows, cols, np.abs(X))).max() + 1e-6   # magnitude of the sums
+    # same activation quantization as the C path: only float summation order differs
+    assert np.abs(Y - R.matmul(W, t, rows, cols, X)).max() <= 2e-6 * scale
+    # vs exact f32: 8-bit activations lose ~1/254 of each block's max
+    tol = 1e-5 if t in (GGMLType.F32, GGMLType.F16) else 2e-2
+    assert np.abs(Y - R.matmul_exact(W, t, rows, cols, X)).max() <= tol * scale
+
+
+def test_matmul_ldy_and_1d(simd):
+    rng = np.random.default_rng(3)
+    t, rows, cols = GGMLType.Q4_1, 20, 64
+    W = random_weights(t, rows, cols, rng)
+    X = rng.standard_normal((3, cols)).astype(np.float32)
+    Y = np.full((3, 32), 7.0, np.float32)
+    N.lib.el_matmul(N.ffi.from_buffer(W), int(t), rows, cols, N.ffi.from_buffer("float[]", X), 3,
+                    N.ffi.from_buffer("float[]", Y), 32)
+    np.testing.assert_array_equal(Y[:, :rows], N.matmul(W, t, rows, cols, X))
+    assert np.all(Y[:, rows:] == 7.0)   # nothing written past `rows` of each ldy stride
+    np.testing.assert_array_equal(N.matmul(W, t, rows, cols, X[1]), Y[1, :rows])
+
+
+def test_matmul_rejects_bad_args():
+    W = np.zeros((4, 40), np.uint8)
+    X = np.zeros((2, 64), np.float32)
+    with pytest.raises(ValueError):
+        N.matmul(W, GGMLType.Q4_1, 4, 64, X.astype(np.float64))
+    with pytest.raises(ValueError):
+        N.matmul(W, GGMLType.Q4_1, 8, 64, X)          # W too small
+    with pytest.raises(ValueError):
+        N.matmul(W, GGMLType.Q4_1, 4, 48, X[:, :48])   # not whole blocks
+    with pytest.raises(ValueError):
+        N.matmul(W, GGMLType.Q4_1, 4, 64, np.zeros((2, 128), np.float32)[:, ::2])
+    with pytest.raises(ValueError):
+        N.matmul(W, "q5_k", 4, 64, X)
+
+
+@pytest.mark.parametrize("t", WTYPES, ids=lambda t: t.name)
+def test_get_rows_and_row_conversions(simd, t):
+    rng = np.random.default_rng(int(t))
+    rows, cols = 11, 96
+    W = random_weights(t, rows, cols, rng)
+    ids = [3, 0, 10, 3]
+    ref = dequantize(W, t, rows * cols).reshape(rows, cols)
+    np.testing.assert_array_equal(N.get_rows(W, t, rows, cols, ids), ref[ids])
+    np.testing.assert_array_equal(N.dequantize_row(W[2], t, cols), ref[2])
+    x = (rng.standard_normal(cols * 4) * 3).astype(np.float32)
+    x[:32] = 0
+    np.testing.assert_array_equal(N.quantize_row(x, t), quantize(x, t))   # bit exact with ggml's reference
+    with pytest.raises(ValueError):
+        N.get_rows(W, t, rows, cols, [rows])
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (5, 64), (3, 100)])
+def test_rmsnorm(simd, shape):
+    rng = np.random.default_rng(shape[1])
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[0] = 0
+    w = rng.standard_normal(shape[1]).astype(np.float32)
+    ref = R.rmsnorm(x, w, 1e-5)
+    np.testing.assert_allclose(N.rmsnorm(x, w, 1e-5), ref, rtol=2e-6, atol=2e-6)
+    y = x.copy()
+    N.rmsnorm(y, w, 1e-5, out=y)   # in place
+    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("rope_dim", [64, 32])
+def test_rope(simd, neox, rope_dim):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 3, 64)).astype(np.float32)
+    pos = np.array([0, 1, 7, 100, 4095, 131071])
+    ref = R.rope(x, pos, rope_dim, 10000.0, neox)
+    y = N.rope(x.copy(), pos, rope_dim, 10000.0, neox)
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(y[..., rope_dim:], x[..., rope_dim:])
+    with pytest.raises(ValueError):
+        N.rope(x.copy(), pos, 63)
+
+
+def test_silu_mul_softmax(simd):
+    rng = np.random.default_rng(6)
+    g = (rng.standard_normal(1543) * 8).astype(np.float32)
+    g[:3] = [-100, 100, 0]
+    u = rng.standard_normal(1543).astype(np.float32)
+    np.testing.assert_allclose(N.silu_mul(g.copy(), u), R.silu_mul(g, u), rtol=3e-6, atol=1e-30)
+    x = (rng.standard_normal((4, 37)) * 10).astype(np.float32)
+    x[1, 5:] = -np.inf     # masked entries
+    x[2] = -np.inf         # nothing visible -> zeros
+    np.testing.assert_allclose(N.softmax(x.copy()), R.softmax(x), rtol=3e-6, atol=1e-7)
+
+
+# ---------------- attention ----------------
+
+def kv_block(t: GGMLType, n_kv: int, cap: int, hd: int, n: int, pos, rng):
+    x = rng.standard_normal((n_kv, cap, hd)).astype(np.float32)
+    raw = lambda: quantize((x * rng.uniform(0.5, 2)).reshape(-1), t).reshape(n_kv, cap, -1)  # noqa: E731
+    return raw(), raw(), np.asarray(pos, np.int32), n, t
+
+
+def check_attention(q, q_pos, n_kv, blocks, tol=3e-6):
+    scale = 1 / np.sqrt(q.shape[-1])
+    o, l = N.attention(q, q_pos, n_kv, blocks, scale)
+    ro, rl = R.attention(q, q_pos, n_kv, blocks, scale)
+    np.testing.assert_allclose(o, ro, atol=tol, rtol=0)
+    np.testing.assert_allclose(l, rl, atol=tol * 4, rtol=0)
+    # quantizing the query against quantized keys costs ~1e-2 vs exact attention
+    eo, _ = R.attention(q, q_pos, n_kv, blocks, scale, quantize_q=False)
+    assert np.abs(o - eo).max() < 0.05
+    return o, l
+
+
+@pytest.mark.parametrize("t", KVTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_head,n_kv,hd", [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
+@pytest.mark.parametrize("n_q", [1, 3, 17])
+def test_attention(simd, threads, t, n_head, n_kv, hd, n_q):
+    rng = np.random.default_rng(n_head * 100 + hd + n_q)
+    # two blocks, the second partly filled, positions not in storage order
+    b1 = kv_block(t, n_kv, 48, hd, 40, rng.permutation(40), rng)
+    b2 = kv_block(t, n_kv, 80, hd, 70, np.arange(40, 110), rng)
+    q = rng.standard_normal((n_q, n_head, hd)).astype(np.float32)
+    q_pos = np.sort(rng.integers(-1, 120, n_q))   # -1: no visible key
+    q_pos[0] = -1 if n_q > 1 else 109
+    o, l = check_attention(q, q_pos, n_kv, [b1, b2])
+    if n_q > 1:
+        assert np.all(o[0] == 0) and np.all(np.isneginf(l[0]))
+
+
+@pytest.mark.parametrize("t", KVTYPES, ids=lambda t: t.name)
+def test_attention_lse_merge(simd, threads, t):
+    rng = np.random.default_rng(11)
+    n_head, n_kv, hd = 9, 3, 64
+    A = kv_block(t, n_kv, 300, hd, 300, np.arange(300), rng)
+    B = kv_block(t, n_kv, 64, hd, 50, np.arange(300, 350), rng)
+    q = rng.standard_normal((2, n_head, hd)).astype(np.float32) * 3
+    q_pos = np.array([120, 349])
+    o, l = N.attention(q, q_pos, n_kv, [A, B])
+    oa, la = N.attention(q, q_pos, n_kv, [A])
+    ob, lb = N.attention(q, q_pos, n_kv, [B])   # nothing visible for query 0
+    mo, ml = R.merge(oa, la, ob, lb)
+    np.testing.assert_allclose(o, mo, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(l, ml, atol=2e-6, rtol=0)
+
+
+def test_attention_mixed_dtypes_and_empty(simd):
+    rng = np.random.default_rng(12)
+    blocks = [kv_block(t, 3, 40, 64, 33, np.arange(i * 40, i * 40 + 33), rng) for i, t in enumerate(KVTYPES)]
+    q = rng.standard_normal((2, 9, 64)).astype(np.float32)
+    check_attention(q, np.array([100, 200]), 3, blocks)
+    o, l = N.attention(q, [5, 6], 3, [])
+    assert np.all(o == 0) and np.all(np.isneginf(l))
+
+
+def test_attention_decode_long(simd, threads):
+    """Decode over 2k keys: the key range is split across threads and merged."""
+    rng = np.random.default_rng(13)
+    for t in (GGMLType.F16, GGMLType.Q8_0):
+        blk = kv_block(t, 3, 2048, 64, 2048, np.arange(2048), rng)
+        q = rng.standard_normal((1, 9, 64)).astype(np.float32) * 2
+        check_attention(q, [2047], 3, [blk])
+
+
+def test_attention_rejects_bad_args():
+    rng = np.random.default_rng(14)
+    q = np.zeros((1, 9, 64), np.float32)
+    blk = kv_block(GGMLType.F16, 3, 8, 64, 8, np.arange(8), rng)
+    with pytest.raises(ValueError):
+        N.attention(q, [0], 2, [blk])                        # 9 heads, 2 kv heads
+    with pytest.raises(ValueError):
+        N.attention(q, [0], 3, [blk[:2] + (blk[2], 9, blk[4])])   # n > cap
+    with pytest.raises(ValueError):
+        N.attention(q, [0], 3, [blk[:4] + (GGMLType.Q4_1,)])     # unsupported KV type
+    with pytest.raises(ValueError):
+        N.attention(q, [0, 1], 3, [blk])                     # q_pos length
+    with pytest.raises(ValueError):
+        N.attention(np.zeros((1, 9, 48), np.float32), [0], 3, [kv_block(GGMLType.Q8_0, 3, 8, 64, 8, np.arange(8), rng)])
+
+
+def test_simd_controls():
+    best = N.lib.el_simd_level()
+    assert N.set_simd(0) == 0 and N.simd_level() == 0
+    assert N.set_simd(99) == best
+    assert best in N.SIMD_NAMES
+    with pytest.raises(ValueError):
+        N.set_threads(0)
