@@ -5,7 +5,6 @@
 #include <stdatomic.h>
 #include <string.h>
 
-#define KT 32            /* keys scored per step */
 #define MAX_GROUP 32     /* query heads per kv head */
 #define MAX_HD 512
 
@@ -35,8 +34,8 @@ static void attend_unit(att_ctx *c, int u) {
     float *o = c->part + (size_t)u * part_floats(c), *mx = o + (size_t)gs * hd, *l = mx + gs;
     el_block_q8a q8[MAX_GROUP * MAX_HD / EL_QK];
     int have_q8 = 0;
-    float s[MAX_GROUP * KT], p[MAX_GROUP];
-    int idx[KT];
+    float s[MAX_GROUP * EL_KT];
+    int idx[EL_KT];
 
     memset(o, 0, sizeof(float) * part_floats(c));
     for (int h = 0; h < gs; h++) mx[h] = -INFINITY;
@@ -54,26 +53,22 @@ static void attend_unit(att_ctx *c, int u) {
         const char *kh = (const char *)B->k + (size_t)g * B->cap * rb, *vh = (const char *)B->v + (size_t)g * B->cap * rb;
         for (long j = j0; j < j1;) {
             int cnt = 0;
-            for (; j < j1 && cnt < KT; j++)
+            for (; j < j1 && cnt < EL_KT; j++)
                 if (B->pos[j] <= qp) idx[cnt++] = (int)j;
             if (!cnt) continue;
+            el_kern->kq(B->dtype, kh, rb, idx, cnt, quant ? (const void *)q8 : (const void *)qf, gs, hd, c->scale, s);
             for (int h = 0; h < gs; h++) {
-                const void *qh = quant ? (const void *)(q8 + h * nb) : (const void *)(qf + (size_t)h * hd);
-                for (int t = 0; t < cnt; t++) s[h * KT + t] = c->scale * el_kern->dot(B->dtype, kh + idx[t] * rb, qh, hd);
                 float m_new = mx[h];
-                for (int t = 0; t < cnt; t++) m_new = s[h * KT + t] > m_new ? s[h * KT + t] : m_new;
+                for (int t = 0; t < cnt; t++) m_new = s[h * EL_KT + t] > m_new ? s[h * EL_KT + t] : m_new;
                 if (m_new > mx[h]) {   /* rescale what was accumulated under the old maximum */
                     float f = expf(mx[h] - m_new);
                     for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] *= f;
                     l[h] *= f;
                     mx[h] = m_new;
                 }
-                l[h] += el_kern->exp_sum(s + h * KT, cnt, mx[h]);
+                l[h] += el_kern->exp_sum(s + h * EL_KT, cnt, mx[h]);
             }
-            for (int t = 0; t < cnt; t++) {
-                for (int h = 0; h < gs; h++) p[h] = s[h * KT + t];
-                el_kern->axpy_rows(B->dtype, vh + idx[t] * rb, p, gs, o, hd);
-            }
+            el_kern->pv(B->dtype, vh, rb, idx, cnt, s, gs, hd, o);
         }
     }
 }

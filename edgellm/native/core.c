@@ -4,6 +4,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,7 +115,13 @@ static struct {
  * and cffi releases the GIL around calls. */
 static pthread_mutex_t api_mu = PTHREAD_MUTEX_INITIALIZER;
 
-static inline void cpu_relax(void) {
+/* Spin-wait step. Every 64th round yields the CPU: when the machine is oversubscribed a pure spin would
+ * hold the core the awaited thread needs for a whole time slice. */
+static inline void cpu_relax(int round) {
+    if ((round & 63) == 63) {
+        sched_yield();
+        return;
+    }
 #if defined(__x86_64__)
     _mm_pause();
 #elif defined(__aarch64__)
@@ -129,7 +136,7 @@ static void *worker(void *arg) {
         int spins = 0;
         while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen && !atomic_load(&pool.stop)) {
             if (++spins < EL_SPIN_ROUNDS) {
-                cpu_relax();
+                cpu_relax(spins);
                 continue;
             }
             pthread_mutex_lock(&pool.mu);
@@ -204,7 +211,7 @@ void el_parallel(el_task_fn fn, void *ctx) {
     pthread_cond_broadcast(&pool.cv);
     pthread_mutex_unlock(&pool.mu);
     fn(ctx, 0, pool.nth);
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) cpu_relax();
+    for (int spins = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; spins++) cpu_relax(spins);
 }
 
 static void *scratch_buf[2];
@@ -241,28 +248,42 @@ static void quant_task(void *p, int ith, int nth) {
     for (int t = ith; t < n; t += nth) el_kern->quant_act(c->x + (size_t)t * c->m->cols, c->q + (size_t)t * nb, nb);
 }
 
+typedef struct {
+    el_mm m;
+    int chunk;          /* rows per work item, a multiple of 8 so tiles stay whole */
+    atomic_int next;    /* items are taken dynamically: a descheduled thread does not stall the others */
+} mm_job;
+
 static void mm_task(void *p, int ith, int nth) {
-    const el_mm *m = p;
-    /* contiguous row ranges in multiples of 8 so tiles stay whole and each weight byte is read once */
-    int per = ((m->rows + nth - 1) / nth + 7) & ~7;
-    int r0 = ith * per, r1 = r0 + per < m->rows ? r0 + per : m->rows;
-    if (r0 < r1) el_kern->mm_rows(m, r0, r1);
+    mm_job *j = p;
+    (void)ith, (void)nth;
+    for (;;) {
+        int r0 = atomic_fetch_add(&j->next, 1) * j->chunk;
+        if (r0 >= j->m.rows) return;
+        el_kern->mm_rows(&j->m, r0, r0 + j->chunk < j->m.rows ? r0 + j->chunk : j->m.rows);
+    }
 }
 
 void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy) {
     size_t rb = el_row_bytes(wtype, cols);
     if (rows <= 0 || cols <= 0 || n <= 0 || !rb || (el_is_quant(wtype) && cols % EL_QK)) return;
     el_lock();
-    el_mm m = {W, rb, wtype, rows, cols, n, ldy, X, Y};
+    int nth = el_get_threads_locked();
+    mm_job job = {.m = {W, rb, wtype, rows, cols, n, ldy, X, Y}};
+    /* each weight row is read by one thread; ~4 items per thread balance the load, and an item's weights
+     * (<= 256 KiB) stay in L2 while every token chunk of the GEMM passes over them */
+    job.chunk = ((rows + 4 * nth - 1) / (4 * nth) + 7) & ~7;
+    int l2_rows = (int)((256 << 10) / rb) & ~7;
+    if (job.chunk > l2_rows) job.chunk = l2_rows;
+    if (job.chunk < 16) job.chunk = 16;
+    atomic_init(&job.next, 0);
     if (el_is_quant(wtype)) {
-        quant_ctx qc = {&m, X, el_scratch(0, (size_t)n * (cols / EL_QK) * sizeof(el_block_q8a))};
-        if (qc.q) {
-            if (n >= 8) el_parallel(quant_task, &qc);
-            else quant_task(&qc, 0, 1);
-            m.act = qc.q;
-        }
+        quant_ctx qc = {&job.m, X, el_scratch(0, (size_t)n * (cols / EL_QK) * sizeof(el_block_q8a))};
+        job.m.act = qc.q;
+        if (qc.q && n >= 8) el_parallel(quant_task, &qc);
+        else if (qc.q) quant_task(&qc, 0, 1);
     }
-    if (m.act) el_parallel(mm_task, &m);
+    if (job.m.act) el_parallel(mm_task, &job);
     el_unlock();
 }
 

@@ -76,10 +76,11 @@ typedef struct {
     void (*quant_act)(const float *x, el_block_q8a *y, int nb);
     /* rows [r0, r1) of Y for all n tokens */
     void (*mm_rows)(const el_mm *m, int r0, int r1);
-    /* dot of one W row of `type` with an activation row (el_block_q8a for quant types, f32 otherwise) */
-    float (*dot)(int type, const void *row, const void *act, int cols);
-    /* o[h*cols + c] += p[h] * row[c] for h < np: one dequantized V row shared by np query heads */
-    void (*axpy_rows)(int type, const void *row, const float *p, int np, float *o, int cols);
+    /* Attention over a tile of cnt <= EL_KT keys (rows idx[t] of k / v, rb bytes apart) for the gs query heads
+     * of one kv head. kq: s[h*EL_KT + t] = scale * q_h . k_t, with q gs rows of hd f32 (F16/F32 keys) or of
+     * hd/32 el_block_q8a (quantized keys). pv: o[h*hd + c] += sum_t p[h*EL_KT + t] v_t[c]. */
+    void (*kq)(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale, float *s);
+    void (*pv)(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o);
     /* x[i] = exp(x[i] - sub); returns the sum */
     float (*exp_sum)(float *x, int n, float sub);
     void (*silu_mul)(float *gate, const float *up, long n);
@@ -91,10 +92,7 @@ extern const el_kernels el_kernels_scalar;
 extern const el_kernels el_kernels_avx2;
 #endif
 
-/* shared scalar pieces the SIMD tables fall back to */
-void el_quant_act_scalar(const float *x, el_block_q8a *y, int nb);
-float el_dot_scalar(int type, const void *row, const void *act, int cols);
-void el_axpy_rows_scalar(int type, const void *row, const float *p, int np, float *o, int cols);
+#define EL_KT 32   /* keys per attention tile */
 
 /* Scratch memory owned by the library, grown on demand; slot 0 is matmul activations, 1 attention.
  * Only used under the library lock (el_matmul / el_attention serialize). */

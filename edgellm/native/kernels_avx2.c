@@ -81,28 +81,6 @@ INLINE float block_c(int type, const uint8_t *blk) {
     return type == EL_Q4_1 ? f16(*(const uint16_t *)(blk + 2)) : type == EL_Q4_0 ? -8.0f * f16(h0) : 0.0f;
 }
 
-INLINE float qdot(int type, const uint8_t *row, const el_block_q8a *a, int nb) {
-    const size_t bb = block_bytes(type);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float cs = 0;
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {   /* two chains hide the FMA latency */
-        const uint8_t *w0 = row + b * bb, *w1 = w0 + bb;
-        __m256 s0 = dot_block(type, load_w(type, w0), _mm256_loadu_si256((const __m256i *)a[b].qs));
-        __m256 s1 = dot_block(type, load_w(type, w1), _mm256_loadu_si256((const __m256i *)a[b + 1].qs));
-        acc0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(f16(*(const uint16_t *)w0) * a[b].d), acc0);
-        acc1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(f16(*(const uint16_t *)w1) * a[b + 1].d), acc1);
-        if (type != EL_Q8_0) cs += block_c(type, w0) * a[b].s + block_c(type, w1) * a[b + 1].s;
-    }
-    if (b < nb) {
-        const uint8_t *w0 = row + b * bb;
-        __m256 s0 = dot_block(type, load_w(type, w0), _mm256_loadu_si256((const __m256i *)a[b].qs));
-        acc0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(f16(*(const uint16_t *)w0) * a[b].d), acc0);
-        if (type != EL_Q8_0) cs += block_c(type, w0) * a[b].s;
-    }
-    return hsum(_mm256_add_ps(acc0, acc1)) + cs;
-}
-
 INLINE __m256 load8(int type, const void *p, int c) {
     return type == EL_F16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + c)))
                           : _mm256_loadu_ps((const float *)p + c);
@@ -117,16 +95,6 @@ INLINE float fdot(int type, const void *row, const float *x, int cols) {
     float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     for (; c < cols; c++) s += (type == EL_F16 ? f16(((const uint16_t *)row)[c]) : ((const float *)row)[c]) * x[c];
     return s;
-}
-
-static float dot_avx2(int type, const void *row, const void *act, int cols) {
-    switch (type) {
-    case EL_Q4_0: return qdot(EL_Q4_0, row, act, cols / EL_QK);
-    case EL_Q4_1: return qdot(EL_Q4_1, row, act, cols / EL_QK);
-    case EL_Q8_0: return qdot(EL_Q8_0, row, act, cols / EL_QK);
-    case EL_F16: return fdot(EL_F16, row, act, cols);
-    default: return fdot(EL_F32, row, act, cols);
-    }
 }
 
 /* ---------------- matmul ---------------- */
@@ -224,19 +192,86 @@ static void mm_rows_avx2(const el_mm *m, int r0, int r1) {
     case EL_Q4_1: qmm_rows(EL_Q4_1, m, r0, r1, sc); return;
     case EL_Q8_0: qmm_rows(EL_Q8_0, m, r0, r1, sc); return;
     }
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < m->n; t++)
-            m->Y[(size_t)t * m->ldy + r] = dot_avx2(m->wtype, m->W + (size_t)r * m->row_bytes, (const float *)m->act + (size_t)t * m->cols, m->cols);
+    for (int r = r0; r < r1; r++)   /* F16/F32 weights: not on the model's hot path, one dot per output */
+        for (int t = 0; t < m->n; t++) {
+            const uint8_t *row = m->W + (size_t)r * m->row_bytes;
+            const float *x = (const float *)m->act + (size_t)t * m->cols;
+            m->Y[(size_t)t * m->ldy + r] = m->wtype == EL_F16 ? fdot(EL_F16, row, x, m->cols) : fdot(EL_F32, row, x, m->cols);
+        }
 }
 
-/* ---------------- attention V accumulation ---------------- */
+/* ---------------- attention tiles ---------------- */
 
-/* 8 dequantized values of a block, k-th group of 8 */
-INLINE __m256 deq8(int type, const uint8_t *blk, int k) {
+/* [sum a[0], ..., sum a[7]] */
+INLINE __m256 hsum8(const __m256 *a) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* 8 lanes whose sum is q . k for one key row */
+INLINE __m256 key_dot(int type, const uint8_t *k, const void *q, int hd) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    if (type == EL_F16 || type == EL_F32) {
+        const float *qf = q;
+        int c = 0;
+        for (; c + 16 <= hd; c += 16) {
+            acc0 = _mm256_fmadd_ps(load8(type, k, c), _mm256_loadu_ps(qf + c), acc0);
+            acc1 = _mm256_fmadd_ps(load8(type, k, c + 8), _mm256_loadu_ps(qf + c + 8), acc1);
+        }
+        if (c < hd) acc0 = _mm256_fmadd_ps(load8(type, k, c), _mm256_loadu_ps(qf + c), acc0);
+        return _mm256_add_ps(acc0, acc1);
+    }
+    const el_block_q8a *a = q;
+    const size_t bb = block_bytes(type);
+    float cs = 0;
+    for (int b = 0; b < hd / EL_QK; b++) {
+        const uint8_t *w = k + b * bb;
+        __m256 s = dot_block(type, load_w(type, w), _mm256_loadu_si256((const __m256i *)a[b].qs));
+        acc0 = _mm256_fmadd_ps(s, _mm256_set1_ps(f16(*(const uint16_t *)w) * a[b].d), acc0);
+        if (type == EL_Q4_0) cs += block_c(type, w) * a[b].s;
+    }
+    return type == EL_Q4_0 ? _mm256_add_ps(acc0, _mm256_setr_ps(cs, 0, 0, 0, 0, 0, 0, 0)) : acc0;
+}
+
+INLINE void kq_tile(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
+                    float *s) {
+    const size_t q_stride = type == EL_F16 || type == EL_F32 ? (size_t)hd * 4 : (size_t)(hd / EL_QK) * sizeof(el_block_q8a);
+    for (int h = 0; h < gs; h++) {
+        const char *qh = (const char *)q + h * q_stride;
+        int t0 = 0;
+        for (; t0 + 8 <= cnt; t0 += 8) {   /* 8 keys reduced together: one transpose-add instead of 8 hsums */
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = key_dot(type, (const uint8_t *)k + idx[t0 + j] * rb, qh, hd);
+            _mm256_storeu_ps(s + h * EL_KT + t0, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+        }
+        for (; t0 < cnt; t0++) s[h * EL_KT + t0] = scale * hsum(key_dot(type, (const uint8_t *)k + idx[t0] * rb, qh, hd));
+    }
+}
+
+static void kq_avx2(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
+                    float *s) {
+    if (hd % 8) {
+        el_kernels_scalar.kq(type, k, rb, idx, cnt, q, gs, hd, scale, s);
+        return;
+    }
+    switch (type) {
+    case EL_F16: kq_tile(EL_F16, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    case EL_F32: kq_tile(EL_F32, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    case EL_Q8_0: kq_tile(EL_Q8_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    case EL_Q4_0: kq_tile(EL_Q4_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    }
+}
+
+/* values c..c+7 of a V row, dequantized */
+INLINE __m256 v8(int type, const uint8_t *row, int c) {
+    if (type == EL_F16 || type == EL_F32) return load8(type, row, c);
+    const uint8_t *blk = row + c / EL_QK * block_bytes(type);
+    int k = c % EL_QK / 8;
     __m128i q;
     if (type == EL_Q8_0) {
         q = _mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * k));
-    } else {   /* Q4_0: group k < 2 are low nibbles of bytes 8k.., k >= 2 the high nibbles of bytes 8(k-2).. */
+    } else {   /* Q4_0: groups 0,1 are low nibbles of bytes 0..15, groups 2,3 the high nibbles */
         __m128i x = _mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * (k & 1)));
         if (k >= 2) x = _mm_srli_epi16(x, 4);
         q = _mm_sub_epi8(_mm_and_si128(x, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
@@ -244,32 +279,58 @@ INLINE __m256 deq8(int type, const uint8_t *blk, int k) {
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(f16(*(const uint16_t *)blk)));
 }
 
-INLINE void axpy8(__m256 v, const float *p, int np, float *o, int cols) {
-    for (int h = 0; h < np; h++) {
-        float *oh = o + (size_t)h * cols;
-        _mm256_storeu_ps(oh, _mm256_fmadd_ps(_mm256_set1_ps(p[h]), v, _mm256_loadu_ps(oh)));
+/* NH heads x NC*8 output dims (both compile-time) stay in registers across the key tile: NH*NC independent
+ * FMA chains hide the FMA latency */
+INLINE void pv_heads(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int hd, float *o, int c, int NH,
+                     int NC) {
+    __m256 acc[4][2];
+    for (int i = 0; i < NH; i++)
+        for (int k = 0; k < NC; k++) acc[i][k] = _mm256_loadu_ps(o + (size_t)i * hd + c + 8 * k);
+    for (int t = 0; t < cnt; t++) {
+        const uint8_t *row = (const uint8_t *)v + idx[t] * rb;
+        __m256 x[2];
+        for (int k = 0; k < NC; k++) x[k] = v8(type, row, c + 8 * k);
+        for (int i = 0; i < NH; i++) {
+            __m256 pi = _mm256_broadcast_ss(p + i * EL_KT + t);
+            for (int k = 0; k < NC; k++) acc[i][k] = _mm256_fmadd_ps(pi, x[k], acc[i][k]);
+        }
     }
+    for (int i = 0; i < NH; i++)
+        for (int k = 0; k < NC; k++) _mm256_storeu_ps(o + (size_t)i * hd + c + 8 * k, acc[i][k]);
 }
 
-static void axpy_rows_avx2(int type, const void *row, const float *p, int np, float *o, int cols) {
-    if (type == EL_Q8_0 || type == EL_Q4_0) {
-        size_t bb = block_bytes(type);
-        for (int c = 0; c < cols; c += EL_QK)
-            for (int k = 0; k < 4; k++)
-                axpy8(type == EL_Q8_0 ? deq8(EL_Q8_0, (const uint8_t *)row + c / EL_QK * bb, k)
-                                      : deq8(EL_Q4_0, (const uint8_t *)row + c / EL_QK * bb, k),
-                      p, np, o + c + 8 * k, cols);
+#define PV_HEADS(NC)                                                                  \
+    switch (gs - h < 4 ? gs - h : 4) {                                                \
+    case 4: pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, 4, NC); break;             \
+    case 3: pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, 3, NC); break;             \
+    case 2: pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, 2, NC); break;             \
+    default: pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, 1, NC); break;            \
+    }
+
+INLINE void pv_tile(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o) {
+    for (int c = 0; c < hd; c += hd % 16 ? 8 : 16)
+        for (int h = 0; h < gs; h += 4) {
+            const float *ph = p + h * EL_KT;
+            float *oh = o + (size_t)h * hd;
+            if (hd % 16) {
+                PV_HEADS(1)
+            } else {
+                PV_HEADS(2)
+            }
+        }
+}
+#undef PV_HEADS
+
+static void pv_avx2(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o) {
+    if (hd % 8) {
+        el_kernels_scalar.pv(type, v, rb, idx, cnt, p, gs, hd, o);
         return;
     }
-    if (type != EL_F16 && type != EL_F32) {
-        el_axpy_rows_scalar(type, row, p, np, o, cols);
-        return;
-    }
-    int c = 0;
-    for (; c + 8 <= cols; c += 8) axpy8(type == EL_F16 ? load8(EL_F16, row, c) : load8(EL_F32, row, c), p, np, o + c, cols);
-    for (; c < cols; c++) {
-        float v = type == EL_F16 ? f16(((const uint16_t *)row)[c]) : ((const float *)row)[c];
-        for (int h = 0; h < np; h++) o[(size_t)h * cols + c] += p[h] * v;
+    switch (type) {
+    case EL_F16: pv_tile(EL_F16, v, rb, idx, cnt, p, gs, hd, o); break;
+    case EL_F32: pv_tile(EL_F32, v, rb, idx, cnt, p, gs, hd, o); break;
+    case EL_Q8_0: pv_tile(EL_Q8_0, v, rb, idx, cnt, p, gs, hd, o); break;
+    case EL_Q4_0: pv_tile(EL_Q4_0, v, rb, idx, cnt, p, gs, hd, o); break;
     }
 }
 
@@ -317,7 +378,7 @@ static void silu_mul_avx2(float *g, const float *u, long n) {
 }
 
 const el_kernels el_kernels_avx2 = {
-    quant_act_avx2, mm_rows_avx2, dot_avx2, axpy_rows_avx2, exp_sum_avx2, silu_mul_avx2,
+    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2,
 };
 
 #pragma GCC pop_options

@@ -3,7 +3,7 @@
 
 #include <math.h>
 
-void el_quant_act_scalar(const float *x, el_block_q8a *y, int nb) {
+static void quant_act_scalar(const float *x, el_block_q8a *y, int nb) {
     for (int b = 0; b < nb; b++, x += EL_QK, y++) {
         float amax = 0;
         for (int j = 0; j < EL_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
@@ -19,7 +19,7 @@ void el_quant_act_scalar(const float *x, el_block_q8a *y, int nb) {
     }
 }
 
-float el_dot_scalar(int type, const void *row, const void *act, int cols) {
+static float dot_scalar(int type, const void *row, const void *act, int cols) {
     const el_block_q8a *a = act;
     float acc = 0;
     switch (type) {
@@ -63,17 +63,22 @@ static void mm_rows_scalar(const el_mm *m, int r0, int r1) {
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < m->n; t++)
             m->Y[(size_t)t * m->ldy + r] =
-                el_dot_scalar(m->wtype, m->W + (size_t)r * m->row_bytes, (const char *)m->act + t * act_stride, m->cols);
+                dot_scalar(m->wtype, m->W + (size_t)r * m->row_bytes, (const char *)m->act + t * act_stride, m->cols);
 }
 
-void el_axpy_rows_scalar(int type, const void *row, const float *p, int np, float *o, int cols) {
-    float v[EL_QK];
-    int step = el_is_quant(type) ? EL_QK : 1;
-    size_t bytes = el_row_bytes(type, step);
-    for (int c = 0; c < cols; c += step) {
-        el_dequantize_row((const char *)row + (size_t)(c / step) * bytes, v, step, type);
-        for (int h = 0; h < np; h++)
-            for (int j = 0; j < step; j++) o[(size_t)h * cols + c + j] += p[h] * v[j];
+static void kq_scalar(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
+                      float *s) {
+    size_t q_stride = el_is_quant(type) ? (size_t)(hd / EL_QK) * sizeof(el_block_q8a) : (size_t)hd * 4;
+    for (int h = 0; h < gs; h++)
+        for (int t = 0; t < cnt; t++) s[h * EL_KT + t] = scale * dot_scalar(type, k + idx[t] * rb, (const char *)q + h * q_stride, hd);
+}
+
+static void pv_scalar(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o) {
+    float row[512];   /* hd <= 512, checked by el_attention */
+    for (int t = 0; t < cnt; t++) {
+        el_dequantize_row(v + idx[t] * rb, row, hd, type);
+        for (int h = 0; h < gs; h++)
+            for (int c = 0; c < hd; c++) o[(size_t)h * hd + c] += p[h * EL_KT + t] * row[c];
     }
 }
 
@@ -88,5 +93,5 @@ static void silu_mul_scalar(float *g, const float *u, long n) {
 }
 
 const el_kernels el_kernels_scalar = {
-    el_quant_act_scalar, mm_rows_scalar, el_dot_scalar, el_axpy_rows_scalar, exp_sum_scalar, silu_mul_scalar,
+    quant_act_scalar, mm_rows_scalar, kq_scalar, pv_scalar, exp_sum_scalar, silu_mul_scalar,
 };

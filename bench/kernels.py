@@ -1,0 +1,79 @@
+"""Kernel micro-benchmarks: el_matmul GEMV/GEMM and el_attention at SmolLM2-135M shapes.
+
+python bench/kernels.py [--threads 1,2] [--scalar]
+"""
+import argparse
+import time
+
+import numpy as np
+
+from edgellm import native as N
+from edgellm.quant import GGMLType, quantize, row_bytes
+
+ffi, lib = N.ffi, N.lib
+
+
+def timeit(fn, min_time=0.3):
+    fn()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        reps += 1
+        dt = time.perf_counter() - t0
+        if dt >= min_time:
+            return dt / reps
+
+
+def bench_matmul(t, rows, cols, n, rng):
+    W = quantize(rng.standard_normal(rows * cols).astype(np.float32) * 0.05, t)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    Y = np.empty((n, rows), np.float32)
+    pw, px, py = ffi.from_buffer(W), ffi.from_buffer("float[]", X), ffi.from_buffer("float[]", Y)
+    s = timeit(lambda: lib.el_matmul(pw, int(t), rows, cols, px, n, py, rows))
+    gb = rows * row_bytes(t, cols) / s / 1e9
+    gf = 2 * rows * cols * n / s / 1e9
+    print(f"  matmul {t.name:5s} {rows:6d}x{cols:<5d} n={n:<4d} {s * 1e6:10.1f} us  {gb:7.2f} GB/s  {gf:7.2f} GFLOP/s")
+
+
+def bench_attention(t, n_keys, n_q, rng):
+    n_head, n_kv, hd = 9, 3, 64
+    k = quantize(rng.standard_normal(n_kv * n_keys * hd).astype(np.float32), t)
+    v = quantize(rng.standard_normal(n_kv * n_keys * hd).astype(np.float32), t)
+    pos = np.arange(n_keys, dtype=np.int32)
+    q = rng.standard_normal((n_q, n_head, hd)).astype(np.float32)
+    q_pos = np.arange(n_keys - n_q, n_keys, dtype=np.int32)
+    out = np.empty((n_q, n_head, hd), np.float32)
+    lse = np.empty((n_q, n_head), np.float32)
+    blk = ffi.new("el_kvblock[1]")
+    blk[0].k, blk[0].v, blk[0].pos = ffi.from_buffer(k), ffi.from_buffer(v), ffi.from_buffer("int32_t[]", pos)
+    blk[0].n, blk[0].cap, blk[0].dtype = n_keys, n_keys, int(t)
+    pq, pqp = ffi.from_buffer("float[]", q), ffi.from_buffer("int32_t[]", q_pos)
+    po, pl = ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", lse)
+    s = timeit(lambda: lib.el_attention(pq, n_q, pqp, n_head, n_kv, hd, 0.125, blk, 1, po, pl))
+    gb = 2 * n_kv * n_keys * row_bytes(t, hd) / s / 1e9
+    print(f"  attention {t.name:4s} keys={n_keys:<5d} n_q={n_q:<4d} {s * 1e6:10.1f} us  {gb:7.2f} GB/s (K+V once)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--scalar", action="store_true")
+    args = ap.parse_args()
+    if args.scalar:
+        N.set_simd(0)
+    rng = np.random.default_rng(0)
+    print(f"simd: {N.SIMD_NAMES[N.simd_level()]}")
+    for nth in map(int, args.threads.split(",")):
+        N.set_threads(nth)
+        print(f"threads={nth}")
+        for n in (1, 512):
+            for t, rows, cols in [(GGMLType.Q4_1, 1536, 576), (GGMLType.Q4_1, 576, 1536), (GGMLType.Q8_0, 49152, 576)]:
+                bench_matmul(t, rows, cols, n, rng)
+        for t in (GGMLType.F16, GGMLType.Q8_0):
+            for n_keys in (512, 4096):
+                bench_attention(t, n_keys, 1, rng)
+        bench_attention(GGMLType.F16, 512, 512, rng)
+
+
+if __name__ == "__main__":
+    main()
