@@ -235,3 +235,15 @@ def test_simd_controls():
     assert best in N.SIMD_NAMES
     with pytest.raises(ValueError):
         N.set_threads(0)
+
+
+def test_pool_survives_fork():
+    import os
+    N.set_threads(2)
+    W = random_weights(GGMLType.Q4_1, 64, 64, np.random.default_rng(15))
+    X = np.ones((3, 64), np.float32)
+    ref = N.matmul(W, GGMLType.Q4_1, 64, 64, X)
+    pid = os.fork()
+    if pid == 0:   # the child has no workers: the pool must restart instead of hanging
+        os._exit(0 if np.array_equal(N.matmul(W, GGMLType.Q4_1, 64, 64, X), ref) and N.get_threads() == 2 else 1)
+    assert os.waitpid(pid, 0)[1] == 0

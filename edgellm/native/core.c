@@ -12,9 +12,6 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
-#if defined(__aarch64__)
-#include <sys/auxv.h>
-#endif
 
 /* ---------------- f16 <-> f32 (bit exact with numpy's astype) ---------------- */
 
@@ -171,17 +168,29 @@ static void pool_start(int n) {
     }
 }
 
+static int want_threads;   /* from el_set_threads; 0: one per online CPU */
+
 static void pool_ensure(void) {
     if (pool.nth) return;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    pool_start(ncpu > 0 ? (int)ncpu : 1);
+    pool_start(want_threads ? want_threads : ncpu > 0 ? (int)ncpu : 1);
 }
 
 void el_set_threads(int n) {
     pthread_mutex_lock(&api_mu);
     if (pool.nth) pool_stop();
-    pool_start(n);
+    want_threads = n < 1 ? 1 : n;
+    pool_start(want_threads);
     pthread_mutex_unlock(&api_mu);
+}
+
+/* A forked child has none of the workers: restart the pool lazily instead of waiting on them forever. */
+static void atfork_child(void) {
+    pool.nth = 0;
+    atomic_store(&pool.stop, 0);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pthread_mutex_init(&api_mu, NULL);
 }
 
 int el_get_threads_locked(void) {
@@ -230,6 +239,7 @@ void el_unlock(void) { pthread_mutex_unlock(&api_mu); }
 
 __attribute__((constructor)) static void el_init(void) {
     el_detected = detect_level();
+    pthread_atfork(NULL, NULL, atfork_child);
     const char *force = getenv("EDGELLM_FORCE_SCALAR");
     el_set_simd(force && strcmp(force, "1") == 0 ? 0 : el_detected);
 }
