@@ -1,0 +1,93 @@
+"""The KV manager: block layout, one-time quantization, truncation, and what attention reads."""
+import numpy as np
+import pytest
+
+from edgellm.kv.cache import KVCache
+from edgellm.native import ffi, lib
+from edgellm.native.reference import attention as ref_attention
+from edgellm.quant.blocks import GGMLType, dequantize
+
+H, D, BS = 3, 64, 32
+
+
+def _fill(cache, n, seed=0):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((n, H, D)).astype(np.float32)
+    v = rng.standard_normal((n, H, D)).astype(np.float32)
+    cache.append(0, k, v, np.arange(len(cache), len(cache) + n, dtype=np.int32))
+    return k, v
+
+
+def _stored(cache, which):
+    """Dequantize what the cache holds for layer 0 -> [n, H, D]."""
+    rows = []
+    for b in cache.blocks[0]:
+        arr = getattr(b, which)
+        x = dequantize(arr.reshape(-1).view(np.uint8), b.dtype, H * BS * D).reshape(H, BS, D)
+        rows.append(x[:, :b.n].transpose(1, 0, 2))
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("dtype,tol", [("f16", 2e-3), ("q8_0", 2e-2), ("q4_0", 0.3)])
+def test_blocks_quantized_once_when_full(dtype, tol):
+    cache = KVCache(1, H, D, max_tokens=200, kv_dtype=dtype, block_size=BS)
+    k1, v1 = _fill(cache, 40)
+    k2, v2 = _fill(cache, 50, seed=1)
+    types = [b.dtype for b in cache.blocks[0]]
+    full = GGMLType.F16 if dtype == "f16" else GGMLType[dtype.upper()]
+    assert types == [full, full, GGMLType.F16] and [b.n for b in cache.blocks[0]] == [32, 32, 26]
+    np.testing.assert_allclose(_stored(cache, "k"), np.concatenate([k1, k2]), atol=tol * 4, rtol=0)
+    assert np.abs(_stored(cache, "v") - np.concatenate([v1, v2])).mean() < tol
+    assert len(cache) == 90
+
+
+def test_bytes_per_token():
+    for dtype, per_row in (("f16", 128), ("q8_0", 68), ("q4_0", 36)):
+        assert KVCache(30, 3, 64, 64, dtype).bytes_per_token() == 2 * 30 * 3 * per_row
+
+
+def _attend_cache(cache, q, q_pos):
+    """Run the C kernel over the cache's own block descriptors."""
+    descs, n_blocks = cache.descriptors(0)
+    out = np.empty_like(q)
+    lse = np.empty(q.shape[:2], np.float32)
+    fp = lambda a: ffi.cast("float *", a.ctypes.data)  # noqa: E731
+    lib.el_attention(fp(q), q.shape[0], ffi.cast("int32_t *", q_pos.ctypes.data), q.shape[1], H, D,
+                     1 / np.sqrt(D), descs, n_blocks, fp(out), fp(lse))
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
+def test_attention_reads_the_cache_blocks(dtype):
+    cache = KVCache(1, H, D, 200, dtype, BS)
+    _fill(cache, 75)
+    q = np.random.default_rng(3).standard_normal((4, 9, D)).astype(np.float32)
+    q_pos = np.array([10, 40, 70, 74], np.int32)
+    blocks = [(b.k, b.v, b.pos, b.n, int(b.dtype)) for b in cache.blocks[0]]
+    out, lse = _attend_cache(cache, q, q_pos)
+    ref_out, ref_lse = ref_attention(q, q_pos, H, blocks, 1 / np.sqrt(D))
+    np.testing.assert_allclose(out, ref_out, atol=2e-3)
+    np.testing.assert_allclose(lse, ref_lse, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_truncate_then_append_matches_straight_fill(dtype):
+    straight = KVCache(1, H, D, 200, dtype, BS)
+    k, v = _fill(straight, 70)
+    cut = KVCache(1, H, D, 200, dtype, BS)
+    _fill(cut, 70, seed=9)  # different tokens past the cut
+    cut.truncate(0)
+    cut.append(0, k[:40], v[:40], np.arange(40, dtype=np.int32))
+    cut.truncate(35)  # cuts inside a quantized block: it comes back as an f16 tail
+    assert len(cut) == 35 and [b.n for b in cut.blocks[0]] == [32, 3]
+    cut.append(0, k[35:], v[35:], np.arange(35, 70, dtype=np.int32))
+    q = np.random.default_rng(4).standard_normal((1, 9, D)).astype(np.float32)
+    q_pos = np.array([69], np.int32)
+    np.testing.assert_allclose(_attend_cache(cut, q, q_pos)[0], _attend_cache(straight, q, q_pos)[0], atol=0.02)
+
+
+def test_overflow_is_refused():
+    c = KVCache(1, H, D, 64, "f16", BS)
+    _fill(c, 60)
+    with pytest.raises(ValueError, match="KV cache full"):
+        _fill(c, 5)
