@@ -41,8 +41,9 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "edgellm.native._kernels",
     '#include "kernels.h"',
-    sources=[os.path.join(HERE, s) for s in SOURCES],
-    include_dirs=[HERE],
+    # setuptools insists on paths relative to setup.py (the working directory of a pip build)
+    sources=[os.path.relpath(os.path.join(HERE, s)) for s in SOURCES],
+    include_dirs=[os.path.relpath(HERE)],
     # fp-contract=off: the quantizers must round exactly like ggml's reference on every ISA
     extra_compile_args=["-O3", "-std=c11", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-Wall"],
     extra_link_args=["-pthread"],
