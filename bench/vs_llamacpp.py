@@ -29,6 +29,15 @@ METRICS = (("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
 # ---------------------------------------------------------------- child side
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS. On Linux from VmHWM, which starts afresh at exec: ru_maxrss
+    would carry over the parent's peak, as getrusage(2) keeps it across execve."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes vs KiB
 
@@ -68,8 +77,11 @@ def llama_worker(spec: dict) -> dict:
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
-        for _ in range(n_gen):
-            llm.eval([greedy_next()])
+        # counted as edgellm counts decode: n_gen tokens picked, the last one not evaluated
+        for i in range(n_gen):
+            tok = greedy_next()
+            if i + 1 < n_gen:
+                llm.eval([tok])
         t2 = time.perf_counter()
         return len(prompt) / (t1 - t0), n_gen / (t2 - t1)
 

@@ -16,28 +16,9 @@ def test_model_is_optional_before_the_prompt():
     assert (args.model, args.prompt, args.max_tokens) == ("m.gguf", "hello", 3)
 
 
-def test_info_default_model(model_path, capsys):
-    assert main(["info", "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["arch"] == "llama" and info["context_length"] > 0
-    est = info["memory_estimate"]
-    assert est["q4_0"]["kv_bytes"] < est["q8_0"]["kv_bytes"] < est["f16"]["kv_bytes"]
-    assert est["f16"]["total_bytes"] == info["weights_bytes"] + est["f16"]["kv_bytes"]
-
-    assert main(["info"]) == 0
-    table = capsys.readouterr().out
-    assert "quant types" in table and "q8_0" in table
-
-
-def test_run_streams_a_greedy_completion(model_path, capsys):
-    assert main(["run", str(model_path), "The capital of France is", "--max-tokens", "8"]) == 0
-    out, err = capsys.readouterr()
-    assert out.strip()
-    assert "tokens," in err and "tok/s" in err
-
-
-class SpyLLM:
-    """Wraps the real model and records the message lists the REPL sends."""
+class SharedLLM:
+    """One loaded model lent to every in-process command (loading takes seconds): `close` is a
+    no-op, and the message lists sent to `chat` are recorded."""
 
     def __init__(self, llm):
         self._llm, self.sent = llm, []
@@ -46,35 +27,77 @@ class SpyLLM:
         self.sent.append([dict(m) for m in messages])
         return self._llm.chat(messages, **kwargs)
 
+    def close(self):
+        pass
+
     def __getattr__(self, name):
         return getattr(self._llm, name)
 
 
-def test_chat_with_piped_stdin(model_path, monkeypatch, capsys):
-    spies, real_load = [], common.load_llm
+@pytest.fixture(scope="module")
+def loaded(model_path):
+    import edgellm
+    with edgellm.LLM(model=str(model_path)) as llm:
+        yield llm
 
-    def load_spy(*args, **kwargs):
-        spies.append(SpyLLM(real_load(*args, **kwargs)))
-        return spies[-1]
 
-    monkeypatch.setattr(common, "load_llm", load_spy)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/reset\nhello\n/exit\nnot read\n"))
+@pytest.fixture
+def shared(loaded, monkeypatch):
+    """Commands get the shared model; returns it, with the load_llm arguments in `.loads`."""
+    llm = SharedLLM(loaded)
+    llm.loads = []
 
-    assert main(["chat", str(model_path), "--system", "Be brief.", "--max-tokens", "6"]) == 0
+    def load_llm(model, threads=None, kv_dtype="f16", n_ctx=None):
+        llm.loads.append({"model": model, "threads": threads, "kv_dtype": kv_dtype, "n_ctx": n_ctx})
+        loaded.reset()
+        return llm
+
+    monkeypatch.setattr(common, "load_llm", load_llm)
+    return llm
+
+
+def test_info_default_model(model_path, capsys):
+    assert main(["info", "--json"]) == 0  # the real loader: resolves the default model's name
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == str(model_path)
+    assert info["arch"] == "llama" and info["context_length"] > 0
+    est = info["memory_estimate"]
+    assert est["q4_0"]["kv_bytes"] < est["q8_0"]["kv_bytes"] < est["f16"]["kv_bytes"]
+    assert est["f16"]["total_bytes"] == info["weights_bytes"] + est["f16"]["kv_bytes"]
+
+
+def test_info_table(shared, capsys):
+    assert main(["info"]) == 0
+    table = capsys.readouterr().out
+    assert "quant types" in table and "q8_0" in table
+
+
+def test_run_streams_a_greedy_completion(shared, capsys):
+    assert main(["run", "m.gguf", "The capital of France is", "--max-tokens", "8", "--threads", "2"]) == 0
     out, err = capsys.readouterr()
-    first, second = spies[0].sent
+    assert out.strip()
+    assert "8 tokens," in err and "tok/s" in err
+    assert shared.loads == [{"model": "m.gguf", "threads": 2, "kv_dtype": "f16", "n_ctx": None}]
+
+
+def test_chat_with_piped_stdin(shared, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/reset\nhello\n/exit\nnot read\n"))
+    assert main(["chat", "--system", "Be brief.", "--max-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    first, second = shared.sent
     assert [m["role"] for m in first] == ["system", "user"]
     assert second == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
     assert err.count("tok/s]") == 2 and "conversation cleared" in err
     assert len(out.strip().splitlines()) >= 2 and "not read" not in out
 
 
-def test_bench_tiny(model_path, capsys):
-    assert main(["bench", str(model_path), "--prompt-tokens", "32", "--gen-tokens", "4", "--json"]) == 0
+def test_bench_tiny(shared, capsys):
+    assert main(["bench", "--prompt-tokens", "32", "--gen-tokens", "4", "--kv-dtype", "q8_0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["prompt_tokens"] == 32
+    assert (result["prompt_tokens"], result["gen_tokens"]) == (32, 4)
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
     assert result["peak_rss_mb"] > 0 and result["kv_bytes_per_token"] > 0
+    assert shared.loads[0]["n_ctx"] == 32 + 4 + 16 and shared.loads[0]["kv_dtype"] == "q8_0"
 
 
 @pytest.mark.parametrize("content", [None, b"not a gguf file"], ids=["missing", "garbage"])

@@ -6,6 +6,7 @@ runs are comparable across engines and do not depend on how a tokenizer splits t
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 TEXT = (
     "The lighthouse keeper climbed the narrow stairs every evening at dusk, carrying a can of oil "
@@ -64,7 +65,8 @@ def run_bench(model: str | None = None, prompt_tokens: int = 512, gen_tokens: in
         info = llm.info()
     finally:
         llm.close()
-    return {"model": info["name"], "path": info["path"], "kv_dtype": kv_dtype, **result}
+    # the file name says model and quantization; GGUF general.name is often a training-run label
+    return {"model": Path(info["path"]).name, "path": info["path"], "kv_dtype": kv_dtype, **result}
 
 
 def format_bench(r: dict) -> str:
@@ -74,5 +76,5 @@ def format_bench(r: dict) -> str:
         f"  prefill   {r['prefill_tok_s']:9.1f} tok/s",
         f"  decode    {r['decode_tok_s']:9.1f} tok/s",
         f"  peak RSS  {r['peak_rss_mb']:9.1f} MB",
-        f"  KV/token  {r['kv_bytes_per_token']:9d} bytes",
+        f"  KV/token  {r['kv_bytes_per_token']:9.0f} bytes",
     ])
