@@ -25,6 +25,7 @@ int  el_set_simd(int level);
 void el_set_threads(int n);
 int  el_get_threads(void);
 void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
+void el_matmul_f32act(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
 void el_get_rows(const void *W, int wtype, int cols, const int32_t *ids, int n, float *out);
 void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float *out);
 void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox);

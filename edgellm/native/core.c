@@ -274,12 +274,12 @@ static void mm_task(void *p, int ith, int nth) {
     }
 }
 
-void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy) {
+static void matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy, int f32act) {
     size_t rb = el_row_bytes(wtype, cols);
     if (rows <= 0 || cols <= 0 || n <= 0 || !rb || (el_is_quant(wtype) && cols % EL_QK)) return;
     el_lock();
     int nth = el_get_threads_locked();
-    mm_job job = {.m = {W, rb, wtype, rows, cols, n, ldy, X, Y}};
+    mm_job job = {.m = {W, rb, wtype, rows, cols, n, ldy, X, Y, f32act && el_is_quant(wtype)}};
     /* each weight row is read by one thread; ~4 items per thread balance the load, and an item's weights
      * (<= 256 KiB) stay in L2 while every token chunk of the GEMM passes over them */
     job.chunk = ((rows + 4 * nth - 1) / (4 * nth) + 7) & ~7;
@@ -287,7 +287,7 @@ void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int
     if (job.chunk > l2_rows) job.chunk = l2_rows;
     if (job.chunk < 16) job.chunk = 16;
     atomic_init(&job.next, 0);
-    if (el_is_quant(wtype)) {
+    if (el_is_quant(wtype) && !f32act) {
         quant_ctx qc = {&job.m, X, el_scratch(0, (size_t)n * (cols / EL_QK) * sizeof(el_block_q8a))};
         job.m.act = qc.q;
         if (qc.q && n >= 8) el_parallel(quant_task, &qc);
@@ -295,6 +295,14 @@ void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int
     }
     if (job.m.act) el_parallel(mm_task, &job);
     el_unlock();
+}
+
+void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy) {
+    matmul(W, wtype, rows, cols, X, n, Y, ldy, 0);
+}
+
+void el_matmul_f32act(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy) {
+    matmul(W, wtype, rows, cols, X, n, Y, ldy, 1);
 }
 
 /* ---------------- conversions ---------------- */
