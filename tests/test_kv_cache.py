@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from edgellm.kv.cache import KVCache
-from edgellm.native import ffi, lib
 from edgellm.native.reference import attention as ref_attention
+from edgellm.native.reference import hadamard
 from edgellm.quant.blocks import GGMLType, dequantize
 
 H, D, BS = 3, 64, 32
@@ -19,13 +19,14 @@ def _fill(cache, n, seed=0):
 
 
 def _stored(cache, which):
-    """Dequantize what the cache holds for layer 0 -> [n, H, D]."""
+    """Dequantize what the cache holds for layer 0 (rotated back when the cache rotates) -> [n, H, D]."""
     rows = []
     for b in cache.blocks[0]:
         arr = getattr(b, which)
         x = dequantize(arr.reshape(-1).view(np.uint8), b.dtype, H * BS * D).reshape(H, BS, D)
         rows.append(x[:, :b.n].transpose(1, 0, 2))
-    return np.concatenate(rows)
+    x = np.concatenate(rows)
+    return hadamard(x) if cache.rotated else x
 
 
 @pytest.mark.parametrize("dtype,tol", [("f16", 2e-3), ("q8_0", 2e-2), ("q4_0", 0.3)])
@@ -47,27 +48,43 @@ def test_bytes_per_token():
 
 
 def _attend_cache(cache, q, q_pos):
-    """Run the C kernel over the cache's own block descriptors."""
-    descs, n_blocks = cache.descriptors(0)
-    out = np.empty_like(q)
-    lse = np.empty(q.shape[:2], np.float32)
-    fp = lambda a: ffi.cast("float *", a.ctypes.data)  # noqa: E731
-    lib.el_attention(fp(q), q.shape[0], ffi.cast("int32_t *", q_pos.ctypes.data), q.shape[1], H, D,
-                     1 / np.sqrt(D), descs, n_blocks, fp(out), fp(lse))
+    out, lse = np.empty_like(q), np.empty(q.shape[:2], np.float32)
+    cache.attend(0, q.copy(), q_pos, out, lse, 1 / np.sqrt(D))
     return out, lse
 
 
-@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
-def test_attention_reads_the_cache_blocks(dtype):
+def _f32_blocks(k, v):
+    return [(k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy(), np.arange(len(k), dtype=np.int32), len(k), 0)]
+
+
+@pytest.mark.parametrize("dtype,tol", [("f16", 2e-3), ("q8_0", 2e-2), ("q4_0", 0.15)])
+def test_attend_equals_attention_over_what_is_stored(dtype, tol):
     cache = KVCache(1, H, D, 200, dtype, BS)
-    _fill(cache, 75)
+    k, v = _fill(cache, 75)
     q = np.random.default_rng(3).standard_normal((4, 9, D)).astype(np.float32)
     q_pos = np.array([10, 40, 70, 74], np.int32)
-    blocks = [(b.k, b.v, b.pos, b.n, int(b.dtype)) for b in cache.blocks[0]]
     out, lse = _attend_cache(cache, q, q_pos)
-    ref_out, ref_lse = ref_attention(q, q_pos, H, blocks, 1 / np.sqrt(D))
-    np.testing.assert_allclose(out, ref_out, atol=2e-3)
-    np.testing.assert_allclose(lse, ref_lse, atol=2e-3)
+    # exact up to float rounding against the values the cache holds (rotation undone)...
+    ref_out, ref_lse = ref_attention(q, q_pos, H, _f32_blocks(_stored(cache, "k"), _stored(cache, "v")), 1 / np.sqrt(D))
+    np.testing.assert_allclose(out, ref_out, atol=3e-2 if dtype != "f16" else 2e-3)
+    np.testing.assert_allclose(lse, ref_lse, atol=3e-2 if dtype != "f16" else 2e-3)
+    # ...and close to attention over the original f32 keys and values
+    exact_out, _ = ref_attention(q, q_pos, H, _f32_blocks(k, v), 1 / np.sqrt(D))
+    assert np.abs(out - exact_out).mean() < tol
+
+
+def test_rotation_reduces_quantization_error():
+    """Keys with an outlier channel: the rotated q8_0 cache keeps them far better than plain blocks would."""
+    from edgellm.quant.blocks import dequantize, quantize
+    rng = np.random.default_rng(7)
+    k = rng.standard_normal((64, H, D)).astype(np.float32)
+    k[..., 5] *= 40  # an outlier channel, as real keys have
+    plain = dequantize(quantize(k.reshape(-1), GGMLType.Q8_0), GGMLType.Q8_0, k.size).reshape(k.shape)
+    cache = KVCache(1, H, D, 64, "q8_0", BS)
+    cache.append(0, k, k, np.arange(64, dtype=np.int32))
+    assert cache.rotated
+    err_rot, err_plain = np.abs(_stored(cache, "k") - k).mean(), np.abs(plain - k).mean()
+    assert err_rot < 0.5 * err_plain
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])

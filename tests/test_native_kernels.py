@@ -250,3 +250,15 @@ def test_pool_survives_fork():
     if pid == 0:   # the child has no workers: the pool must restart instead of hanging
         os._exit(0 if np.array_equal(N.matmul(W, GGMLType.Q4_1, 64, 64, X), ref) and N.get_threads() == 2 else 1)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128, 256])
+def test_hadamard(dim):
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((7, dim)).astype(np.float32)
+    y = N.hadamard(x.copy())
+    np.testing.assert_allclose(y, R.hadamard(x), atol=1e-5)
+    np.testing.assert_allclose(N.hadamard(y.copy()), x, atol=1e-5)   # its own inverse
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)  # orthogonal
+    with pytest.raises(ValueError):
+        N.hadamard(np.zeros((2, 48), np.float32))

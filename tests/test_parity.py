@@ -36,3 +36,17 @@ def test_metrics_detect_disagreement(parity_ref):
     assert parity_metrics(logits, top_ids, top_lp) == pytest.approx((1.0, 0.0), abs=1e-9)
     top1, kl = parity_metrics(logits[::-1].copy(), top_ids, top_lp)
     assert top1 < 0.5 and kl > 0.1
+
+
+def test_q8_0_kv_cache_parity_close_to_f16(model_path, parity_ref):
+    model = Model(model_path, backend="native")
+    res = {}
+    for dtype in ("f16", "q8_0"):
+        m = []
+        for s in range(len(parity_ref["ids"])):
+            ids = parity_ref["ids"][s]
+            logits = model.forward(ids, model.new_cache(len(ids), kv_dtype=dtype), logits="all")
+            m.append(parity_metrics(logits, parity_ref["top_ids"][s], parity_ref["top_lp"][s]))
+        res[dtype] = np.mean(m, axis=0)
+    print(f"kv f16 {res['f16']}, kv q8_0 {res['q8_0']}")
+    assert abs(res["q8_0"][0] - res["f16"][0]) <= 0.01

@@ -154,6 +154,16 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def hadamard(x: np.ndarray) -> np.ndarray:
+    """Rows of x (last dim a power of 2) times the normalized Walsh-Hadamard matrix, in place (and returned)."""
+    x = _f32(x, "x", writable=True)
+    d = x.shape[-1]
+    if d <= 0 or d & (d - 1):
+        raise ValueError(f"hadamard needs a power-of-2 row length, got {d}")
+    lib.el_hadamard(_ptr(x, "float *"), x.size // d, d)
+    return x
+
+
 def quantize_row(x: np.ndarray, wtype) -> np.ndarray:
     t = GGMLType.parse(wtype)
     x = _f32(x, "x").reshape(-1)

@@ -31,6 +31,7 @@ void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float
 void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox);
 void el_silu_mul(float *gate, const float *up, long n);
 void el_softmax(float *x, int rows, int cols);
+void el_hadamard(float *x, long rows, int dim);
 void el_quantize_row(const float *x, void *dst, long n, int type);
 void el_dequantize_row(const void *src, float *y, long n, int type);
 void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,

@@ -434,6 +434,21 @@ void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int
 
 void el_silu_mul(float *gate, const float *up, long n) { el_kern->silu_mul(gate, up, n); }
 
+void el_hadamard(float *x, long rows, int dim) {
+    if (dim <= 0 || (dim & (dim - 1))) return;
+    const float norm = 1.0f / sqrtf((float)dim);
+    for (long r = 0; r < rows; r++, x += dim) {
+        for (int h = 1; h < dim; h <<= 1)   /* butterflies of the fast Walsh-Hadamard transform */
+            for (int i = 0; i < dim; i += 2 * h)
+                for (int j = i; j < i + h; j++) {
+                    float a = x[j], b = x[j + h];
+                    x[j] = a + b;
+                    x[j + h] = a - b;
+                }
+        for (int j = 0; j < dim; j++) x[j] *= norm;
+    }
+}
+
 void el_softmax(float *x, int rows, int cols) {
     for (int i = 0; i < rows; i++, x += cols) {
         float mx = -INFINITY;

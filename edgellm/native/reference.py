@@ -97,6 +97,15 @@ def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, quanti
     return out.astype(np.float32), lse.astype(np.float32)
 
 
+def hadamard(x: np.ndarray) -> np.ndarray:
+    """Rows of x times the normalized Walsh-Hadamard matrix (Sylvester order)."""
+    d = x.shape[-1]
+    H = np.ones((1, 1))
+    while H.shape[0] < d:
+        H = np.block([[H, H], [H, -H]])
+    return (x.astype(np.float64) @ H / np.sqrt(d)).astype(np.float32)
+
+
 def merge(o1, l1, o2, l2):
     """Combine two partial attentions over disjoint key sets by their log-sum-exp."""
     o1, l1, o2, l2 = (np.asarray(a, np.float64) for a in (o1, l1, o2, l2))
@@ -107,5 +116,5 @@ def merge(o1, l1, o2, l2):
     return (w1 * o1 + w2 * o2).astype(np.float32), l.astype(np.float32)
 
 
-__all__ = ["BLOCK_DTYPES", "attention", "dequantize_matrix", "matmul", "matmul_exact", "merge", "rmsnorm", "rope",
+__all__ = ["BLOCK_DTYPES", "attention", "dequantize_matrix", "hadamard", "matmul", "matmul_exact", "merge", "rmsnorm", "rope",
            "silu_mul", "softmax"]

@@ -77,9 +77,8 @@ class NativeBackend:
         lib.el_rope(p["k"], n, c.n_head_kv, c.head_dim, c.rope_dim, ppos, c.rope_base, c.rope_neox)
         shape = (n, c.n_head_kv, c.head_dim)
         cache.append(i, self.k[:n].reshape(shape), self.v[:n].reshape(shape), pos)
-        descs, n_blocks = cache.descriptors(i)
-        lib.el_attention(p["q"], n, ppos, c.n_head, c.n_head_kv, c.head_dim, self.scale, descs, n_blocks,
-                         p["att"], p["lse"])
+        heads = (n, c.n_head, c.head_dim)
+        cache.attend(i, self.q[:n].reshape(heads), pos, self.att[:n].reshape(heads), self.lse[:n], self.scale)
         self._mm(m["wo"], "att", n, "h")
         x += self.h[:n]
         lib.el_rmsnorm(p["x"], _fptr(ffn_norm), n, d, c.norm_eps, p["h"])
