@@ -116,6 +116,17 @@ def venv_instructions(python: str) -> str:
             f"or point --llama-python / $EDGELLM_LLAMA_PYTHON at a Python that has it.")
 
 
+def warn_if_busy() -> None:
+    """Under CPU contention llama.cpp's spinning thread pool slows down by up to 100x (edgellm
+    far less), which makes the ratios meaningless: say so before measuring."""
+    import psutil
+
+    busy = psutil.cpu_percent(interval=1.0)
+    if busy > 25:
+        print(f"warning: the CPUs are already {busy:.0f}% busy; other processes will distort "
+              f"the numbers, llama.cpp's above all", file=sys.stderr)
+
+
 def run_worker(python: str, engine: str, spec: dict) -> dict:
     proc = subprocess.run([python, os.path.abspath(__file__), "--worker", engine],
                           input=json.dumps(spec), capture_output=True, text=True)
@@ -196,12 +207,17 @@ def main(argv=None) -> int:
     from edgellm.runtime.registry import DEFAULT_MODEL, resolve
 
     model = str(resolve(args.model or DEFAULT_MODEL))
+    warn_if_busy()
     contexts = args.context or [args.prompt_tokens]
     all_ids = prompt_token_ids(model, max(contexts))
     rows = []
     for threads in args.threads:
         for n in contexts:
-            rows.append(compare(args, model, all_ids[:n], threads))
+            try:
+                rows.append(compare(args, model, all_ids[:n], threads))
+            except RuntimeError as exc:  # a child failed: its stderr is in the message
+                print(exc, file=sys.stderr)
+                return 1
             print(f"measured threads={threads} context={n}", file=sys.stderr)
     name = os.path.basename(model)
     if args.markdown:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from edgellm.cli import common
+
 TEXT = (
     "The lighthouse keeper climbed the narrow stairs every evening at dusk, carrying a can of oil "
     "and a cloth for the lens. From the gallery he could see the fishing boats returning to the "
@@ -56,10 +58,8 @@ def run_bench(model: str | None = None, prompt_tokens: int = 512, gen_tokens: in
               repeat: int = 1) -> dict:
     """Open `model` and measure it. `context` N measures decode after N tokens of context,
     i.e. with a prompt of N tokens (it overrides `prompt_tokens`)."""
-    from edgellm.cli.common import load_llm
-
     n_prompt = context or prompt_tokens
-    llm = load_llm(model, threads, kv_dtype, n_ctx=n_prompt + gen_tokens + 16)
+    llm = common.load_llm(model, threads, kv_dtype, n_ctx=n_prompt + gen_tokens + 16)
     try:
         result = measure(llm, prompt_ids(llm, n_prompt), gen_tokens, repeat)
         info = llm.info()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-KV_DTYPES = ("f16", "q8_0", "q4_0")
+import edgellm
+from edgellm.kv.config import KV_DTYPES
+from edgellm.runtime.registry import DEFAULT_MODEL, resolve
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +40,6 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def load_llm(model: str | None, threads: int | None = None, kv_dtype: str = "f16",
              n_ctx: int | None = None):
     """Open `model` (a registry name, pulled on first use, or a path) as an edgellm.LLM."""
-    import edgellm  # deferred so `--help` and `pull` stay fast
-    from edgellm.runtime.registry import DEFAULT_MODEL, resolve
-
     # resolve() first: its errors name the registry models, clearer than a loader's failure
     path = resolve(model or DEFAULT_MODEL)
     return edgellm.LLM(model=str(path), n_threads=threads, kv=edgellm.KVConfig(kv_dtype=kv_dtype),

@@ -8,13 +8,16 @@ import os
 import sys
 
 from edgellm.cli import common
+from edgellm.cli.bench import format_bench, run_bench
+from edgellm.cli.chat import repl
+from edgellm.cli.info import format_info, memory_estimate
+from edgellm.runtime.registry import pull
 
 # errors a user causes (bad name, missing or unreadable file, bad value): shown without their type
 USER_ERRORS = (KeyError, FileNotFoundError, ValueError, OSError)
 
 
 def cmd_pull(args) -> None:
-    from edgellm.runtime.registry import pull
     print(pull(args.name, force=args.force))
 
 
@@ -31,14 +34,12 @@ def cmd_run(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from edgellm.cli.chat import repl
     with contextlib.closing(common.load_llm(args.model, args.threads, args.kv_dtype)) as llm:
         repl(llm, args.system, common.sampling_kwargs(args))
 
 
 def cmd_info(args) -> None:
-    from edgellm.cli.info import format_info, memory_estimate
-    # memory_estimate scales from the f16 KV size
+    # opened with an f16 KV cache: memory_estimate derives the other dtypes from its size
     with contextlib.closing(common.load_llm(args.model, kv_dtype="f16")) as llm:
         info = llm.info()
     estimate = memory_estimate(info)
@@ -49,7 +50,6 @@ def cmd_info(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from edgellm.cli.bench import format_bench, run_bench
     result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads,
                        args.kv_dtype, args.context, args.repeat)
     print(json.dumps(result, indent=2, default=str) if args.json else format_bench(result))
