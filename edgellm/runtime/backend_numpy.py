@@ -1,12 +1,11 @@
-"""Reference backend: weights dequantized to float32 and plain numpy math, an f32 KV cache.
-
-It shares nothing with the C kernels but the graph, so agreement between the two is evidence.
-"""
+"""Reference backend: weights dequantized to float32, the numpy twins of the kernels
+(edgellm.native.reference), an f32 KV cache. It shares no C code with the native backend."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..quant.blocks import dequantize
+from ..native import reference as ref
+from ..quant.blocks import GGMLType, dequantize
 from .config import ModelConfig
 from .weights import Weights
 
@@ -40,34 +39,11 @@ class RefCache:
         return sum(a.nbytes for a in self.k + self.v if a is not None)
 
 
-def rmsnorm(x, w, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
-
-
-def rope(x, pos, rope_dim, base, neox):
-    """x [n, heads, head_dim]: rotate pairs of the first rope_dim dims by pos * base^(-2j/rope_dim)."""
-    half = rope_dim // 2
-    theta = pos[:, None].astype(np.float64) * base ** (-np.arange(half) * 2.0 / rope_dim)
-    cos, sin = np.cos(theta)[:, None, :].astype(np.float32), np.sin(theta)[:, None, :].astype(np.float32)
-    out = x.copy()
-    if neox:
-        a, b = x[..., :half], x[..., half:rope_dim]
-        out[..., :half], out[..., half:rope_dim] = a * cos - b * sin, a * sin + b * cos
-    else:
-        a, b = x[..., 0:rope_dim:2], x[..., 1:rope_dim:2]
-        out[..., 0:rope_dim:2], out[..., 1:rope_dim:2] = a * cos - b * sin, a * sin + b * cos
-    return out
-
-
 def attention(q, k, v, q_pos, scale):
-    """q [n, H, d], k/v [T, Hkv, d]; key t visible to query i iff t <= q_pos[i] (keys are positions 0..T-1)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    s = np.einsum("nhd,thd->hnt", q, k) * scale
-    s = np.where(np.arange(k.shape[0])[None, None, :] <= q_pos[None, :, None], s, -np.inf)
-    s = np.exp(s - s.max(-1, keepdims=True))
-    s /= s.sum(-1, keepdims=True)
-    return np.einsum("hnt,thd->nhd", s, v)
+    """q [n, H, d] over the whole cache k/v [T, Hkv, d] (key t sits at position t), as one f32 block."""
+    block = (k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy(), np.arange(len(k), dtype=np.int32), len(k),
+             GGMLType.F32)
+    return ref.attention(q, q_pos, k.shape[1], [block], scale)[0]
 
 
 class NumpyBackend:
@@ -89,18 +65,18 @@ class NumpyBackend:
     def layer(self, i, x, pos, cache):
         c, lw = self.cfg, self.w.layers[i]
         n = x.shape[0]
-        h = rmsnorm(x, lw.attn_norm, c.norm_eps)
+        h = ref.rmsnorm(x, lw.attn_norm, c.norm_eps)
         q = (h @ self._mat(lw.wq).T).reshape(n, c.n_head, c.head_dim)
         k = (h @ self._mat(lw.wk).T).reshape(n, c.n_head_kv, c.head_dim)
         v = (h @ self._mat(lw.wv).T).reshape(n, c.n_head_kv, c.head_dim)
-        q = rope(q, pos, c.rope_dim, c.rope_base, c.rope_neox)
-        k = rope(k, pos, c.rope_dim, c.rope_base, c.rope_neox)
+        q = ref.rope(q, pos, c.rope_dim, c.rope_base, c.rope_neox)
+        k = ref.rope(k, pos, c.rope_dim, c.rope_base, c.rope_neox)
         cache.append(i, k, v)
         a = attention(q, cache.k[i], cache.v[i], pos, 1.0 / np.sqrt(c.head_dim)).reshape(n, -1)
         x += a @ self._mat(lw.wo).T
-        h = rmsnorm(x, lw.ffn_norm, c.norm_eps)
+        h = ref.rmsnorm(x, lw.ffn_norm, c.norm_eps)
         g, u = h @ self._mat(lw.w_gate).T, h @ self._mat(lw.w_up).T
-        x += (g / (1 + np.exp(-g)) * u) @ self._mat(lw.w_down).T
+        x += ref.silu_mul(g, u) @ self._mat(lw.w_down).T
 
     def logits(self, x, n):
-        return (rmsnorm(x[:n], self.w.out_norm, self.cfg.norm_eps) @ self._mat(self.w.output).T).astype(np.float32)
+        return (ref.rmsnorm(x[:n], self.w.out_norm, self.cfg.norm_eps) @ self._mat(self.w.output).T).astype(np.float32)
