@@ -85,16 +85,16 @@ def _weights(W, wtype, rows: int, cols: int):
     return t, _bytes(W, "W", rows * row_bytes(t, cols))
 
 
-def matmul(W: np.ndarray, wtype, rows: int, cols: int, X: np.ndarray, f32act: bool = False) -> np.ndarray:
+def matmul(W: np.ndarray, wtype, rows: int, cols: int, X: np.ndarray, hp: bool = False) -> np.ndarray:
     """Y[n, rows] = X[n, cols] @ W.T for W: `rows` rows of `cols` elements in GGML layout of wtype.
-    f32act keeps the activations in f32 instead of 8-bit blocks (el_matmul_f32act)."""
+    hp: ~16-bit activations (an 8-bit plane plus an 8-bit residual plane, el_matmul_hp) instead of 8-bit."""
     t, W = _weights(W, wtype, int(rows), int(cols))
     X = _f32(X, "X")
     if X.ndim not in (1, 2) or X.shape[-1] != cols:
         raise ValueError(f"X must be [n, {cols}] (or [{cols}]), got {X.shape}")
     X2 = X.reshape(-1, cols)
     Y = np.empty((X2.shape[0], rows), np.float32)
-    fn = lib.el_matmul_f32act if f32act else lib.el_matmul
+    fn = lib.el_matmul_hp if hp else lib.el_matmul
     fn(_ptr(W), int(t), rows, cols, _ptr(X2, "float *"), X2.shape[0], _ptr(Y, "float *"), rows)
     return Y.reshape(*X.shape[:-1], rows)
 

@@ -258,6 +258,22 @@ static void quant_task(void *p, int ith, int nth) {
     for (int t = ith; t < n; t += nth) el_kern->quant_act(c->x + (size_t)t * c->m->cols, c->q + (size_t)t * nb, nb);
 }
 
+/* Two planes per token: q[2t] = 8-bit x_t, q[2t+1] = 8-bit (x_t - dequant(q[2t])) */
+static void quant2_task(void *p, int ith, int nth) {
+    quant_ctx *c = p;
+    const int cols = c->m->cols, nb = cols / EL_QK, n = c->m->n / 2;
+    float r[EL_QK];
+    for (int t = ith; t < n; t += nth) {
+        const float *x = c->x + (size_t)t * cols;
+        el_block_q8a *hi = c->q + (size_t)2 * t * nb, *lo = hi + nb;
+        el_kern->quant_act(x, hi, nb);
+        for (int b = 0; b < nb; b++) {
+            for (int j = 0; j < EL_QK; j++) r[j] = x[b * EL_QK + j] - hi[b].d * (float)hi[b].qs[j];
+            el_kern->quant_act(r, lo + b, 1);
+        }
+    }
+}
+
 typedef struct {
     el_mm m;
     int chunk;          /* rows per work item, a multiple of 8 so tiles stay whole */
@@ -274,12 +290,13 @@ static void mm_task(void *p, int ith, int nth) {
     }
 }
 
-static void matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy, int f32act) {
+static void matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy, int planes) {
     size_t rb = el_row_bytes(wtype, cols);
     if (rows <= 0 || cols <= 0 || n <= 0 || !rb || (el_is_quant(wtype) && cols % EL_QK)) return;
     el_lock();
     int nth = el_get_threads_locked();
-    mm_job job = {.m = {W, rb, wtype, rows, cols, n, ldy, X, Y, f32act && el_is_quant(wtype)}};
+    if (!el_is_quant(wtype)) planes = 1;   /* F16/F32 weights take f32 activations as they are */
+    mm_job job = {.m = {W, rb, wtype, rows, cols, n * planes, ldy, X, Y, planes}};
     /* each weight row is read by one thread; ~4 items per thread balance the load, and an item's weights
      * (<= 256 KiB) stay in L2 while every token chunk of the GEMM passes over them */
     job.chunk = ((rows + 4 * nth - 1) / (4 * nth) + 7) & ~7;
@@ -287,22 +304,23 @@ static void matmul(const void *W, int wtype, int rows, int cols, const float *X,
     if (job.chunk > l2_rows) job.chunk = l2_rows;
     if (job.chunk < 16) job.chunk = 16;
     atomic_init(&job.next, 0);
-    if (el_is_quant(wtype) && !f32act) {
-        quant_ctx qc = {&job.m, X, el_scratch(0, (size_t)n * (cols / EL_QK) * sizeof(el_block_q8a))};
+    if (el_is_quant(wtype)) {
+        quant_ctx qc = {&job.m, X, el_scratch(0, (size_t)job.m.n * (cols / EL_QK) * sizeof(el_block_q8a))};
+        el_task_fn task = planes == 2 ? quant2_task : quant_task;
         job.m.act = qc.q;
-        if (qc.q && n >= 8) el_parallel(quant_task, &qc);
-        else if (qc.q) quant_task(&qc, 0, 1);
+        if (qc.q && n >= 8) el_parallel(task, &qc);
+        else if (qc.q) task(&qc, 0, 1);
     }
     if (job.m.act) el_parallel(mm_task, &job);
     el_unlock();
 }
 
 void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy) {
-    matmul(W, wtype, rows, cols, X, n, Y, ldy, 0);
+    matmul(W, wtype, rows, cols, X, n, Y, ldy, 1);
 }
 
-void el_matmul_f32act(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy) {
-    matmul(W, wtype, rows, cols, X, n, Y, ldy, 1);
+void el_matmul_hp(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy) {
+    matmul(W, wtype, rows, cols, X, n, Y, ldy, 2);
 }
 
 /* ---------------- conversions ---------------- */

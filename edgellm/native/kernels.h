@@ -23,9 +23,10 @@ int  el_set_simd(int level);
 void el_set_threads(int n);
 int  el_get_threads(void);
 void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
-/* Same product with the activations kept in f32 (quantized W dequantized in registers): slower, used where
- * 8-bit activations cost the most accuracy (the output layer). */
-void el_matmul_f32act(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
+/* Same product with ~16-bit activations: each activation block is quantized to 8 bits and so is its rounding
+ * residual, and both planes go through the int8 kernels (each unpacked weight block serves both). Used where
+ * 8-bit activations cost the most accuracy (the output layer); in decode it costs little, weights dominate. */
+void el_matmul_hp(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
 void el_get_rows(const void *W, int wtype, int cols, const int32_t *ids, int n, float *out);
 void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float *out);
 void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox);
@@ -67,14 +68,14 @@ void el_lock(void);
 int el_get_threads_locked(void);
 void el_unlock(void);
 
-/* Arguments of one matmul; act is the quantized X (quant W) or X itself (F16/F32 W, or f32act). */
+/* Arguments of one matmul; act is the quantized X (quant W) or X itself (F16/F32 W). */
 typedef struct {
     const uint8_t *W;
     size_t row_bytes;
     int wtype, rows, cols, n, ldy;
     const void *act;
     float *Y;
-    int f32act;   /* quantized W against f32 activations */
+    int planes;   /* 2: act rows 2t and 2t+1 are the high and residual planes of token t, summed into Y row t */
 } el_mm;
 
 /* One table of kernels per SIMD level; the active one is el_kern. */

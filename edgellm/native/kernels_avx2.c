@@ -146,6 +146,11 @@ INLINE void tile(int type, const el_mm *m, int r, int t, int NR, int NT, int nb,
                 for (int i = 0; i < NR; i++) cs[i][j] += sc[(nb + b) * NR + i] * s;
         }
     }
+    if (NT == 2 && m->planes == 2) {   /* the high and residual planes of token t/2 */
+        for (int i = 0; i < NR; i++) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][1]), cs[i][0] += cs[i][1];
+        cacc[0] = _mm_add_ps(cacc[0], cacc[1]);
+        t /= 2, NT = 1;
+    }
     for (int j = 0; j < NT; j++) {
         float *y = m->Y + (size_t)(t + j) * m->ldy + r;
         if (NR == TR) _mm_storeu_ps(y, _mm_add_ps(hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]), cacc[j]));
@@ -174,59 +179,7 @@ INLINE void qmm_rows(int type, const el_mm *m, int r0, int r1, float *sc) {
     }
 }
 
-/* ---------------- quantized weights x f32 activations ---------------- */
-
-#define XT 4    /* tokens sharing one dequantized weight block */
-
-/* One weight block -> 32 floats (d q [+ m]) in w[0..3] */
-INLINE void deq_block(int type, const uint8_t *blk, __m256 w[4]) {
-    const __m256 d = _mm256_set1_ps(f16(*(const uint16_t *)blk));
-    if (type == EL_Q8_0) {
-        const int8_t *q = ((const el_block_q8_0 *)blk)->qs;
-        for (int k = 0; k < 4; k++)
-            w[k] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k)))));
-        return;
-    }
-    const uint8_t *qs = type == EL_Q4_1 ? ((const el_block_q4_1 *)blk)->qs : ((const el_block_q4_0 *)blk)->qs;
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)qs), lo4 = _mm_set1_epi8(15);
-    const __m128i nib[2] = {_mm_and_si128(bytes, lo4), _mm_and_si128(_mm_srli_epi16(bytes, 4), lo4)};
-    const __m256 c = type == EL_Q4_1 ? _mm256_set1_ps(f16(((const el_block_q4_1 *)blk)->m))
-                                     : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
-    for (int k = 0; k < 4; k++) {   /* elements 0..15 are the low nibbles, 16..31 the high ones */
-        __m128i q8 = k & 1 ? _mm_srli_si128(nib[k >> 1], 8) : nib[k >> 1];
-        w[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8)), c);
-    }
-}
-
-/* Y rows r0..r1 for f32 activations: each dequantized block feeds up to XT tokens */
-static void xmm_rows(const el_mm *m, int r0, int r1) {
-    const size_t bb = block_bytes(m->wtype);
-    const int nb = m->cols / EL_QK;
-    const float *X = m->act;
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = m->W + (size_t)r * m->row_bytes;
-        for (int t = 0; t < m->n; t += XT) {
-            int nt = m->n - t < XT ? m->n - t : XT;
-            __m256 acc[XT][2];
-            for (int j = 0; j < nt; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-            for (int b = 0; b < nb; b++) {
-                __m256 w[4];
-                deq_block(m->wtype, row + b * bb, w);
-                for (int j = 0; j < nt; j++) {
-                    const float *x = X + (size_t)(t + j) * m->cols + b * EL_QK;
-                    for (int k = 0; k < 4; k++) acc[j][k & 1] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + 8 * k), acc[j][k & 1]);
-                }
-            }
-            for (int j = 0; j < nt; j++) m->Y[(size_t)(t + j) * m->ldy + r] = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
-        }
-    }
-}
-
 static void mm_rows_avx2(const el_mm *m, int r0, int r1) {
-    if (m->f32act) {
-        xmm_rows(m, r0, r1);
-        return;
-    }
     static _Thread_local float *sc;   /* per-thread tile scales, grown as needed */
     static _Thread_local int sc_blocks;
     int nb = m->cols / EL_QK;

@@ -2,7 +2,6 @@
 #include "kernels.h"
 
 #include <math.h>
-#include <stdlib.h>
 
 static void quant_act_scalar(const float *x, el_block_q8a *y, int nb) {
     for (int b = 0; b < nb; b++, x += EL_QK, y++) {
@@ -59,33 +58,15 @@ static float dot_scalar(int type, const void *row, const void *act, int cols) {
     return acc;
 }
 
-/* f32 activations against a quantized row: dequantize the row once, then f32 dots for every token */
-static void mm_rows_f32act_scalar(const el_mm *m, int r0, int r1) {
-    static _Thread_local float *row;
-    static _Thread_local int row_cap;
-    if (m->cols > row_cap) {
-        free(row);
-        row = malloc(sizeof(float) * m->cols);
-        row_cap = row ? m->cols : 0;
-        if (!row) return;
-    }
-    for (int r = r0; r < r1; r++) {
-        el_dequantize_row(m->W + (size_t)r * m->row_bytes, row, m->cols, m->wtype);
-        for (int t = 0; t < m->n; t++)
-            m->Y[(size_t)t * m->ldy + r] = dot_scalar(EL_F32, row, (const float *)m->act + (size_t)t * m->cols, m->cols);
-    }
-}
-
 static void mm_rows_scalar(const el_mm *m, int r0, int r1) {
-    if (m->f32act) {
-        mm_rows_f32act_scalar(m, r0, r1);
-        return;
-    }
     size_t act_stride = el_is_quant(m->wtype) ? (size_t)(m->cols / EL_QK) * sizeof(el_block_q8a) : (size_t)m->cols * 4;
     for (int r = r0; r < r1; r++)
-        for (int t = 0; t < m->n; t++)
-            m->Y[(size_t)t * m->ldy + r] =
-                dot_scalar(m->wtype, m->W + (size_t)r * m->row_bytes, (const char *)m->act + t * act_stride, m->cols);
+        for (int t = 0; t < m->n; t += m->planes) {   /* planes of one token are summed */
+            float y = 0;
+            for (int p = 0; p < m->planes; p++)
+                y += dot_scalar(m->wtype, m->W + (size_t)r * m->row_bytes, (const char *)m->act + (t + p) * act_stride, m->cols);
+            m->Y[(size_t)(t / m->planes) * m->ldy + r] = y;
+        }
 }
 
 static void kq_scalar(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
