@@ -39,10 +39,10 @@ def measure(llm, ids: list[int], gen_tokens: int, repeat: int = 1) -> dict:
     after a short warm-up (first-touch page faults, thread start-up)."""
     _timed_generate(llm, ids[:WARMUP_PROMPT], WARMUP_GEN)
     runs = [_timed_generate(llm, ids, gen_tokens) for _ in range(repeat)]
-    last = llm.stats()
+    last = runs[-1]
     return {
-        "prompt_tokens": runs[-1]["prefill_tokens"],
-        "gen_tokens": runs[-1]["decode_tokens"],
+        "prompt_tokens": last["prefill_tokens"],
+        "gen_tokens": last["decode_tokens"],
         "prefill_tok_s": max(r["prefill_tok_s"] for r in runs),
         "decode_tok_s": max(r["decode_tok_s"] for r in runs),
         "peak_rss_mb": last["peak_rss_mb"],
