@@ -262,3 +262,21 @@ def test_hadamard(dim):
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)  # orthogonal
     with pytest.raises(ValueError):
         N.hadamard(np.zeros((2, 48), np.float32))
+
+
+@pytest.mark.parametrize("t", KVTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("reduce_max", [False, True], ids=["sum", "max"])
+def test_attention_mass(simd, threads, t, reduce_max):
+    rng = np.random.default_rng(21)
+    n_head, n_kv, hd = 9, 3, 64
+    blocks = [kv_block(t, n_kv, 64, hd, 64, np.arange(64), rng), kv_block(t, n_kv, 64, hd, 37, np.arange(64, 101), rng)]
+    q = rng.standard_normal((5, n_head, hd)).astype(np.float32) * 2
+    q_pos = np.array([10, 63, 80, 100, 100])
+    _, lse = N.attention(q, q_pos, n_kv, blocks)
+    mass = N.attention_mass(q, q_pos, n_kv, blocks, lse, reduce_max=reduce_max)
+    ref = R.attention_mass(q, q_pos, n_kv, blocks, 1 / np.sqrt(hd), reduce_max=reduce_max)
+    assert mass.shape == (n_kv, 101)
+    np.testing.assert_allclose(mass, ref, atol=2e-5, rtol=1e-4)
+    assert np.all(mass[:, 101:] == 0) and mass[:, 11:].max() > 0
+    if not reduce_max:   # every query head's probabilities sum to one
+        np.testing.assert_allclose(mass.sum(), 5 * n_head, rtol=1e-4)

@@ -18,7 +18,8 @@ except ImportError as e:  # pragma: no cover - build problem, say how to fix it
                       "or `python edgellm/native/build.py`") from e
 
 __all__ = ["ffi", "lib", "simd_level", "set_simd", "set_threads", "get_threads", "matmul", "get_rows",
-           "rmsnorm", "rope", "silu_mul", "softmax", "quantize_row", "dequantize_row", "attention"]
+           "rmsnorm", "rope", "silu_mul", "softmax", "quantize_row", "dequantize_row", "attention",
+           "attention_mass", "hadamard"]
 
 SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni", 10: "neon", 11: "neon-dotprod"}
 KV_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0)
@@ -180,13 +181,8 @@ def dequantize_row(raw: np.ndarray, wtype, n: int) -> np.ndarray:
     return y
 
 
-def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks: Sequence[tuple], scale: float | None = None):
-    """Causal attention of q[n_q, n_head, hd] over K/V blocks.
-
-    blocks: (k, v, pos, n, dtype) each; k and v hold [n_kv_head][cap] rows of hd elements of dtype
-    (any array shape, C-contiguous, bytes = n_kv_head * cap * row bytes), pos the positions of the first n rows.
-    Returns (out[n_q, n_head, hd], lse[n_q, n_head]).
-    """
+def _attention_args(q, q_pos, n_kv_head, blocks, scale):
+    """Checked arguments shared by attention() and attention_mass(): (q, q_pos, n_kv_head, scale, cblocks, keep)."""
     q = _f32(q, "q", 3)
     n_q, n_head, hd = q.shape
     n_kv_head = int(n_kv_head)
@@ -220,9 +216,38 @@ def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks: Sequence[tuple], sca
         cb = cblocks[i]
         cb.k, cb.v, cb.pos = _ptr(k), _ptr(v), _ptr(pos, "int32_t *")
         cb.n, cb.cap, cb.dtype = n, cap, int(t)
+    return q, q_pos, n_kv_head, scale, cblocks, keep
+
+
+def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks: Sequence[tuple], scale: float | None = None):
+    """Causal attention of q[n_q, n_head, hd] over K/V blocks.
+
+    blocks: (k, v, pos, n, dtype) each; k and v hold [n_kv_head][cap] rows of hd elements of dtype
+    (any array shape, C-contiguous, bytes = n_kv_head * cap * row bytes), pos the positions of the first n rows.
+    Returns (out[n_q, n_head, hd], lse[n_q, n_head]).
+    """
+    q, q_pos, n_kv_head, scale, cblocks, keep = _attention_args(q, q_pos, n_kv_head, blocks, scale)
+    n_q, n_head, hd = q.shape
     out = np.zeros((n_q, n_head, hd), np.float32)
     lse = np.full((n_q, n_head), -np.inf, np.float32)
     lib.el_attention(_ptr(q, "float *"), n_q, _ptr(q_pos, "int32_t *"), n_head, n_kv_head, hd, scale,
                      cblocks, len(blocks), _ptr(out, "float *"), _ptr(lse, "float *"))
     del keep
     return out, lse
+
+
+def attention_mass(q: np.ndarray, q_pos, n_kv_head: int, blocks: Sequence[tuple], lse: np.ndarray,
+                   scale: float | None = None, reduce_max: bool = False) -> np.ndarray:
+    """Per kv head and key (numbered across blocks), the sum or max over queries and query heads of the attention
+    probability; lse from attention() over the same blocks. Returns [n_kv_head, n_keys] float32."""
+    q, q_pos, n_kv_head, scale, cblocks, keep = _attention_args(q, q_pos, n_kv_head, blocks, scale)
+    n_q, n_head, hd = q.shape
+    lse = _f32(lse, "lse", 2)
+    if lse.shape != (n_q, n_head):
+        raise ValueError(f"lse must be [{n_q}, {n_head}], got {lse.shape}")
+    out = np.zeros((n_kv_head, sum(int(b[3]) for b in blocks)), np.float32)
+    if lib.el_attention_mass(_ptr(q, "float *"), n_q, _ptr(q_pos, "int32_t *"), n_head, n_kv_head, hd, scale, cblocks,
+                             len(blocks), _ptr(lse, "float *"), int(reduce_max), _ptr(out, "float *")):
+        raise ValueError("el_attention_mass rejected its arguments (head_dim must be a multiple of 32)")
+    del keep
+    return out

@@ -40,6 +40,13 @@ void el_dequantize_row(const void *src, float *y, long n, int type);
 void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
                   const el_kvblock *blocks, int n_blocks, float *out, float *lse);
 
+/* Attention mass per key, for the KV policies' scores. With lse from el_attention over the same blocks:
+ * out[g * n_keys + j] = sum (reduce_max = 0) or max (1) over the queries i and the query heads h of kv head g of
+ * exp(scale q_ih . k_j - lse_ih), counting only keys visible to the query (pos_j <= q_pos[i]). Keys are numbered
+ * across the blocks in order. Returns 0, or -1 on bad arguments or no memory. */
+int el_attention_mass(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
+                      const el_kvblock *blocks, int n_blocks, const float *lse, int reduce_max, float *out);
+
 /* ---- internal ---- */
 #define EL_QK 32
 

@@ -63,10 +63,10 @@ def _kv_rows(arr: np.ndarray, dtype: GGMLType, n_kv: int, n: int, hd: int) -> np
     return dequantize(raw, dtype, n_kv * n * hd).reshape(n_kv, n, hd).astype(np.float64)
 
 
-def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, quantize_q: bool = True):
-    """Causal GQA attention over blocks (k, v, pos, n, dtype) -> (out[n_q, n_head, hd], lse[n_q, n_head]).
-    With quantize_q the query is scored against quantized keys (Q8_0/Q4_0) after the same 8-bit block
-    quantization the native kernel applies."""
+def attention_probs(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, quantize_q: bool = True):
+    """Causal GQA softmax over blocks (k, v, pos, n, dtype) -> (p[n_q, n_head, n_keys] float64, V[n_kv, n_keys, hd],
+    lse[n_q, n_head]); keys numbered across the blocks in order. With quantize_q the query is scored against
+    quantized keys (Q8_0/Q4_0) after the same 8-bit block quantization the native kernel applies."""
     n_q, n_head, hd = q.shape
     gs = n_head // n_kv_head
     keys, vals, kpos = [], [], []
@@ -91,10 +91,24 @@ def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, quanti
     e = np.where(visible, np.exp(s - np.where(visible, m, 0)), 0)
     lsum = e.sum(-1, keepdims=True)
     p = np.where(visible, e / np.where(visible, lsum, 1), 0)
-    out = np.einsum("qgkn,gnd->qgkd", p.reshape(n_q, n_kv_head, gs, -1), V).reshape(n_q, n_head, hd)
     with np.errstate(divide="ignore"):
         lse = np.where(visible, m + np.log(np.where(visible, lsum, 1)), -np.inf)[..., 0]
+    return p, V, lse
+
+
+def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, quantize_q: bool = True):
+    """Causal GQA attention over blocks (k, v, pos, n, dtype) -> (out[n_q, n_head, hd], lse[n_q, n_head])."""
+    n_q, n_head, hd = q.shape
+    p, V, lse = attention_probs(q, q_pos, n_kv_head, blocks, scale, quantize_q)
+    out = np.einsum("qgkn,gnd->qgkd", p.reshape(n_q, n_kv_head, n_head // n_kv_head, -1), V).reshape(n_q, n_head, hd)
     return out.astype(np.float32), lse.astype(np.float32)
+
+
+def attention_mass(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, reduce_max: bool = False):
+    """Per kv head and key, the sum (or max) over queries and the group's query heads of the attention probability."""
+    n_q, n_head, _ = q.shape
+    p = attention_probs(q, q_pos, n_kv_head, blocks, scale)[0].reshape(n_q, n_kv_head, n_head // n_kv_head, -1)
+    return (p.max(axis=(0, 2)) if reduce_max else p.sum(axis=(0, 2))).astype(np.float32)
 
 
 def hadamard(x: np.ndarray) -> np.ndarray:
@@ -116,5 +130,5 @@ def merge(o1, l1, o2, l2):
     return (w1 * o1 + w2 * o2).astype(np.float32), l.astype(np.float32)
 
 
-__all__ = ["BLOCK_DTYPES", "attention", "dequantize_matrix", "hadamard", "matmul", "matmul_exact", "merge", "rmsnorm", "rope",
+__all__ = ["BLOCK_DTYPES", "attention", "attention_mass", "attention_probs", "dequantize_matrix", "hadamard", "matmul", "matmul_exact", "merge", "rmsnorm", "rope",
            "silu_mul", "softmax"]
