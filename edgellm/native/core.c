@@ -11,6 +11,8 @@
 #include <unistd.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <sys/auxv.h>
 #endif
 
 /* ---------------- f16 <-> f32 (bit exact with numpy's astype) ---------------- */
@@ -69,6 +71,9 @@ static int detect_level(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();   /* libgcc checks OS (XCR0) support before reporting avx2 */
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
+#elif defined(__aarch64__)
+    unsigned long hw = getauxval(AT_HWCAP);   /* HWCAP_ASIMD (1 << 1), HWCAP_ASIMDDP (1 << 20) */
+    if (hw & (1UL << 1)) return hw & (1UL << 20) ? 11 : 10;
 #endif
     return 0;
 }
@@ -76,6 +81,9 @@ static int detect_level(void) {
 static const el_kernels *table_for(int level) {
 #if defined(__x86_64__)
     if (level == 1) return &el_kernels_avx2;
+#elif defined(__aarch64__)
+    if (level == 10) return &el_kernels_neon;
+    if (level == 11) return &el_kernels_neon_dot;
 #endif
     (void)level;
     return &el_kernels_scalar;

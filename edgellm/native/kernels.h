@@ -106,6 +106,10 @@ extern const el_kernels el_kernels_scalar;
 #if defined(__x86_64__)
 extern const el_kernels el_kernels_avx2;
 #endif
+#if defined(__aarch64__)
+extern const el_kernels el_kernels_neon;       /* level 10: ARMv8-A NEON (Pi 4) */
+extern const el_kernels el_kernels_neon_dot;   /* level 11: + dotprod (Pi 5) */
+#endif
 
 #define EL_KT 32   /* keys per attention tile */
 
