@@ -1,10 +1,19 @@
 """edgellm: on-device LLM inference with long contexts in a fixed memory budget."""
-from .api import LLM
 from .kv.config import KVConfig
 
 
-def load_model(model="smollm2-135m", **kwargs) -> LLM:
+def __getattr__(name):
+    # LLM (the runtime: tokenizers, jinja2, psutil) loads on first use, so that edgellm.native and edgellm.quant
+    # import with numpy and cffi alone (the kernel tests on an emulated Raspberry Pi, tools/pi-test.sh)
+    if name == "LLM":
+        from .api import LLM
+        return LLM
+    raise AttributeError(f"module 'edgellm' has no attribute {name!r}")
+
+
+def load_model(model="smollm2-135m", **kwargs) -> "LLM":
     """Same as `LLM(model, **kwargs)`."""
+    from .api import LLM
     return LLM(model, **kwargs)
 
 
