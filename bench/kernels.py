@@ -35,23 +35,30 @@ def bench_matmul(t, rows, cols, n, rng):
     print(f"  matmul {t.name:5s} {rows:6d}x{cols:<5d} n={n:<4d} {s * 1e6:10.1f} us  {gb:7.2f} GB/s  {gf:7.2f} GFLOP/s")
 
 
-def bench_attention(t, n_keys, n_q, rng):
+def bench_attention(t, n_keys, n_q, rng, block=64):
+    """n_q queries at the end of n_keys keys, stored in blocks of `block` tokens as the KV manager stores them."""
     n_head, n_kv, hd = 9, 3, 64
-    k = quantize(rng.standard_normal(n_kv * n_keys * hd).astype(np.float32), t)
-    v = quantize(rng.standard_normal(n_kv * n_keys * hd).astype(np.float32), t)
-    pos = np.arange(n_keys, dtype=np.int32)
+    n_blocks = n_keys // block
+    k = quantize(rng.standard_normal(n_kv * n_keys * hd).astype(np.float32), t).reshape(n_blocks, -1)
+    v = quantize(rng.standard_normal(n_kv * n_keys * hd).astype(np.float32), t).reshape(n_blocks, -1)
+    pos = np.arange(n_keys, dtype=np.int32).reshape(n_blocks, block)
     q = rng.standard_normal((n_q, n_head, hd)).astype(np.float32)
     q_pos = np.arange(n_keys - n_q, n_keys, dtype=np.int32)
     out = np.empty((n_q, n_head, hd), np.float32)
     lse = np.empty((n_q, n_head), np.float32)
-    blk = ffi.new("el_kvblock[1]")
-    blk[0].k, blk[0].v, blk[0].pos = ffi.from_buffer(k), ffi.from_buffer(v), ffi.from_buffer("int32_t[]", pos)
-    blk[0].n, blk[0].cap, blk[0].dtype = n_keys, n_keys, int(t)
+    blk = ffi.new("el_kvblock[]", n_blocks)
+    for b in range(n_blocks):
+        blk[b].k, blk[b].v, blk[b].pos = ffi.from_buffer(k[b]), ffi.from_buffer(v[b]), ffi.from_buffer("int32_t[]", pos[b])
+        blk[b].n, blk[b].cap, blk[b].dtype = block, block, int(t)
     pq, pqp = ffi.from_buffer("float[]", q), ffi.from_buffer("int32_t[]", q_pos)
     po, pl = ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", lse)
-    s = timeit(lambda: lib.el_attention(pq, n_q, pqp, n_head, n_kv, hd, 0.125, blk, 1, po, pl))
+    s = timeit(lambda: lib.el_attention(pq, n_q, pqp, n_head, n_kv, hd, 0.125, blk, n_blocks, po, pl))
     gb = 2 * n_kv * n_keys * row_bytes(t, hd) / s / 1e9
-    print(f"  attention {t.name:4s} keys={n_keys:<5d} n_q={n_q:<4d} {s * 1e6:10.1f} us  {gb:7.2f} GB/s (K+V once)")
+    # visible (query, key) pairs x heads x (K.Q + P.V) x 2 flops
+    pairs = sum(min(n_keys, int(p) + 1) for p in q_pos)
+    gf = pairs * n_head * hd * 4 / s / 1e9
+    print(f"  attention {t.name:4s} keys={n_keys:<5d} n_q={n_q:<4d} {s * 1e6:10.1f} us  {gb:7.2f} GB/s (K+V once)"
+          f"  {gf:7.2f} GFLOP/s")
 
 
 def main():
@@ -72,7 +79,9 @@ def main():
         for t in (GGMLType.F16, GGMLType.Q8_0):
             for n_keys in (512, 4096):
                 bench_attention(t, n_keys, 1, rng)
-        bench_attention(GGMLType.F16, 512, 512, rng)
+        for t in (GGMLType.F16, GGMLType.Q8_0):
+            for n_keys in (512, 4096):   # a prefill chunk of 512 queries at the end of the context
+                bench_attention(t, n_keys, 512, rng)
 
 
 if __name__ == "__main__":

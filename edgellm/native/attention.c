@@ -1,4 +1,8 @@
-/* Causal attention over a list of K/V blocks with online softmax, reading quantized K/V in place. */
+/* Causal attention over a list of K/V blocks with online softmax, reading quantized K/V in place.
+ *
+ * A work unit is (query tile, kv head, key chunk). Its rows are the tile's queries times the kv head's group of
+ * query heads, so every K/V tile loaded serves all of them (GQA sharing, flash-attention style query tiles in
+ * prefill). Decode has one query: the keys are split into chunks instead, merged by their lse afterwards. */
 #include "kernels.h"
 
 #include <math.h>
@@ -7,107 +11,133 @@
 
 #define MAX_GROUP 32     /* query heads per kv head */
 #define MAX_HD 512
+#define TILE_ROWS 24     /* target rows per unit: enough reuse per K/V load, the row state stays in L1 */
 
 typedef struct {
     const float *q;
     const int32_t *q_pos;
-    int n_head, n_kv, hd, gs;
+    int n_q, n_head, n_kv, hd, gs;
     float scale;
     const el_kvblock *blocks;
-    int n_blocks;
-    long chunk_keys;     /* keys per unit */
+    int n_blocks, any_quant;
+    int qt, n_qt;        /* queries per tile, tiles */
+    long chunk_keys;     /* keys per chunk (a multiple of EL_KT, so tiles stay whole) */
     int nchunk, n_units;
     atomic_int next;     /* units are taken dynamically: causal prefill units differ in cost */
-    float *part;         /* per unit: o[gs][hd] (unnormalized), m[gs], l[gs] */
+    float *part;         /* nchunk > 1: per unit o[rows][hd] (unnormalized), m[rows], l[rows] */
+    float *ws;           /* per-thread workspace */
+    size_t ws_floats;
     float *out, *lse;
 } att_ctx;
 
-static size_t part_floats(const att_ctx *c) { return (size_t)c->gs * (c->hd + 2); }
+static int max_rows(const att_ctx *c) { return c->qt * c->gs; }
+static size_t part_floats(const att_ctx *c) { return (size_t)max_rows(c) * (c->hd + 2); }
 
-/* Online softmax of the gs heads of kv head g for query i over global keys [k0, k1) */
-static void attend_unit(att_ctx *c, int u) {
+static size_t workspace_floats(const att_ctx *c) {
+    size_t R = (size_t)max_rows(c), nb = (size_t)c->hd / EL_QK;
+    /* q rows, o, m, l, scores, quantized q rows (el_block_q8a is 10 floats) */
+    return (R * c->hd + 15) / 16 * 16 + part_floats(c) + R * EL_KT + R * nb * (sizeof(el_block_q8a) / sizeof(float)) + 16;
+}
+
+static void attend_unit(att_ctx *c, int u, float *ws) {
     const int gs = c->gs, hd = c->hd, nb = hd / EL_QK;
-    int chunk = u % c->nchunk, g = u / c->nchunk % c->n_kv, i = u / c->nchunk / c->n_kv;
+    /* largest query tiles first: under dynamic scheduling the last units taken are the cheap ones */
+    int chunk = u % c->nchunk, g = u / c->nchunk % c->n_kv, qtile = c->n_qt - 1 - u / c->nchunk / c->n_kv;
+    int i0 = qtile * c->qt, nq = c->n_q - i0 < c->qt ? c->n_q - i0 : c->qt, R = nq * gs;
     long k0 = chunk * c->chunk_keys, k1 = k0 + c->chunk_keys;
-    int32_t qp = c->q_pos[i];
-    const float *qf = c->q + ((size_t)i * c->n_head + (size_t)g * gs) * hd;
-    float *o = c->part + (size_t)u * part_floats(c), *mx = o + (size_t)gs * hd, *l = mx + gs;
-    el_block_q8a q8[MAX_GROUP * MAX_HD / EL_QK];
-    int have_q8 = 0;
-    float s[MAX_GROUP * EL_KT];
-    int idx[EL_KT];
+    const int32_t *qp = c->q_pos + i0;
+    int32_t qmin = qp[0], qmax = qp[0];
+    for (int i = 1; i < nq; i++) qmin = qp[i] < qmin ? qp[i] : qmin, qmax = qp[i] > qmax ? qp[i] : qmax;
 
-    memset(o, 0, sizeof(float) * part_floats(c));
-    for (int h = 0; h < gs; h++) mx[h] = -INFINITY;
+    float *qf = ws, *o = qf + ((size_t)R * hd + 15) / 16 * 16, *mx = o + (size_t)R * hd, *l = mx + R, *s = l + R;
+    el_block_q8a *q8 = (el_block_q8a *)(s + (size_t)R * EL_KT);
+    if (c->nchunk > 1) o = c->part + (size_t)u * part_floats(c), mx = o + (size_t)R * hd, l = mx + R;
+    for (int i = 0; i < nq; i++)   /* row r = i * gs + h */
+        memcpy(qf + (size_t)i * gs * hd, c->q + ((size_t)(i0 + i) * c->n_head + (size_t)g * gs) * hd, sizeof(float) * gs * hd);
+    if (c->any_quant)   /* quantized keys are scored by 8-bit dot products, as the matmul does its activations */
+        for (int r = 0; r < R; r++) el_kern->quant_act(qf + (size_t)r * hd, q8 + r * nb, nb);
+    memset(o, 0, sizeof(float) * R * hd);
+    for (int r = 0; r < R; r++) mx[r] = -INFINITY, l[r] = 0;
+
+    int idx[EL_KT];
     long base = 0;
     for (int bi = 0; bi < c->n_blocks && base < k1; base += c->blocks[bi].n, bi++) {
         const el_kvblock *B = &c->blocks[bi];
         long j0 = k0 > base ? k0 - base : 0, j1 = k1 - base < B->n ? k1 - base : B->n;
-        if (j0 >= j1) continue;
-        int quant = el_is_quant(B->dtype);
-        if (quant && !have_q8) {   /* quantize the query once, as the matmul does its activations */
-            for (int h = 0; h < gs; h++) el_kern->quant_act(qf + (size_t)h * hd, q8 + h * nb, nb);
-            have_q8 = 1;
-        }
         size_t rb = el_row_bytes(B->dtype, hd);
         const char *kh = (const char *)B->k + (size_t)g * B->cap * rb, *vh = (const char *)B->v + (size_t)g * B->cap * rb;
-        for (long j = j0; j < j1;) {
-            int cnt = 0;
-            for (; j < j1 && cnt < EL_KT; j++)
-                if (B->pos[j] <= qp) idx[cnt++] = (int)j;
-            if (!cnt) continue;
-            el_kern->kq(B->dtype, kh, rb, idx, cnt, quant ? (const void *)q8 : (const void *)qf, gs, hd, c->scale, s);
-            for (int h = 0; h < gs; h++) {
-                float m_new = mx[h];
-                for (int t = 0; t < cnt; t++) m_new = s[h * EL_KT + t] > m_new ? s[h * EL_KT + t] : m_new;
-                if (m_new > mx[h]) {   /* rescale what was accumulated under the old maximum */
-                    float f = expf(mx[h] - m_new);
-                    for (int d = 0; d < hd; d++) o[(size_t)h * hd + d] *= f;
-                    l[h] *= f;
-                    mx[h] = m_new;
-                }
-                l[h] += el_kern->exp_sum(s + h * EL_KT, cnt, mx[h]);
+        const void *q = el_is_quant(B->dtype) ? (const void *)q8 : (const void *)qf;
+        for (long j = j0; j < j1; j += EL_KT) {
+            int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
+            int32_t pmin = B->pos[j], pmax = B->pos[j];
+            for (int t = 0; t < cnt; t++) {
+                idx[t] = (int)(j + t);
+                pmin = B->pos[j + t] < pmin ? B->pos[j + t] : pmin, pmax = B->pos[j + t] > pmax ? B->pos[j + t] : pmax;
             }
-            el_kern->pv(B->dtype, vh, rb, idx, cnt, s, gs, hd, o);
+            if (pmin > qmax) continue;   /* no query of the tile sees any of these keys */
+            int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
+            el_kern->kq(B->dtype, kh, rb, idx, cnt, q, R, hd, c->scale, s);
+            for (int r = 0; r < R; r++) {
+                float *sr = s + r * EL_KT, m_new = mx[r];
+                if (partial)
+                    for (int t = 0; t < cnt; t++)
+                        if (B->pos[j + t] > qp[r / gs]) sr[t] = -INFINITY;
+                for (int t = 0; t < cnt; t++) m_new = sr[t] > m_new ? sr[t] : m_new;
+                if (m_new == -INFINITY) {   /* nothing visible to this row yet: it takes no part in P.V */
+                    memset(sr, 0, sizeof(float) * cnt);
+                    continue;
+                }
+                if (m_new > mx[r]) {   /* rescale what was accumulated under the old maximum */
+                    float f = expf(mx[r] - m_new);
+                    for (int d = 0; d < hd; d++) o[(size_t)r * hd + d] *= f;
+                    l[r] *= f;
+                    mx[r] = m_new;
+                }
+                l[r] += el_kern->exp_sum(sr, cnt, m_new);   /* masked scores become exactly 0 */
+            }
+            el_kern->pv(B->dtype, vh, rb, idx, cnt, s, R, hd, o);
         }
+    }
+    if (c->nchunk > 1) return;
+    for (int r = 0; r < R; r++) {
+        size_t head = (size_t)(i0 + r / gs) * c->n_head + (size_t)g * gs + r % gs;
+        float *out = c->out + head * hd, inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+        for (int d = 0; d < hd; d++) out[d] = o[(size_t)r * hd + d] * inv;
+        c->lse[head] = l[r] > 0 ? mx[r] + logf(l[r]) : -INFINITY;
     }
 }
 
 static void attend_task(void *p, int ith, int nth) {
     att_ctx *c = p;
-    (void)ith, (void)nth;
-    for (int u; (u = atomic_fetch_add(&c->next, 1)) < c->n_units;) attend_unit(c, u);
+    (void)nth;
+    for (int u; (u = atomic_fetch_add(&c->next, 1)) < c->n_units;) attend_unit(c, u, c->ws + (size_t)ith * c->ws_floats);
 }
 
-/* Merge the key chunks of each (query, kv head) with their lse and normalize. */
-static void merge_task(void *p, int ith, int nth) {
-    att_ctx *c = p;
-    const int gs = c->gs, hd = c->hd, pairs = c->n_units / c->nchunk;
-    for (int pi = ith; pi < pairs; pi += nth) {
-        int i = pi / c->n_kv, g = pi % c->n_kv;
+/* Merge the key chunks of each (query tile, kv head) with their lse and normalize (decode: a few hundred floats). */
+static void merge_chunks(att_ctx *c) {
+    const int gs = c->gs, hd = c->hd;
+    for (int pi = 0; pi < c->n_units / c->nchunk; pi++) {
+        int g = pi % c->n_kv, qtile = c->n_qt - 1 - pi / c->n_kv, i0 = qtile * c->qt;
+        int nq = c->n_q - i0 < c->qt ? c->n_q - i0 : c->qt, R = nq * gs;
         const float *base = c->part + (size_t)pi * c->nchunk * part_floats(c);
-        for (int h = 0; h < gs; h++) {
-            size_t head = (size_t)i * c->n_head + (size_t)g * gs + h;
+        for (int r = 0; r < R; r++) {
+            size_t head = (size_t)(i0 + r / gs) * c->n_head + (size_t)g * gs + r % gs;
             float *out = c->out + head * hd, M = -INFINITY, L = 0;
             for (int k = 0; k < c->nchunk; k++) {
-                float m = base[k * part_floats(c) + (size_t)gs * hd + h];
+                const float *o = base + k * part_floats(c), m = o[(size_t)R * hd + r];
                 M = m > M ? m : M;
             }
             memset(out, 0, sizeof(float) * hd);
-            if (M == -INFINITY) {
-                c->lse[head] = -INFINITY;
-                continue;
-            }
-            for (int k = 0; k < c->nchunk; k++) {
-                const float *o = base + k * part_floats(c);
-                float m = o[(size_t)gs * hd + h];
+            for (int k = 0; k < c->nchunk && M != -INFINITY; k++) {
+                const float *o = base + k * part_floats(c), m = o[(size_t)R * hd + r];
                 if (m == -INFINITY) continue;
                 float w = expf(m - M);
-                L += w * o[(size_t)gs * hd + gs + h];
-                for (int d = 0; d < hd; d++) out[d] += w * o[(size_t)h * hd + d];
+                L += w * o[(size_t)R * hd + R + r];
+                for (int d = 0; d < hd; d++) out[d] += w * o[(size_t)r * hd + d];
             }
-            for (int d = 0; d < hd; d++) out[d] /= L;
-            c->lse[head] = M + logf(L);
+            float inv = L > 0 ? 1.0f / L : 0.0f;
+            for (int d = 0; d < hd; d++) out[d] *= inv;
+            c->lse[head] = L > 0 ? M + logf(L) : -INFINITY;
         }
     }
 }
@@ -116,25 +146,41 @@ void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int
                   const el_kvblock *blocks, int n_blocks, float *out, float *lse) {
     if (n_q <= 0 || n_kv_head <= 0 || n_head % n_kv_head || n_head / n_kv_head > MAX_GROUP || hd <= 0 || hd > MAX_HD) return;
     long total = 0;
+    int any_quant = 0;
     for (int b = 0; b < n_blocks; b++) {
         if (!el_row_bytes(blocks[b].dtype, hd) || (el_is_quant(blocks[b].dtype) && hd % EL_QK)) return;
         total += blocks[b].n;
+        any_quant |= el_is_quant(blocks[b].dtype);
     }
     el_lock();
     int nth = el_get_threads_locked();
-    att_ctx c = {.q = q, .q_pos = q_pos, .n_head = n_head, .n_kv = n_kv_head, .hd = hd, .gs = n_head / n_kv_head,
-                 .scale = scale, .blocks = blocks, .n_blocks = n_blocks, .out = out, .lse = lse};
-    /* Few (query, kv head) pairs (decode): split the keys too, so every thread streams its share of the cache */
-    int pairs = n_q * n_kv_head;
-    c.nchunk = pairs >= 4 * nth ? 1 : nth;
-    if (c.nchunk > 1 && total < 64L * c.nchunk) c.nchunk = 1;
-    c.chunk_keys = total ? (total + c.nchunk - 1) / c.nchunk : 1;
+    att_ctx c = {.q = q, .q_pos = q_pos, .n_q = n_q, .n_head = n_head, .n_kv = n_kv_head, .hd = hd,
+                 .gs = n_head / n_kv_head, .scale = scale, .blocks = blocks, .n_blocks = n_blocks, .any_quant = any_quant,
+                 .out = out, .lse = lse};
+    c.qt = TILE_ROWS / c.gs > 1 ? TILE_ROWS / c.gs : 1;
+    if (c.qt > n_q) c.qt = n_q;
+    c.n_qt = (n_q + c.qt - 1) / c.qt;
+    /* Few (query tile, kv head) pairs (decode): split the keys too, into enough chunks that every thread streams
+     * an equal share of the cache; a chunk keeps >= 256 keys so its fixed cost stays small */
+    int pairs = c.n_qt * n_kv_head;
+    c.nchunk = 1;
+    if (nth > 1 && pairs < 4 * nth) {
+        c.nchunk = (4 * nth + pairs - 1) / pairs;
+        while ((pairs * c.nchunk) % nth) c.nchunk++;
+        long max_chunks = total / 256 > 1 ? total / 256 : 1;
+        if (c.nchunk > max_chunks) c.nchunk = (int)max_chunks;
+    }
+    c.chunk_keys = total ? ((total + c.nchunk - 1) / c.nchunk + EL_KT - 1) / EL_KT * EL_KT : EL_KT;
     c.n_units = pairs * c.nchunk;
-    c.part = el_scratch(1, sizeof(float) * part_floats(&c) * c.n_units);
-    if (c.part) {
+    c.ws_floats = (workspace_floats(&c) + 15) / 16 * 16;   /* whole cache lines: no false sharing */
+    size_t part = c.nchunk > 1 ? part_floats(&c) * c.n_units : 0;
+    float *mem = el_scratch(1, sizeof(float) * ((part + 15) / 16 * 16 + c.ws_floats * nth));
+    if (mem) {
+        c.part = mem;
+        c.ws = mem + (part + 15) / 16 * 16;
         atomic_init(&c.next, 0);
         el_parallel(attend_task, &c);
-        el_parallel(merge_task, &c);
+        if (c.nchunk > 1) merge_chunks(&c);
     }
     el_unlock();
 }

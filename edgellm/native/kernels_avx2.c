@@ -214,45 +214,71 @@ INLINE __m256 hsum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* 8 lanes whose sum is q . k for one key row */
-INLINE __m256 key_dot(int type, const uint8_t *k, const void *q, int hd) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+/* Scores of NR query rows x NK keys (compile-time): every key vector loaded serves NR rows and every query
+ * vector NK keys. acc[r * NK + k] gets 8 lanes whose sum is q_r . k_k; cs[r * NK + k] the Q4_0 offsets. */
+INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const char *q, size_t q_stride, int hd, int NR,
+                     int NK, __m256 *acc, float *cs) {
+    const uint8_t *kr[2];
+    for (int j = 0; j < NK; j++) kr[j] = (const uint8_t *)k + idx[j] * rb;
+    for (int i = 0; i < NR * NK; i++) acc[i] = _mm256_setzero_ps(), cs[i] = 0;
     if (type == EL_F16 || type == EL_F32) {
-        const float *qf = q;
-        int c = 0;
-        for (; c + 16 <= hd; c += 16) {
-            acc0 = _mm256_fmadd_ps(load8(type, k, c), _mm256_loadu_ps(qf + c), acc0);
-            acc1 = _mm256_fmadd_ps(load8(type, k, c + 8), _mm256_loadu_ps(qf + c + 8), acc1);
+        for (int c = 0; c < hd; c += 8) {
+            __m256 kv[2];
+            for (int j = 0; j < NK; j++) kv[j] = load8(type, kr[j], c);
+            for (int r = 0; r < NR; r++) {
+                __m256 qv = _mm256_loadu_ps((const float *)(q + r * q_stride) + c);
+                for (int j = 0; j < NK; j++) acc[r * NK + j] = _mm256_fmadd_ps(qv, kv[j], acc[r * NK + j]);
+            }
         }
-        if (c < hd) acc0 = _mm256_fmadd_ps(load8(type, k, c), _mm256_loadu_ps(qf + c), acc0);
-        return _mm256_add_ps(acc0, acc1);
+        return;
     }
-    const el_block_q8a *a = q;
     const size_t bb = block_bytes(type);
-    float cs = 0;
     for (int b = 0; b < hd / EL_QK; b++) {
-        const uint8_t *w = k + b * bb;
-        __m256 s = dot_block(type, load_w(type, w), _mm256_loadu_si256((const __m256i *)a[b].qs));
-        acc0 = _mm256_fmadd_ps(s, _mm256_set1_ps(f16(*(const uint16_t *)w) * a[b].d), acc0);
-        if (type == EL_Q4_0) cs += block_c(type, w) * a[b].s;
+        __m256i w[2];
+        float dk[2];
+        for (int j = 0; j < NK; j++) w[j] = load_w(type, kr[j] + b * bb), dk[j] = f16(*(const uint16_t *)(kr[j] + b * bb));
+        for (int r = 0; r < NR; r++) {
+            const el_block_q8a *a = (const el_block_q8a *)(q + r * q_stride) + b;
+            __m256i av = _mm256_loadu_si256((const __m256i *)a->qs);
+            for (int j = 0; j < NK; j++) {
+                acc[r * NK + j] = _mm256_fmadd_ps(dot_block(type, w[j], av), _mm256_set1_ps(dk[j] * a->d), acc[r * NK + j]);
+                if (type == EL_Q4_0) cs[r * NK + j] -= 8.0f * dk[j] * a->s;
+            }
+        }
     }
-    return type == EL_Q4_0 ? _mm256_add_ps(acc0, _mm256_setr_ps(cs, 0, 0, 0, 0, 0, 0, 0)) : acc0;
 }
 
+/* s[r * EL_KT + t] = scale * (q_r . k_t) for rows r0.. (NR of them) and keys t0.. (NK of them) */
+INLINE void kq_store(int type, const char *k, size_t rb, const int *idx, const char *q, size_t q_stride, int hd, float scale,
+                     float *s, int r0, int t0, int NR, int NK) {
+    __m256 acc[8];
+    float cs[8], out[8];
+    kq_block(type, k, rb, idx + t0, q + r0 * q_stride, q_stride, hd, NR, NK, acc, cs);
+    for (int i = NR * NK; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));   /* one transpose-add for 8 dots */
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < NK; j++) s[(r0 + r) * EL_KT + t0 + j] = out[r * NK + j] + (type == EL_Q4_0 ? scale * cs[r * NK + j] : 0);
+}
+
+#define KQ_ROWS(NK)                                                                   \
+    switch (gs - r < 4 ? gs - r : 4) {                                                \
+    case 4: kq_store(type, k, rb, idx, q, q_stride, hd, scale, s, r, t, 4, NK); break; \
+    case 3: kq_store(type, k, rb, idx, q, q_stride, hd, scale, s, r, t, 3, NK); break; \
+    case 2: kq_store(type, k, rb, idx, q, q_stride, hd, scale, s, r, t, 2, NK); break; \
+    default: kq_store(type, k, rb, idx, q, q_stride, hd, scale, s, r, t, 1, NK); break; \
+    }
+
+/* Rows in groups of 4 x keys in pairs: 8 accumulators, 4 + 2 vector loads per 8 FMAs */
 INLINE void kq_tile(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
                     float *s) {
     const size_t q_stride = type == EL_F16 || type == EL_F32 ? (size_t)hd * 4 : (size_t)(hd / EL_QK) * sizeof(el_block_q8a);
-    for (int h = 0; h < gs; h++) {
-        const char *qh = (const char *)q + h * q_stride;
-        int t0 = 0;
-        for (; t0 + 8 <= cnt; t0 += 8) {   /* 8 keys reduced together: one transpose-add instead of 8 hsums */
-            __m256 acc[8];
-            for (int j = 0; j < 8; j++) acc[j] = key_dot(type, (const uint8_t *)k + idx[t0 + j] * rb, qh, hd);
-            _mm256_storeu_ps(s + h * EL_KT + t0, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
-        }
-        for (; t0 < cnt; t0++) s[h * EL_KT + t0] = scale * hsum(key_dot(type, (const uint8_t *)k + idx[t0] * rb, qh, hd));
+    for (int r = 0; r < gs; r += 4) {
+        int t = 0;
+        for (; t + 2 <= cnt; t += 2) KQ_ROWS(2)
+        if (t < cnt) KQ_ROWS(1)
     }
 }
+#undef KQ_ROWS
 
 static void kq_avx2(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
                     float *s) {
@@ -359,10 +385,11 @@ INLINE __m256 exp8(__m256 x) {
 }
 
 static float exp_sum_avx2(float *x, int n, float sub) {
-    __m256 vs = _mm256_set1_ps(sub), acc = _mm256_setzero_ps();
+    __m256 vs = _mm256_set1_ps(sub), acc = _mm256_setzero_ps(), lo = _mm256_set1_ps(-87.33654f);
     int i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+        __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vs);
+        __m256 e = _mm256_and_ps(exp8(d), _mm256_cmp_ps(d, lo, _CMP_GE_OQ));   /* 0 below the clamp: masked keys are -inf */
         _mm256_storeu_ps(x + i, e);
         acc = _mm256_add_ps(acc, e);
     }

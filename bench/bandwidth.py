@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Memory read bandwidth, and the decode speed it allows (bytes read per token / bandwidth).
+
+    python bench/bandwidth.py [--threads 1 2] [--mb 512] [--model PATH] [--context 512 4096] [--kv-dtype q8_0]
+
+A standalone C program (below, compiled with the system cc into a temporary directory) streams a buffer
+much larger than the last-level cache with AVX2 loads (SSE2 elsewhere) from 1..N threads, each thread its
+own contiguous slice, and reports the best of several passes. Decode reads every weight once per token
+plus the KV cache of the context; the bound is those bytes over this bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+C_SOURCE = r"""
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+typedef __m256i vec;
+#define LOAD(p) _mm256_load_si256(p)
+#define ADD(a, b) _mm256_add_epi64(a, b)
+#define ZERO() _mm256_setzero_si256()
+#else
+#include <emmintrin.h>
+typedef __m128i vec;
+#define LOAD(p) _mm_load_si128(p)
+#define ADD(a, b) _mm_add_epi64(a, b)
+#define ZERO() _mm_setzero_si128()
+#endif
+
+typedef struct { const vec *p; size_t n; vec sum; pthread_barrier_t *bar; } job;
+
+static void *reader(void *arg) {
+    job *j = arg;
+    vec a = ZERO(), b = ZERO(), c = ZERO(), d = ZERO();   /* 4 chains: loads, not adds, set the pace */
+    pthread_barrier_wait(j->bar);
+    for (size_t i = 0; i + 4 <= j->n; i += 4) {
+        a = ADD(a, LOAD(j->p + i));
+        b = ADD(b, LOAD(j->p + i + 1));
+        c = ADD(c, LOAD(j->p + i + 2));
+        d = ADD(d, LOAD(j->p + i + 3));
+    }
+    j->sum = ADD(ADD(a, b), ADD(c, d));
+    pthread_barrier_wait(j->bar);
+    return NULL;
+}
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv) {
+    int nth = atoi(argv[1]), passes = atoi(argv[3]);
+    size_t bytes = (size_t)atol(argv[2]) << 20, n = bytes / sizeof(vec);
+    vec *buf = aligned_alloc(64, bytes);
+    if (!buf || nth < 1 || nth > 64) return 1;
+    memset(buf, 1, bytes);   /* fault every page in before timing */
+    pthread_barrier_t bar;
+    pthread_barrier_init(&bar, NULL, nth + 1);
+    double best = 1e30;
+    for (int pass = 0; pass < passes; pass++) {
+        pthread_t th[64];
+        job jobs[64];
+        for (int t = 0; t < nth; t++) {
+            jobs[t] = (job){buf + n / nth * t, n / nth, ZERO(), &bar};
+            pthread_create(&th[t], NULL, reader, &jobs[t]);
+        }
+        pthread_barrier_wait(&bar);
+        double t0 = now();
+        pthread_barrier_wait(&bar);
+        double dt = now() - t0;
+        for (int t = 0; t < nth; t++) pthread_join(th[t], NULL);
+        if (dt < best) best = dt;
+    }
+    printf("%.3f\n", (double)(n / nth * nth * sizeof(vec)) / best / 1e9);
+    return 0;
+}
+"""
+
+
+def build(tmp: str) -> str:
+    src, exe = os.path.join(tmp, "bw.c"), os.path.join(tmp, "bw")
+    with open(src, "w") as f:
+        f.write(C_SOURCE)
+    flags = ["-O2", "-pthread"] + (["-mavx2"] if _has_avx2() else [])
+    subprocess.run([os.environ.get("CC", "cc"), *flags, src, "-o", exe], check=True)
+    return exe
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx2" in f.read()
+    except OSError:
+        return False
+
+
+def read_bandwidth(threads: int, mb: int = 512, passes: int = 5) -> float:
+    """Best read bandwidth in GB/s (1e9 bytes/s) over `passes` passes of an `mb` MiB buffer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([build(tmp), str(threads), str(mb), str(passes)], check=True, capture_output=True, text=True)
+    return float(out.stdout)
+
+
+def bytes_per_token(model: str, context: int, kv_dtype: str) -> tuple[int, int]:
+    """(weight bytes, KV bytes) read to decode one token after `context` tokens: every layer's matrices and
+    the output matrix (not the embedding table: one row of it), and all K/V rows of the context."""
+    from edgellm.formats.gguf import GGUFFile
+    from edgellm.kv.cache import DTYPES
+    from edgellm.quant.blocks import row_bytes
+    from edgellm.runtime.config import ModelConfig
+    from edgellm.runtime.weights import Weights
+
+    g = GGUFFile(model)
+    cfg = ModelConfig.from_gguf(g)
+    w = Weights.from_gguf(g, cfg)
+    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    weights = sum(getattr(lw, n).data.nbytes for lw in w.layers for n in names) + w.output.data.nbytes
+    kv = 2 * cfg.n_layer * cfg.n_head_kv * row_bytes(DTYPES[kv_dtype], cfg.head_dim) * context
+    return weights, kv
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--mb", type=int, default=512, help="buffer size in MiB (far above the last-level cache)")
+    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--model", help="GGUF file: also print the decode bound for it")
+    ap.add_argument("--context", type=int, nargs="+", default=[512, 4096])
+    ap.add_argument("--kv-dtype", default="q8_0")
+    args = ap.parse_args()
+    bw = {t: read_bandwidth(t, args.mb, args.passes) for t in args.threads}
+    for t, gbs in bw.items():
+        print(f"read bandwidth, {t} thread(s): {gbs:6.2f} GB/s")
+    if args.model:
+        for ctx in args.context:
+            wb, kvb = bytes_per_token(args.model, ctx, args.kv_dtype)
+            for t, gbs in bw.items():
+                print(f"decode bound at {ctx} tokens ({args.kv_dtype} KV), {t} thread(s): "
+                      f"{(wb + kvb) / 1e6:6.1f} MB/token -> {gbs * 1e9 / (wb + kvb):6.1f} tok/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
