@@ -222,11 +222,16 @@ INLINE float32x4_t exp4(float32x4_t x) {
     return vmulq_f32(p, vreinterpretq_f32_s32(e));
 }
 
+/* exp4 that returns 0 where e^x underflows (x = -inf for masked keys; NaN too) */
+INLINE float32x4_t exp4z(float32x4_t x) {
+    return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(exp4(x)), vcgeq_f32(x, vdupq_n_f32(-87.33654f))));
+}
+
 static float exp_sum_neon(float *x, int n, float sub) {
     float32x4_t vs = vdupq_n_f32(sub), acc = vdupq_n_f32(0);
     int i = 0;
     for (; i + 4 <= n; i += 4) {
-        float32x4_t e = exp4(vsubq_f32(vld1q_f32(x + i), vs));
+        float32x4_t e = exp4z(vsubq_f32(vld1q_f32(x + i), vs));
         vst1q_f32(x + i, e);
         acc = vaddq_f32(acc, e);
     }
@@ -267,12 +272,15 @@ INLINE int32x4_t block_dot_sdot(int32x4_t acc, const int8x16_t w[2], const int8x
 #include "kernels_neon.c"   /* this file, second part */
 #pragma GCC pop_options
 
+/* optional entries left out are NULL (the callers then use the generic path) */
 const el_kernels el_kernels_neon = {
-    quant_act_neon, mm_rows_neon, kq_neon, pv_neon, exp_sum_neon, silu_mul_neon,
+    .quant_act = quant_act_neon, .mm_rows = mm_rows_neon, .kq = kq_neon, .pv = pv_neon,
+    .exp_sum = exp_sum_neon, .silu_mul = silu_mul_neon,
 };
 
 const el_kernels el_kernels_neon_dot = {
-    quant_act_neon, mm_rows_neon_dot, kq_neon_dot, pv_neon, exp_sum_neon, silu_mul_neon,
+    .quant_act = quant_act_neon, .mm_rows = mm_rows_neon_dot, .kq = kq_neon_dot, .pv = pv_neon,
+    .exp_sum = exp_sum_neon, .silu_mul = silu_mul_neon,
 };
 
 #else /* EL_NEON_PASS: the part compiled once per int8 dot */
