@@ -18,6 +18,7 @@ from .runtime.model import Model
 from .runtime.registry import DEFAULT_MODEL, resolve
 from .runtime.sampling import Sampler, SamplingParams
 from .runtime.tokenizer import Tokenizer
+from .quant.blocks import row_bytes
 
 
 class LLM:
@@ -39,14 +40,25 @@ class LLM:
             raise ValueError(f"{self.path}: Hugging Face model directories are not supported yet; give a .gguf file")
         self.model = Model(self.path, n_threads, backend)
         cfg = self.model.config
-        self.n_ctx = n_ctx or self.kv.budget or cfg.n_ctx_train
-        if self.n_ctx > cfg.n_ctx_train:
-            raise ValueError(f"n_ctx={self.n_ctx} exceeds the model's trained context of {cfg.n_ctx_train} tokens "
-                             f"(the 'full' KV policy cannot go beyond it)")
         md = self.model.gguf.metadata
         self.tokenizer = Tokenizer.from_metadata(md)
         self.template = ChatTemplate.from_metadata(md, self.tokenizer)
-        self._cache = self.model.new_cache(self.n_ctx, self.kv.kv_dtype, self.kv.block_size)
+        per_token = 2 * cfg.n_layer * cfg.n_head_kv * row_bytes(self.kv.kv_dtype, cfg.head_dim)
+        self.budget = self.kv.budget_tokens(per_token, cfg.n_ctx_train)
+        if self.kv.policy == "full":
+            self.n_ctx = n_ctx or self.budget
+            if self.n_ctx > cfg.n_ctx_train:
+                raise ValueError(f"n_ctx={self.n_ctx} exceeds the model's trained context of {cfg.n_ctx_train} tokens "
+                                 f"(the 'full' KV policy cannot go beyond it; a budget policy such as 'infinipot' can)")
+            self._cache = self.model.new_cache(self.n_ctx, self.kv.kv_dtype, self.kv.block_size)
+        else:
+            if n_ctx is not None:
+                raise ValueError(f"n_ctx applies to policy='full'; policy={self.kv.policy!r} holds `budget` tokens "
+                                 f"and reads prompts of any length")
+            self.n_ctx = None
+            self._cache = self.model.new_budget_cache(self.kv, self.budget)
+            self._catalyst = self.tokenizer.encode(self.kv.catalyst, add_bos=False)
+            self._cache.catalyst_ids = self._catalyst
         self._tokens: list[int] = []  # the tokens whose K/V are in _cache, in order
         self._lock = threading.Lock()
         self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
@@ -60,9 +72,10 @@ class LLM:
 
     # -- logits ---------------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:
-        """Teacher-forced float32 logits at every position of `ids` (a fresh cache; the conversation is kept)."""
+        """Teacher-forced float32 logits at every position of `ids` (a fresh full cache; the conversation is kept)."""
         ids = self._as_ids(ids)
-        self._check_fits(len(ids))
+        if len(ids) > self.model.config.n_ctx_train:
+            raise ValueError(f"logits() takes at most the model's {self.model.config.n_ctx_train} tokens, got {len(ids)}")
         with self._lock:
             return self.model.forward(ids, self.model.new_cache(len(ids), self.kv.kv_dtype, self.kv.block_size),
                                       logits="all")
@@ -103,7 +116,7 @@ class LLM:
         return ids
 
     def _check_fits(self, n: int) -> None:
-        if n > self.n_ctx:
+        if self.n_ctx is not None and n > self.n_ctx:
             raise ValueError(f"the prompt has {n} tokens but the context holds {self.n_ctx} "
                              f"(policy {self.kv.policy!r}); shorten it or raise n_ctx/budget")
 
@@ -115,6 +128,11 @@ class LLM:
                 break
             keep += 1
         keep = min(keep, len(ids) - 1)  # at least one token must run to produce logits
+        if getattr(self._cache, "compactions", 0) and keep < len(self._tokens):
+            keep = 0  # a distilled cache can only be extended, not cut back
+            self._cache.reset()
+        if self.kv.query_aware and self.n_ctx is None:  # the prompt's end (the question) steers distillation
+            self._cache.catalyst_ids = ids[-self.kv.query_tokens:] + self._catalyst
         self._cache.truncate(keep)
         self._tokens = self._tokens[:keep]
         t0 = time.perf_counter()
@@ -138,7 +156,7 @@ class LLM:
                     text = matcher.push(decoder.push(tok))
                     if text:
                         yield text
-                    if matcher.stopped or len(self._tokens) >= self.n_ctx or n_gen == max_tokens:
+                    if matcher.stopped or n_gen == max_tokens or (self.n_ctx and len(self._tokens) >= self.n_ctx):
                         break
                     logits = self.model.forward([tok], self._cache, logits="last")[-1]
                     self._tokens.append(tok)

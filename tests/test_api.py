@@ -14,15 +14,24 @@ def llm(model_path):
         yield m
 
 
-def test_kvconfig_rejects_unavailable_choices():
+def test_kvconfig_rejects_bad_choices():
     with pytest.raises(ValueError, match="not available"):
-        edgellm.KVConfig(policy="h2o")
+        edgellm.KVConfig(spill="ssd")
     with pytest.raises(ValueError, match="choose one of"):
         edgellm.KVConfig(policy="lru")
     with pytest.raises(ValueError, match="kv_dtype"):
         edgellm.KVConfig(kv_dtype="int3")
+    with pytest.raises(ValueError, match="budget"):
+        edgellm.KVConfig(policy="window", budget="lots")
     with pytest.raises(TypeError):
         edgellm.KVConfig(polcy="full")
+
+
+def test_budget_in_bytes_converts_with_the_kv_dtype():
+    kv = edgellm.KVConfig(policy="infinipot", budget="64MB", kv_dtype="q8_0")
+    assert kv.budget_tokens(30 * 2 * 3 * 68, 8192) == 64 * 2**20 // (30 * 2 * 3 * 68)
+    assert edgellm.KVConfig(policy="window").budget_tokens(1.0, 8192) == 2048
+    assert edgellm.KVConfig().budget_tokens(1.0, 8192) == 8192
 
 
 def test_unknown_model_name():

@@ -4,8 +4,7 @@ import pytest
 
 from edgellm.kv.cache import KVCache
 from edgellm.native.reference import attention as ref_attention
-from edgellm.native.reference import hadamard
-from edgellm.quant.blocks import GGMLType, dequantize
+from edgellm.quant.blocks import GGMLType
 
 H, D, BS = 3, 64, 32
 
@@ -19,14 +18,9 @@ def _fill(cache, n, seed=0):
 
 
 def _stored(cache, which):
-    """Dequantize what the cache holds for layer 0 (rotated back when the cache rotates) -> [n, H, D]."""
-    rows = []
-    for b in cache.blocks[0]:
-        arr = getattr(b, which)
-        x = dequantize(arr.reshape(-1).view(np.uint8), b.dtype, H * BS * D).reshape(H, BS, D)
-        rows.append(x[:, :b.n].transpose(1, 0, 2))
-    x = np.concatenate(rows)
-    return hadamard(x) if cache.rotated else x
+    """What the cache holds for layer 0, in the model's basis -> [n, H, D]."""
+    k, v, _ = cache.dequantized(0)
+    return (k if which == "k" else v).transpose(1, 0, 2)
 
 
 @pytest.mark.parametrize("dtype,tol", [("f16", 2e-3), ("q8_0", 2e-2), ("q4_0", 0.3)])

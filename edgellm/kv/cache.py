@@ -55,6 +55,21 @@ class KVCache:
     def __len__(self) -> int:
         return self.n_tokens[-1]
 
+    # A full cache never evicts: the hooks the model calls around each chunk are trivial here and
+    # meaningful in BudgetKVCache.
+    wants_novelty = False
+
+    @property
+    def next_pos(self) -> int:
+        """The position the next token gets."""
+        return len(self)
+
+    def max_chunk(self) -> int:
+        return self.max_tokens
+
+    def needs_compaction(self, n: int) -> bool:
+        return False
+
     def nbytes(self) -> int:
         return sum(b.nbytes for layer in self.blocks for b in layer)
 
@@ -126,14 +141,32 @@ class KVCache:
                 self._describe(layer, i)
 
     def _dequantize(self, blk: KVBlock) -> KVBlock:
-        def conv(q):
-            out = np.empty((self.n_head_kv, self.block_size, self.head_dim), np.float32)
-            lib.el_dequantize_row(ffi.cast("void *", q.ctypes.data), ffi.cast("float *", out.ctypes.data),
-                                  out.size, int(blk.dtype))
-            return out.astype(np.float16)
-        return KVBlock(conv(blk.k), conv(blk.v), blk.pos, blk.n, GGMLType.F16)
+        return KVBlock(self._to_f32(blk.k, blk.dtype).astype(np.float16), self._to_f32(blk.v, blk.dtype).astype(np.float16),
+                       blk.pos, blk.n, GGMLType.F16)
 
     # -- reading -----------------------------------------------------------------------------
+    def dequantized(self, layer: int):
+        """A float32 copy of one layer's entries, in the model's basis: K, V [n_head_kv, n, head_dim], pos [n].
+        For maintenance (compaction, tests) only: attention never reads a dequantized copy."""
+        ks, vs, ps = [], [], []
+        for b in self.blocks[layer]:
+            ks.append(self._to_f32(b.k, b.dtype)[:, :b.n])
+            vs.append(self._to_f32(b.v, b.dtype)[:, :b.n])
+            ps.append(b.pos[:b.n])
+        shape = (self.n_head_kv, 0, self.head_dim)
+        k = np.concatenate(ks, axis=1) if ks else np.zeros(shape, np.float32)
+        v = np.concatenate(vs, axis=1) if vs else np.zeros(shape, np.float32)
+        if self.rotated:
+            k, v = _rotate(np.ascontiguousarray(k)), _rotate(np.ascontiguousarray(v))
+        return k, v, np.concatenate(ps) if ps else np.zeros(0, np.int32)
+
+    def _to_f32(self, arr: np.ndarray, dtype: GGMLType) -> np.ndarray:
+        if dtype == GGMLType.F16:
+            return arr.astype(np.float32)
+        out = np.empty((self.n_head_kv, self.block_size, self.head_dim), np.float32)
+        lib.el_dequantize_row(ffi.cast("void *", arr.ctypes.data), _fp(out), out.size, int(dtype))
+        return out
+
     def descriptors(self, layer: int):
         """(el_kvblock* , n_blocks) for the attention kernel."""
         return self._descs[layer], len(self.blocks[layer])

@@ -21,6 +21,18 @@ class RefCache:
     def __len__(self) -> int:
         return 0 if self.k[-1] is None else self.k[-1].shape[0]
 
+    wants_novelty = False
+
+    @property
+    def next_pos(self) -> int:
+        return len(self)
+
+    def max_chunk(self) -> int:
+        return self.max_tokens
+
+    def needs_compaction(self, n: int) -> bool:
+        return False
+
     def append(self, layer, k, v):
         if self.k[layer] is not None and self.k[layer].shape[0] + k.shape[0] > self.max_tokens:
             raise ValueError(f"KV cache full: more than {self.max_tokens} tokens")
@@ -78,5 +90,5 @@ class NumpyBackend:
         g, u = h @ self._mat(lw.w_gate).T, h @ self._mat(lw.w_up).T
         x += ref.silu_mul(g, u) @ self._mat(lw.w_down).T
 
-    def logits(self, x, n):
+    def logits(self, x, n, precise=True):
         return (ref.rmsnorm(x[:n], self.w.out_norm, self.cfg.norm_eps) @ self._mat(self.w.output).T).astype(np.float32)

@@ -5,7 +5,9 @@
 
 Both run the same graph per layer: norm -> QKV -> RoPE -> KV append -> attention -> output
 projection -> residual -> norm -> SiLU-gated MLP -> residual. Prompts are processed in chunks, so
-prefill memory is O(chunk x cache), never O(n^2).
+prefill memory is O(chunk x cache), never O(n^2). With a budget cache, a chunk that would overflow
+the budget first triggers a compaction (scored by the cache's policy; InfiniPot's catalyst prompt
+runs here, on top of the pot).
 """
 from __future__ import annotations
 
@@ -18,11 +20,17 @@ from .config import ModelConfig
 from .weights import Weights
 
 DEFAULT_CHUNK = 512
+NOVELTY_ROWS = 64  # logits rows computed at once for per-token novelty (bounds that buffer)
 
 
 def physical_cores() -> int:
     import psutil
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 class Model:
@@ -39,9 +47,23 @@ class Model:
             self.backend = NumpyBackend(self.config, self.weights)
         else:
             raise ValueError(f"backend {backend!r}: choose 'native' or 'numpy'")
+        self.backend_name = backend
 
     def new_cache(self, max_tokens: int, kv_dtype: str = "f16", block_size: int = 64):
+        """A full cache of up to max_tokens tokens."""
         return self.backend.new_cache(max_tokens, kv_dtype, block_size)
+
+    def new_budget_cache(self, kv, budget: int):
+        """A cache that holds at most `budget` tokens under kv.policy (a KVConfig other than 'full')."""
+        if self.backend_name != "native":
+            raise ValueError("KV budget policies need the native backend")
+        from ..kv.budget import BudgetKVCache, RopeSpec
+        from ..kv.policies import make_policy
+        c = self.config
+        return BudgetKVCache(c.n_layer, c.n_head, c.n_head_kv, c.head_dim, budget, int(budget * kv.compress_ratio),
+                             make_policy(kv), RopeSpec(c.rope_dim, c.rope_base, c.rope_neox), kv.kv_dtype,
+                             kv.block_size, headroom=kv.query_tokens + 192, cap_reduce_max=kv.cap_reduce == "max",
+                             obs_window=kv.snapkv_window)
 
     def forward(self, ids, cache, logits: str = "last", chunk: int = DEFAULT_CHUNK) -> np.ndarray:
         """Append `ids` to `cache`; return float32 logits for the last position ('last', shape [1, vocab])
@@ -51,15 +73,45 @@ class Model:
             raise ValueError("forward() needs at least one token")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        chunk = min(chunk, cache.max_chunk())
         out = []
         for s in range(0, ids.size, chunk):
             part = ids[s:s + chunk]
-            pos = np.arange(len(cache), len(cache) + part.size, dtype=np.int32)
-            x = self.backend.embed(part)
-            for layer in range(self.config.n_layer):
-                self.backend.layer(layer, x, pos, cache)
+            if cache.needs_compaction(part.size):
+                self._compact(cache)
+            x = self._run(part, cache)
+            last = self._novelty(x, part, cache) if cache.wants_novelty else None
             if logits == "all":
                 out.append(self.backend.logits(x, part.size))
             elif s + chunk >= ids.size:
-                out.append(self.backend.logits(x[part.size - 1:part.size], 1))
+                out.append(last[None] if last is not None else self.backend.logits(x[part.size - 1:], 1))
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _run(self, ids: np.ndarray, cache) -> np.ndarray:
+        pos = np.arange(cache.next_pos, cache.next_pos + ids.size, dtype=np.int32)
+        x = self.backend.embed(ids)
+        for layer in range(self.config.n_layer):
+            self.backend.layer(layer, x, pos, cache)
+        return x
+
+    def _compact(self, cache) -> None:
+        if "catalyst_mass" in cache.policy.needs:
+            cache.begin_probe()
+            self._run(np.asarray(cache.catalyst_ids, np.int32), cache)
+            cache.end_probe()
+        cache.compact()
+
+    def _novelty(self, x: np.ndarray, part: np.ndarray, cache) -> np.ndarray:
+        """Record each token's -log p(token | context) in the cache; return the chunk's last logits row."""
+        nov = np.zeros(part.size, np.float32)
+        if cache.prev_logprobs is not None:
+            nov[0] = -cache.prev_logprobs[part[0]]
+        for r0 in range(0, part.size, NOVELTY_ROWS):
+            rows = min(NOVELTY_ROWS, part.size - r0)
+            lg = self.backend.logits(x[r0:r0 + rows], rows, precise=False)
+            lp = _log_softmax(lg)
+            nxt = part[r0 + 1:r0 + 1 + rows]
+            nov[r0 + 1:r0 + 1 + nxt.size] = -lp[np.arange(nxt.size), nxt]
+        cache.prev_logprobs = lp[-1]
+        cache.record_novelty(nov)
+        return lg[-1]

@@ -1,0 +1,161 @@
+"""A KV cache with a fixed budget: when the next chunk would overflow it, a policy picks the entries
+to keep, and the manager compacts every layer down to `keep` entries.
+
+The manager keeps what the policies score by (attention mass received, the observation window's
+queries, the catalyst's attention, per-token novelty), gathers survivors, and for CR-RoPE policies
+re-rotates surviving keys to contiguous positions 0..keep-1, so no position ever exceeds the budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..native import ffi, lib
+from .cache import KVCache, _fp
+from .policies import LayerScores, Policy
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    dim: int
+    base: float
+    neox: bool
+
+
+class BudgetKVCache(KVCache):
+    """`budget` tokens hot per layer; `headroom` extra slots hold a catalyst prompt while it scores."""
+
+    def __init__(self, n_layer: int, n_head: int, n_head_kv: int, head_dim: int, budget: int, keep: int,
+                 policy: Policy, rope: RopeSpec, kv_dtype: str = "f16", block_size: int = 64,
+                 headroom: int = 256, cap_reduce_max: bool = True, obs_window: int = 32):
+        if not 0 < keep < budget:
+            raise ValueError(f"keep={keep} must lie in (0, budget={budget})")
+        self.budget, self.keep, self.policy, self.rope, self.n_head = budget, keep, policy, rope, n_head
+        self.headroom, self.cap_reduce_max, self.obs_window = headroom, cap_reduce_max, obs_window
+        self.catalyst_ids: list[int] = []
+        super().__init__(n_layer, n_head_kv, head_dim, budget + headroom, kv_dtype, block_size)
+
+    @property
+    def wants_novelty(self) -> bool:
+        return "novelty" in self.policy.needs
+
+    def reset(self) -> None:
+        super().reset()
+        H, cap, L = self.n_head_kv, self.max_tokens, self.n_layer
+        self.pos_shift = 0          # next_pos - len: tokens evicted without re-positioning
+        self.compactions = 0
+        self._probe_len = None      # pot size while a catalyst prompt runs on top of it
+        self.prev_logprobs = None   # log-probs after the last token, for the next token's novelty
+        need = self.policy.needs
+        self.history = [np.zeros((H, cap)) for _ in range(L)] if "history_mass" in need else None
+        self.seen_by = [np.zeros((H, cap)) for _ in range(L)] if "history_mass" in need else None
+        self.novelty = [np.zeros((H, cap), np.float32) for _ in range(L)] if "novelty" in need else None
+        self.catalyst = [None] * L
+        self.obs = [None] * L       # (q, q_pos) of the last obs_window queries, for SnapKV
+
+    # -- the model's hooks -------------------------------------------------------------------
+    @property
+    def next_pos(self) -> int:
+        return len(self) + self.pos_shift
+
+    def max_chunk(self) -> int:
+        return self.budget - self.keep
+
+    def needs_compaction(self, n: int) -> bool:
+        return len(self) + n > self.budget
+
+    def attend(self, layer, q, q_pos, out, lse, scale):
+        super().attend(layer, q, q_pos, out, lse, scale)  # leaves q in the cache's basis, as the mass needs
+        n = self.n_tokens[layer]
+        if self._probe_len is not None:
+            self.catalyst[layer] = self._mass(layer, q, q_pos, lse, scale, self.cap_reduce_max)[:, :self._probe_len]
+            return
+        if self.history is not None:
+            self.history[layer][:, :n] += self._mass(layer, q, q_pos, lse, scale, False)
+            pos = self._positions(layer)
+            self.seen_by[layer][:, :n] += len(q_pos) - np.searchsorted(np.sort(q_pos), pos, side="left")
+        if "window_mass" in self.policy.needs:
+            prev = self.obs[layer]
+            qs, ps = (q, q_pos) if prev is None else (np.concatenate([prev[0], q]), np.concatenate([prev[1], q_pos]))
+            self.obs[layer] = (qs[-self.obs_window:].copy(), ps[-self.obs_window:].copy())
+
+    def record_novelty(self, nov: np.ndarray) -> None:
+        """Per-token novelty of the tokens just appended to every layer."""
+        n, m = len(self), len(nov)
+        for arr in self.novelty:
+            arr[:, n - m:n] = nov
+
+    # -- catalyst probe --------------------------------------------------------------------------
+    def begin_probe(self) -> None:
+        """The catalyst prompt's tokens go on top of the pot only to score it; end_probe removes them."""
+        self._probe_len = len(self)
+
+    def end_probe(self) -> None:
+        self.truncate(self._probe_len)
+        self._probe_len = None
+
+    # -- compaction ------------------------------------------------------------------------------
+    def compact(self) -> None:
+        """Every layer keeps the policy's `keep` entries per KV head."""
+        before = self.next_pos
+        for layer in range(self.n_layer):
+            idx = self.policy.select(self._scores(layer), self.keep)
+            self._rebuild(layer, idx)
+        self.pos_shift = 0 if self.policy.reposition else before - self.keep
+        self.compactions += 1
+        self.obs = [None] * self.n_layer
+        self.catalyst = [None] * self.n_layer
+
+    def _scores(self, layer: int) -> LayerScores:
+        n, need = self.n_tokens[layer], self.policy.needs
+        s = LayerScores(n, self.n_head_kv)
+        if "history_mass" in need:
+            s.history_mass, s.seen_by = self.history[layer][:, :n], self.seen_by[layer][:, :n]
+        if "window_mass" in need:
+            s.window_mass = self._window_mass(layer)
+        if "catalyst_mass" in need:
+            s.catalyst_mass = self.catalyst[layer]
+        if "novelty" in need:
+            s.novelty = self.novelty[layer][:, :n]
+        return s
+
+    def _window_mass(self, layer: int) -> np.ndarray:
+        if self.obs[layer] is None:  # no query since the last compaction: recency decides
+            return np.zeros((self.n_head_kv, self.n_tokens[layer]), np.float32)
+        q, q_pos = self.obs[layer]
+        lse = np.empty(q.shape[:2], np.float32)
+        out = np.empty_like(q)
+        scale = 1.0 / np.sqrt(self.head_dim)
+        descs, n_blocks = self.descriptors(layer)
+        lib.el_attention(_fp(q), len(q), ffi.cast("int32_t *", q_pos.ctypes.data), self.n_head, self.n_head_kv,
+                         self.head_dim, scale, descs, n_blocks, _fp(out), _fp(lse))
+        return self._mass(layer, q, q_pos, lse, scale, False)
+
+    def _rebuild(self, layer: int, idx: np.ndarray) -> None:
+        k, v, pos = self.dequantized(layer)
+        take = lambda a: np.take_along_axis(a, idx[..., None], axis=1)  # noqa: E731  [H, keep, D]
+        k, v = np.ascontiguousarray(take(k)), np.ascontiguousarray(take(v))
+        if self.policy.reposition:  # CR-RoPE: rotate each survivor from its position to its rank
+            delta = np.ascontiguousarray(np.arange(self.keep, dtype=np.int32)[None, :] - pos[idx], np.int32)
+            lib.el_rope(_fp(k), k.shape[0] * k.shape[1], 1, self.head_dim, self.rope.dim,
+                        ffi.cast("int32_t *", delta.ctypes.data), self.rope.base, self.rope.neox)
+        for arrs in (self.history, self.seen_by, self.novelty):
+            if arrs is not None:
+                a = arrs[layer]
+                a[:, :self.keep] = np.take_along_axis(a, idx, axis=1)
+                a[:, self.keep:] = 0
+        self.blocks[layer], self.n_tokens[layer] = [], 0
+        # positions 0..keep-1 also order survivors for the causal mask; new tokens come after them
+        self.append(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2), np.arange(self.keep, dtype=np.int32))
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _positions(self, layer: int) -> np.ndarray:
+        return np.concatenate([b.pos[:b.n] for b in self.blocks[layer]])
+
+    def _mass(self, layer, q, q_pos, lse, scale, reduce_max: bool) -> np.ndarray:
+        descs, n_blocks = self.descriptors(layer)
+        out = np.zeros((self.n_head_kv, self.n_tokens[layer]), np.float32)
+        lib.el_attention_mass(_fp(q), q.shape[0], ffi.cast("int32_t *", q_pos.ctypes.data), self.n_head,
+                              self.n_head_kv, self.head_dim, scale, descs, n_blocks, _fp(lse), int(reduce_max), _fp(out))
+        return out
