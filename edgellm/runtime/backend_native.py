@@ -88,12 +88,14 @@ class NativeBackend:
         self._mm(m["w_down"], "g", n, "h")
         x += self.h[:n]
 
-    def logits(self, x: np.ndarray, n: int) -> np.ndarray:
+    def logits(self, x: np.ndarray, n: int, precise: bool = True) -> np.ndarray:
         h = np.empty((n, self.cfg.n_embd), np.float32)
         xs = np.ascontiguousarray(x[:n])
         lib.el_rmsnorm(_fptr(xs), _fptr(self.out_norm), n, self.cfg.n_embd, self.cfg.norm_eps, _fptr(h))
         out = np.empty((n, self.output.rows), np.float32)
-        # ~16-bit activations here: 8-bit ones at the output layer cost the most agreement with the reference
-        lib.el_matmul_hp(self.output.ptr, self.output.type, self.output.rows, self.output.cols, _fptr(h), n,
-                      _fptr(out), self.output.rows)
+        # ~16-bit activations here: 8-bit ones at the output layer cost the most agreement with the reference;
+        # scores that only rank tokens (InfiniPot's novelty) take the cheaper 8-bit product
+        product = lib.el_matmul_hp if precise else lib.el_matmul
+        product(self.output.ptr, self.output.type, self.output.rows, self.output.cols, _fptr(h), n, _fptr(out),
+                self.output.rows)
         return out
