@@ -34,6 +34,7 @@ class BudgetKVCache(KVCache):
         self.budget, self.keep, self.policy, self.rope, self.n_head = budget, keep, policy, rope, n_head
         self.headroom, self.cap_reduce_max, self.obs_window = headroom, cap_reduce_max, obs_window
         self.catalyst_ids: list[int] = []
+        self._rebuilding = False
         super().__init__(n_layer, n_head_kv, head_dim, budget + headroom, kv_dtype, block_size)
 
     @property
@@ -53,6 +54,9 @@ class BudgetKVCache(KVCache):
         self.novelty = [np.zeros((H, cap), np.float32) for _ in range(L)] if "novelty" in need else None
         self.catalyst = [None] * L
         self.obs = [None] * L       # (q, q_pos) of the last obs_window queries, for SnapKV
+        # which token of the stream (0, 1, ...) each entry holds: says what distillation kept
+        self.origin = [np.zeros((H, cap), np.int64) for _ in range(L)]
+        self.n_seen = 0             # tokens streamed in so far (catalyst probes excluded)
 
     # -- the model's hooks -------------------------------------------------------------------
     @property
@@ -79,6 +83,14 @@ class BudgetKVCache(KVCache):
             prev = self.obs[layer]
             qs, ps = (q, q_pos) if prev is None else (np.concatenate([prev[0], q]), np.concatenate([prev[1], q_pos]))
             self.obs[layer] = (qs[-self.obs_window:].copy(), ps[-self.obs_window:].copy())
+
+    def append(self, layer, k, v, pos) -> None:
+        n = self.n_tokens[layer]
+        super().append(layer, k, v, pos)
+        if self._probe_len is None and not self._rebuilding:
+            self.origin[layer][:, n:n + len(k)] = np.arange(self.n_seen, self.n_seen + len(k))
+            if layer == self.n_layer - 1:
+                self.n_seen += len(k)
 
     def record_novelty(self, nov: np.ndarray) -> None:
         """Per-token novelty of the tokens just appended to every layer."""
@@ -140,14 +152,16 @@ class BudgetKVCache(KVCache):
             delta = np.ascontiguousarray(np.arange(self.keep, dtype=np.int32)[None, :] - pos[idx], np.int32)
             lib.el_rope(_fp(k), k.shape[0] * k.shape[1], 1, self.head_dim, self.rope.dim,
                         ffi.cast("int32_t *", delta.ctypes.data), self.rope.base, self.rope.neox)
-        for arrs in (self.history, self.seen_by, self.novelty):
+        for arrs in (self.history, self.seen_by, self.novelty, self.origin):
             if arrs is not None:
                 a = arrs[layer]
                 a[:, :self.keep] = np.take_along_axis(a, idx, axis=1)
                 a[:, self.keep:] = 0
         self.blocks[layer], self.n_tokens[layer] = [], 0
         # positions 0..keep-1 also order survivors for the causal mask; new tokens come after them
+        self._rebuilding = True
         self.append(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2), np.arange(self.keep, dtype=np.int32))
+        self._rebuilding = False
 
     # -- helpers ---------------------------------------------------------------------------------
     def _positions(self, layer: int) -> np.ndarray:

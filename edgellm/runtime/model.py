@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .weights import Weights
 
 DEFAULT_CHUNK = 512
-NOVELTY_ROWS = 64  # logits rows computed at once for per-token novelty (bounds that buffer)
+NOVELTY_ROWS = 32  # logits rows computed at once for per-token novelty (bounds that buffer: 32 x vocab floats)
 
 
 def physical_cores() -> int:
