@@ -7,6 +7,7 @@
 
 #include <math.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <string.h>
 
 #define MAX_GROUP 32     /* query heads per kv head */
@@ -34,9 +35,45 @@ static int max_rows(const att_ctx *c) { return c->qt * c->gs; }
 static size_t part_floats(const att_ctx *c) { return (size_t)max_rows(c) * (c->hd + 2); }
 
 static size_t workspace_floats(const att_ctx *c) {
-    size_t R = (size_t)max_rows(c), nb = (size_t)c->hd / EL_QK;
-    /* q rows, o, m, l, scores, quantized q rows (el_block_q8a is 10 floats) */
-    return (R * c->hd + 15) / 16 * 16 + part_floats(c) + R * EL_KT + R * nb * (sizeof(el_block_q8a) / sizeof(float)) + 16;
+    size_t R = (size_t)max_rows(c), nb = (size_t)c->hd / EL_QK, w = (R + 7) / 8 * 8;
+    /* q rows, o, m, l, scores, quantized q rows (el_block_q8a is 10 floats); el_lanes: qt, ot, kf, vf, st, m, l, qpos */
+    return (R * c->hd + 15) / 16 * 16 + part_floats(c) + R * EL_KT + R * nb * (sizeof(el_block_q8a) / sizeof(float)) + 16 +
+           2 * c->hd * w + 2 * EL_KT * c->hd + EL_KT * w + 3 * w + 16;
+}
+
+/* Rows in vector lanes (prefill, F16/F32 keys): transpose the rows' queries in, run every visible key tile,
+ * transpose o back. */
+static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, int R, const int32_t *qp, int32_t qmin,
+                         int32_t qmax, float *lanes_ws, float *o, float *mx, float *l) {
+    const int gs = c->gs, hd = c->hd, w = (R + 7) / 8 * 8;
+    float *qt = lanes_ws, *ot = qt + (size_t)hd * w, *kf = ot + (size_t)hd * w;
+    float *vf = kf + (size_t)EL_KT * hd, *st = vf + (size_t)EL_KT * hd, *m = st + (size_t)EL_KT * w, *lv = m + w;
+    int32_t *qpos = (int32_t *)(lv + w);
+    memset(qt, 0, sizeof(float) * 2 * hd * w);   /* padding lanes: zero queries, no keys visible */
+    for (int r = 0; r < w; r++) m[r] = -INFINITY, lv[r] = 0, qpos[r] = r < R ? qp[r / gs] : INT32_MIN;
+    for (int r = 0; r < R; r++)
+        for (int d = 0; d < hd; d++) qt[(size_t)d * w + r] = qf[(size_t)r * hd + d];
+    el_lanes L = {.hd = hd, .w = w, .scale = c->scale, .qt = qt, .qpos = qpos, .ot = ot, .m = m, .l = lv, .kf = kf,
+                  .vf = vf, .st = st};
+    long base = 0;
+    for (int bi = 0; bi < c->n_blocks && base < k1; base += c->blocks[bi].n, bi++) {
+        const el_kvblock *B = &c->blocks[bi];
+        long j0 = k0 > base ? k0 - base : 0, j1 = k1 - base < B->n ? k1 - base : B->n;
+        size_t rb = el_row_bytes(B->dtype, hd);
+        const char *kh = (const char *)B->k + (size_t)g * B->cap * rb, *vh = (const char *)B->v + (size_t)g * B->cap * rb;
+        for (long j = j0; j < j1; j += EL_KT) {
+            int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
+            int32_t pmin = B->pos[j], pmax = B->pos[j];
+            for (int t = 1; t < cnt; t++)
+                pmin = B->pos[j + t] < pmin ? B->pos[j + t] : pmin, pmax = B->pos[j + t] > pmax ? B->pos[j + t] : pmax;
+            if (pmin > qmax) continue;
+            el_kern->attend_lanes(&L, B->dtype, kh + j * rb, vh + j * rb, rb, B->pos + j, cnt, pmax > qmin);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        mx[r] = m[r], l[r] = lv[r];
+        for (int d = 0; d < hd; d++) o[(size_t)r * hd + d] = ot[(size_t)d * w + r];
+    }
 }
 
 static void attend_unit(att_ctx *c, int u, float *ws) {
@@ -56,6 +93,10 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
         memcpy(qf + (size_t)i * gs * hd, c->q + ((size_t)(i0 + i) * c->n_head + (size_t)g * gs) * hd, sizeof(float) * gs * hd);
     if (c->any_quant)   /* quantized keys are scored by 8-bit dot products, as the matmul does its activations */
         for (int r = 0; r < R; r++) el_kern->quant_act(qf + (size_t)r * hd, q8 + r * nb, nb);
+    if (el_kern->attend_lanes && !c->any_quant && R >= 8 && hd % 8 == 0) {
+        attend_lanes(c, g, k0, k1, qf, R, qp, qmin, qmax, (float *)(q8 + R * nb) + 16, o, mx, l);
+        goto done;
+    }
     memset(o, 0, sizeof(float) * R * hd);
     for (int r = 0; r < R; r++) mx[r] = -INFINITY, l[r] = 0;
 
@@ -98,6 +139,7 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             el_kern->pv(B->dtype, vh, rb, idx, cnt, s, R, hd, o);
         }
     }
+done:
     if (c->nchunk > 1) return;
     for (int r = 0; r < R; r++) {
         size_t head = (size_t)(i0 + r / gs) * c->n_head + (size_t)g * gs + r % gs;

@@ -85,6 +85,18 @@ typedef struct {
     int planes;   /* 2: act rows 2t and 2t+1 are the high and residual planes of token t, summed into Y row t */
 } el_mm;
 
+/* Attention state of a unit with many rows (prefill): row r is lane r % 8 of vector r / 8, so the online softmax
+ * runs on whole vectors and K.Q / P.V are outer products that need no horizontal sums. Arrays [hd][w] hold one
+ * vector row of w = 8 * nv lanes per head dimension; padding lanes have qpos INT32_MIN and stay empty. */
+typedef struct {
+    int hd, w;
+    float scale;
+    const float *qt;       /* [hd][w] queries */
+    const int32_t *qpos;   /* [w] */
+    float *ot, *m, *l;     /* [hd][w] unnormalized output; [w] running max and sum */
+    float *kf, *vf, *st;   /* scratch: [EL_KT][hd] keys and values as f32, [EL_KT][w] scores */
+} el_lanes;
+
 /* One table of kernels per SIMD level; the active one is el_kern. */
 typedef struct {
     /* nb blocks of 32 floats -> activation blocks */
@@ -96,9 +108,14 @@ typedef struct {
      * hd/32 el_block_q8a (quantized keys). pv: o[h*hd + c] += sum_t p[h*EL_KT + t] v_t[c]. */
     void (*kq)(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale, float *s);
     void (*pv)(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o);
-    /* x[i] = exp(x[i] - sub); returns the sum */
+    /* x[i] = exp(x[i] - sub) (0 where that underflows, e.g. masked -inf scores); returns the sum */
     float (*exp_sum)(float *x, int n, float sub);
     void (*silu_mul)(float *gate, const float *up, long n);
+    /* Optional (NULL: attention uses kq / pv): one key tile of a unit whose rows sit in vector lanes, see el_lanes.
+     * Keys / values: cnt rows of k / v (F16 / F32), rb bytes apart, positions pos; partial: mask keys past a row's
+     * query. Quantized keys stay on kq, whose 8-bit query blocks the lanes would score differently. */
+    void (*attend_lanes)(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
+                         int cnt, int partial);
 } el_kernels;
 
 extern const el_kernels *el_kern;

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -384,12 +385,115 @@ INLINE __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* exp8 that returns 0 where e^x underflows (x = -inf for masked keys) */
+INLINE __m256 exp8z(__m256 x) { return _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_GE_OQ)); }
+
+/* ---------------- attention with rows in lanes (prefill) ---------------- */
+
+/* st[t][v] = scale * (keys t..t+NK-1) . (row vectors v < NV): per head dimension NK broadcasts and NV loads feed
+ * NK*NV FMAs (<= 12 accumulators) */
+INLINE void lanes_qk(const el_lanes *L, int t, int NV, int NK) {
+    const int hd = L->hd, w = L->w;
+    __m256 acc[4][4];
+    for (int k = 0; k < NK; k++)
+        for (int v = 0; v < NV; v++) acc[k][v] = _mm256_setzero_ps();
+    for (int c = 0; c < hd; c++)
+        for (int k = 0; k < NK; k++) {
+            __m256 b = _mm256_broadcast_ss(L->kf + (size_t)(t + k) * hd + c);
+            for (int v = 0; v < NV; v++) acc[k][v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(L->qt + (size_t)c * w + 8 * v), acc[k][v]);
+        }
+    for (int k = 0; k < NK; k++)
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(L->st + (size_t)(t + k) * w + 8 * v, _mm256_mul_ps(acc[k][v], _mm256_set1_ps(L->scale)));
+}
+
+/* ot[c..c+NC-1][v] += sum_t vf[t][c] st[t][v] */
+INLINE void lanes_pv(const el_lanes *L, int cnt, int c, int NV, int NC) {
+    const int hd = L->hd, w = L->w;
+    __m256 acc[4][4];
+    for (int i = 0; i < NC; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm256_loadu_ps(L->ot + (size_t)(c + i) * w + 8 * v);
+    for (int t = 0; t < cnt; t++)
+        for (int i = 0; i < NC; i++) {
+            __m256 b = _mm256_broadcast_ss(L->vf + (size_t)t * hd + c + i);
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(L->st + (size_t)t * w + 8 * v), acc[i][v]);
+        }
+    for (int i = 0; i < NC; i++)
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(L->ot + (size_t)(c + i) * w + 8 * v, acc[i][v]);
+}
+
+/* cnt rows of hd values, rb bytes apart -> f32 [cnt][hd] */
+INLINE void dequant_rows(int type, const char *x, size_t rb, int cnt, int hd, float *y) {
+    for (int t = 0; t < cnt; t++)
+        for (int c = 0; c < hd; c += 8) _mm256_storeu_ps(y + (size_t)t * hd + c, v8(type, (const uint8_t *)x + t * rb, c));
+}
+
+INLINE void lanes_tile(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos, int cnt,
+                       int partial, int NV) {
+    const int hd = L->hd, w = L->w, cnt4 = (cnt + 3) & ~3;
+    dequant_rows(type, k, rb, cnt, hd, L->kf);
+    memset(L->kf + (size_t)cnt * hd, 0, sizeof(float) * (cnt4 - cnt) * hd);   /* key groups of 4: zero rows pad them */
+    for (int t = 0; t < cnt4; t += 4) {
+        if (NV == 4) lanes_qk(L, t, 4, 2), lanes_qk(L, t + 2, 4, 2);   /* 4 x 4 accumulators would spill */
+        else lanes_qk(L, t, NV, 4);
+    }
+    for (int vv = 0; vv < NV; vv++) {   /* online softmax, 8 rows at a time */
+        __m256 mt = _mm256_set1_ps(-INFINITY);
+        __m256i qp = _mm256_loadu_si256((const __m256i *)(L->qpos + 8 * vv));
+        for (int t = 0; t < cnt; t++) {
+            float *s = L->st + (size_t)t * w + 8 * vv;
+            __m256 x = _mm256_loadu_ps(s);
+            if (partial) {
+                __m256i later = _mm256_cmpgt_epi32(_mm256_set1_epi32(pos[t]), qp);
+                x = _mm256_blendv_ps(x, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(later));
+            }
+            _mm256_storeu_ps(s, x);
+            mt = _mm256_max_ps(mt, x);
+        }
+        __m256 m_old = _mm256_loadu_ps(L->m + 8 * vv), m_new = _mm256_max_ps(m_old, mt);
+        /* rows that have seen no key yet subtract 0: their scores are all -inf and give 0 */
+        __m256 m_use = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
+        __m256 f = exp8z(_mm256_sub_ps(m_old, m_use)), sum = _mm256_setzero_ps();
+        for (int t = 0; t < cnt; t++) {
+            float *s = L->st + (size_t)t * w + 8 * vv;
+            __m256 p = exp8z(_mm256_sub_ps(_mm256_loadu_ps(s), m_use));
+            _mm256_storeu_ps(s, p);
+            sum = _mm256_add_ps(sum, p);
+        }
+        _mm256_storeu_ps(L->l + 8 * vv, _mm256_fmadd_ps(_mm256_loadu_ps(L->l + 8 * vv), f, sum));
+        _mm256_storeu_ps(L->m + 8 * vv, m_new);
+        for (int c = 0; c < hd; c++) {   /* rescale what was accumulated under the old maxima */
+            float *o = L->ot + (size_t)c * w + 8 * vv;
+            _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), f));
+        }
+    }
+    dequant_rows(type, v, rb, cnt, hd, L->vf);
+    for (int c = 0; c < hd; c += 4) {
+        if (NV == 4) lanes_pv(L, cnt, c, 4, 2), lanes_pv(L, cnt, c + 2, 4, 2);
+        else lanes_pv(L, cnt, c, NV, 4);
+    }
+}
+
+#define LANES_NV(T)                                                       \
+    switch (L->w / 8) {                                                   \
+    case 1: lanes_tile(L, T, k, v, rb, pos, cnt, partial, 1); break;      \
+    case 2: lanes_tile(L, T, k, v, rb, pos, cnt, partial, 2); break;      \
+    case 3: lanes_tile(L, T, k, v, rb, pos, cnt, partial, 3); break;      \
+    default: lanes_tile(L, T, k, v, rb, pos, cnt, partial, 4); break;     \
+    }
+
+/* needs hd % 8 == 0 and w <= 32 (el_attention checks) */
+static void attend_lanes_avx2(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
+                              int cnt, int partial) {
+    if (type == EL_F16) LANES_NV(EL_F16)
+    else LANES_NV(EL_F32)
+}
+#undef LANES_NV
+
 static float exp_sum_avx2(float *x, int n, float sub) {
-    __m256 vs = _mm256_set1_ps(sub), acc = _mm256_setzero_ps(), lo = _mm256_set1_ps(-87.33654f);
+    __m256 vs = _mm256_set1_ps(sub), acc = _mm256_setzero_ps();
     int i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vs);
-        __m256 e = _mm256_and_ps(exp8(d), _mm256_cmp_ps(d, lo, _CMP_GE_OQ));   /* 0 below the clamp: masked keys are -inf */
+        __m256 e = exp8z(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
         _mm256_storeu_ps(x + i, e);
         acc = _mm256_add_ps(acc, e);
     }
@@ -410,7 +514,7 @@ static void silu_mul_avx2(float *g, const float *u, long n) {
 }
 
 const el_kernels el_kernels_avx2 = {
-    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2,
+    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2,
 };
 
 #pragma GCC pop_options
