@@ -64,3 +64,23 @@ def test_unsupported_tensor_type(tmp_path):
     _write_gguf(p, tensor_type=gguf.GGMLQuantizationType.Q5_0)
     msg = _error(p)
     assert "token_embd.weight" in msg and "Q5_0" in msg and "does not support" in msg
+
+
+def test_load_maps_weights_without_reading_them(model_path):
+    """Weights are views of a memory map: loading reads metadata (the vocabulary), not the ~90 MB of tensors."""
+    import subprocess
+    import sys
+    code = (
+        "import psutil, gguf\n"
+        "import edgellm.runtime.backend_native\n"
+        "from edgellm.runtime.model import Model\n"
+        "p = psutil.Process()\n"
+        "before = p.memory_info().rss\n"
+        f"m = Model({str(model_path)!r})\n"
+        "loaded = p.memory_info().rss - before\n"
+        "sum(float(t.data.reshape(-1)[::4096].astype('f4').sum()) for t in m.weights.tensors())\n"
+        "print(loaded, m.gguf.path.stat().st_size)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    loaded, size = int(out[0]), int(out[1])
+    assert loaded < 0.3 * size, f"load grew RSS by {loaded / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
