@@ -8,6 +8,7 @@ import os
 import sys
 
 from edgellm.cli import common
+from edgellm.kv.config import POLICIES
 from edgellm.cli.bench import format_bench, run_bench
 from edgellm.cli.chat import repl
 from edgellm.cli.info import format_info, memory_estimate
@@ -53,6 +54,16 @@ def cmd_bench(args) -> None:
     result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads,
                        args.kv_dtype, args.context, args.repeat)
     print(json.dumps(result, indent=2, default=str) if args.json else format_bench(result))
+
+
+def cmd_bench_passkey(args) -> None:
+    from edgellm.cli.passkey import HEADER, run_table
+    from edgellm.runtime.registry import DEFAULT_MODEL
+    print(f"passkey retrieval, budget {args.budget} tokens, kv {args.kv_dtype}, depths {args.depths}")
+    print(HEADER)
+    print("|---|---|---|---|---|---|---|", flush=True)
+    run_table(args.model or DEFAULT_MODEL, args.lengths, args.policies, args.depths, args.budget, args.kv_dtype,
+              args.threads, args.text, progress=sys.stdout)
 
 
 def positive_int(text: str) -> int:
@@ -101,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     common.add_load_flags(p)
     p.set_defaults(func=cmd_bench)
+
+    # `edgellm bench passkey ...` (main() routes it here: argparse cannot nest it under `bench [MODEL]`)
+    p = sub.add_parser("bench-passkey", help="passkey retrieval through a KV budget (also: `bench passkey`)")
+    p.add_argument("--model", default=None, help="registry name or .gguf path (default: the registry default)")
+    p.add_argument("--text", default=None, metavar="FILE", help="haystack text (default: a repeated filler sentence)")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 8192, 16384, 32768, 65536], metavar="N")
+    p.add_argument("--policies", nargs="+", default=["full", "window", "infinipot"], choices=POLICIES)
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], metavar="D")
+    p.add_argument("--budget", type=positive_int, default=1024, metavar="TOKENS")
+    common.add_load_flags(p)
+    p.set_defaults(func=cmd_bench_passkey)
     return parser
 
 
@@ -113,6 +135,9 @@ def one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "passkey"]:
+        argv = ["bench-passkey"] + argv[2:]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

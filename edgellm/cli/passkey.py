@@ -1,0 +1,105 @@
+"""Passkey retrieval through a KV budget: `edgellm bench passkey`.
+
+A 5-digit key is hidden at a given depth of a haystack of N tokens; the model is asked for it at
+the end (raw text, greedy). Each (policy, length) runs in its own child process so that its peak
+RSS is its own, and reports accuracy over the depths, prefill and decode tok/s and peak RSS.
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n")
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompt(tokenize, haystack: str, n_tokens: int, depth: float, key: int) -> list[int]:
+    """Exactly n_tokens ids: intro, haystack (repeated as needed) with the needle at `depth`, question."""
+    intro, needle, question = tokenize(INTRO), tokenize(NEEDLE.format(key=key)), tokenize(QUESTION)
+    body = n_tokens - len(intro) - len(needle) - len(question)
+    if body <= 0:
+        raise ValueError(f"{n_tokens} tokens cannot hold the passkey prompt")
+    hay = tokenize(haystack)
+    hay = hay * (body // len(hay) + 1)
+    at = int(body * depth)
+    return intro + hay[:at] + needle + hay[at:body] + question
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:  # VmHWM: this process's own peak, not a parent's
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_case(spec: dict) -> dict:
+    """One policy and length over every depth, in this process."""
+    import edgellm
+    kv = edgellm.KVConfig(policy=spec["policy"], budget=spec["budget"], kv_dtype=spec["kv_dtype"])
+    llm = edgellm.LLM(spec["model"], n_threads=spec["threads"], kv=kv,
+                      **({"n_ctx": spec["length"] + 16} if spec["policy"] == "full" else {}))
+    haystack = open(spec["text"]).read() if spec["text"] else FILLER
+    rng = random.Random(spec["seed"])
+    hits, prefill, decode = [], [], []
+    for depth in spec["depths"]:
+        key = rng.randrange(10000, 100000)
+        ids = passkey_prompt(lambda t: llm.tokenize(t, special=False), haystack, spec["length"], depth, key)
+        llm.reset()
+        out = llm.generate(ids, max_tokens=8)
+        s = llm.stats()
+        hits.append(str(key) in out)
+        prefill.append(s["prefill_tok_s"])
+        decode.append(s["decode_tok_s"])
+    return {"accuracy": sum(hits) / len(hits), "hits": hits, "prefill_tok_s": sum(prefill) / len(prefill),
+            "decode_tok_s": sum(decode) / len(decode), "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_table(model, lengths, policies, depths, budget, kv_dtype="f16", threads=None, text=None, seed=0,
+              window=8192, progress=sys.stderr) -> list[dict]:
+    rows = []
+    for length in lengths:
+        for policy in policies:
+            spec = dict(model=model, policy=policy, length=length, depths=depths, budget=budget, kv_dtype=kv_dtype,
+                        threads=threads, text=text, seed=seed)
+            row = dict(length=length, policy=policy)
+            if policy == "full" and length > window:
+                row["skipped"] = f"beyond the model's {window}-token window"
+            else:
+                t0 = time.time()
+                row.update(_child(spec))
+                row["seconds"] = time.time() - t0
+            rows.append(row)
+            if progress:
+                progress.write(format_row(row) + "\n")
+                progress.flush()
+    return rows
+
+
+def _child(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "edgellm.cli.passkey", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"passkey case {spec['policy']} @ {spec['length']} failed:\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+HEADER = "| context | policy | accuracy | keys found (by depth) | prefill tok/s | decode tok/s | peak RSS MB |"
+
+
+def format_row(r: dict) -> str:
+    if "skipped" in r:
+        return f"| {r['length']:,} | {r['policy']} | cannot run: {r['skipped']} | | | | |"
+    found = " ".join("✓" if h else "✗" for h in r["hits"])
+    return (f"| {r['length']:,} | {r['policy']} | {r['accuracy']:.0%} | {found} | {r['prefill_tok_s']:.0f} | "
+            f"{r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_case(json.loads(sys.argv[1]))))

@@ -1,0 +1,47 @@
+"""A small passkey case end to end: the key must survive distillation through a tiny budget."""
+import pytest
+
+import edgellm
+from edgellm.cli.passkey import FILLER, NEEDLE, passkey_prompt
+
+BUDGET, LENGTH, KEY = 512, 1000, 68174   # chunks of 256 tokens: the prompt streams through 2 compactions
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+    tokenize = edgellm.LLM(str(model_path), n_ctx=64).tokenize
+    return lambda t: tokenize(t, special=False)
+
+
+def _run(model_path, tok, policy, depth):
+    ids = passkey_prompt(tok, FILLER, LENGTH, depth, KEY)
+    llm = edgellm.LLM(str(model_path), kv=edgellm.KVConfig(policy=policy, budget=BUDGET))
+    out = llm.generate(ids, max_tokens=8)
+    c = llm._cache
+    assert c.compactions >= 2 and len(c) <= BUDGET and c.next_pos <= BUDGET
+    return ids, out, c
+
+
+def _key_span(ids, tok):
+    needle = tok(NEEDLE.format(key=KEY))
+    start = next(i for i in range(len(ids)) if ids[i:i + len(needle)] == needle)
+    digits = [start + i for i, t in enumerate(needle) if tok(str(KEY)).count(t)]
+    return set(digits[:5])   # the first occurrence of the key's digits
+
+
+def test_infinipot_answers_with_the_key(model_path, tok):
+    ids, out, _ = _run(model_path, tok, "infinipot", 0.2)
+    assert str(KEY) in out
+
+
+def test_infinipot_keeps_the_key_in_every_head(model_path, tok):
+    ids, _, c = _run(model_path, tok, "infinipot", 0.6)
+    key = _key_span(ids, tok)
+    kept = [set(c.origin[layer][h, :len(c)].tolist()) for layer in range(c.n_layer) for h in range(c.n_head_kv)]
+    assert all(key <= k for k in kept)
+
+
+def test_window_forgets_a_key_outside_its_window(model_path, tok):
+    ids, out, c = _run(model_path, tok, "window", 0.2)
+    assert str(KEY) not in out
+    assert not _key_span(ids, tok) & set(c.origin[0][0, :len(c)].tolist())
