@@ -36,8 +36,9 @@ static size_t part_floats(const att_ctx *c) { return (size_t)max_rows(c) * (c->h
 
 static size_t workspace_floats(const att_ctx *c) {
     size_t R = (size_t)max_rows(c), nb = (size_t)c->hd / EL_QK, w = (R + 7) / 8 * 8;
-    /* q rows, o, m, l, scores, quantized q rows (el_block_q8a is 10 floats); el_lanes: qt, ot, kf, vf, st, m, l, qpos */
-    return (R * c->hd + 15) / 16 * 16 + part_floats(c) + R * EL_KT + R * nb * (sizeof(el_block_q8a) / sizeof(float)) + 16 +
+    /* q rows, o, m, l, scores of both q planes, quantized q rows in two planes (el_block_q8a is 10 floats);
+     * el_lanes: qt, ot, kf, vf, st, m, l, qpos */
+    return (R * c->hd + 15) / 16 * 16 + part_floats(c) + 2 * R * EL_KT + 2 * R * nb * (sizeof(el_block_q8a) / sizeof(float)) + 16 +
            2 * c->hd * w + 2 * EL_KT * c->hd + EL_KT * w + 3 * w + 16;
 }
 
@@ -87,14 +88,16 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
     for (int i = 1; i < nq; i++) qmin = qp[i] < qmin ? qp[i] : qmin, qmax = qp[i] > qmax ? qp[i] : qmax;
 
     float *qf = ws, *o = qf + ((size_t)R * hd + 15) / 16 * 16, *mx = o + (size_t)R * hd, *l = mx + R, *s = l + R;
-    el_block_q8a *q8 = (el_block_q8a *)(s + (size_t)R * EL_KT);
+    el_block_q8a *q8 = (el_block_q8a *)(s + (size_t)2 * R * EL_KT);   /* R high rows, then R residual rows */
     if (c->nchunk > 1) o = c->part + (size_t)u * part_floats(c), mx = o + (size_t)R * hd, l = mx + R;
     for (int i = 0; i < nq; i++)   /* row r = i * gs + h */
         memcpy(qf + (size_t)i * gs * hd, c->q + ((size_t)(i0 + i) * c->n_head + (size_t)g * gs) * hd, sizeof(float) * gs * hd);
-    if (c->any_quant)   /* quantized keys are scored by 8-bit dot products, as the matmul does its activations */
-        for (int r = 0; r < R; r++) el_kern->quant_act(qf + (size_t)r * hd, q8 + r * nb, nb);
+    /* quantized keys are scored by int8 dot products against the query in two 8-bit planes (~16-bit): one plane
+     * alone costs measurable agreement (q8_0 KV top-1 0.965 vs 0.976 in tests/test_parity.py) */
+    if (c->any_quant)
+        for (int r = 0; r < R; r++) el_quant_act2(qf + (size_t)r * hd, q8 + r * nb, q8 + (size_t)(R + r) * nb, nb);
     if (el_kern->attend_lanes && !c->any_quant && R >= 8 && hd % 8 == 0) {
-        attend_lanes(c, g, k0, k1, qf, R, qp, qmin, qmax, (float *)(q8 + R * nb) + 16, o, mx, l);
+        attend_lanes(c, g, k0, k1, qf, R, qp, qmin, qmax, (float *)(q8 + 2 * R * nb) + 16, o, mx, l);
         goto done;
     }
     memset(o, 0, sizeof(float) * R * hd);
@@ -107,7 +110,7 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
         long j0 = k0 > base ? k0 - base : 0, j1 = k1 - base < B->n ? k1 - base : B->n;
         size_t rb = el_row_bytes(B->dtype, hd);
         const char *kh = (const char *)B->k + (size_t)g * B->cap * rb, *vh = (const char *)B->v + (size_t)g * B->cap * rb;
-        const void *q = el_is_quant(B->dtype) ? (const void *)q8 : (const void *)qf;
+        const int quant = el_is_quant(B->dtype);
         for (long j = j0; j < j1; j += EL_KT) {
             int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
             int32_t pmin = B->pos[j], pmax = B->pos[j];
@@ -117,7 +120,12 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             }
             if (pmin > qmax) continue;   /* no query of the tile sees any of these keys */
             int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
-            el_kern->kq(B->dtype, kh, rb, idx, cnt, q, R, hd, c->scale, s);
+            if (quant) {   /* both planes at once, then summed */
+                el_kern->kq(B->dtype, kh, rb, idx, cnt, q8, 2 * R, hd, c->scale, s);
+                for (int i = 0; i < R * EL_KT; i++) s[i] += s[R * EL_KT + i];
+            } else {
+                el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
+            }
             for (int r = 0; r < R; r++) {
                 float *sr = s + r * EL_KT, m_new = mx[r];
                 if (partial)

@@ -266,19 +266,22 @@ static void quant_task(void *p, int ith, int nth) {
     for (int t = ith; t < n; t += nth) el_kern->quant_act(c->x + (size_t)t * c->m->cols, c->q + (size_t)t * nb, nb);
 }
 
-/* Two planes per token: q[2t] = 8-bit x_t, q[2t+1] = 8-bit (x_t - dequant(q[2t])) */
+void el_quant_act2(const float *x, el_block_q8a *hi, el_block_q8a *lo, int nb) {
+    float r[EL_QK];
+    el_kern->quant_act(x, hi, nb);
+    for (int b = 0; b < nb; b++) {
+        for (int j = 0; j < EL_QK; j++) r[j] = x[b * EL_QK + j] - hi[b].d * (float)hi[b].qs[j];
+        el_kern->quant_act(r, lo + b, 1);
+    }
+}
+
+/* Two planes per token: q[2t] = 8-bit x_t, q[2t+1] = its 8-bit residual */
 static void quant2_task(void *p, int ith, int nth) {
     quant_ctx *c = p;
     const int cols = c->m->cols, nb = cols / EL_QK, n = c->m->n / 2;
-    float r[EL_QK];
     for (int t = ith; t < n; t += nth) {
-        const float *x = c->x + (size_t)t * cols;
-        el_block_q8a *hi = c->q + (size_t)2 * t * nb, *lo = hi + nb;
-        el_kern->quant_act(x, hi, nb);
-        for (int b = 0; b < nb; b++) {
-            for (int j = 0; j < EL_QK; j++) r[j] = x[b * EL_QK + j] - hi[b].d * (float)hi[b].qs[j];
-            el_kern->quant_act(r, lo + b, 1);
-        }
+        el_block_q8a *hi = c->q + (size_t)2 * t * nb;
+        el_quant_act2(c->x + (size_t)t * cols, hi, hi + nb, nb);
     }
 }
 

@@ -118,6 +118,9 @@ typedef struct {
                          int cnt, int partial);
 } el_kernels;
 
+/* x (nb blocks of 32) as two 8-bit planes: hi = x, lo = x - dequant(hi); together ~16-bit precision */
+void el_quant_act2(const float *x, el_block_q8a *hi, el_block_q8a *lo, int nb);
+
 extern const el_kernels *el_kern;
 extern const el_kernels el_kernels_scalar;
 #if defined(__x86_64__)

@@ -63,10 +63,16 @@ def _kv_rows(arr: np.ndarray, dtype: GGMLType, n_kv: int, n: int, hd: int) -> np
     return dequantize(raw, dtype, n_kv * n * hd).reshape(n_kv, n, hd).astype(np.float64)
 
 
+def two_planes(x: np.ndarray) -> np.ndarray:
+    """x as the native code feeds it to int8 dot products in two planes: 8-bit x plus its 8-bit residual."""
+    hi = dequantize_activations(quantize_activations(x)).reshape(x.shape)
+    return hi + dequantize_activations(quantize_activations(x - hi)).reshape(x.shape)
+
+
 def attention_probs(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, quantize_q: bool = True):
     """Causal GQA softmax over blocks (k, v, pos, n, dtype) -> (p[n_q, n_head, n_keys] float64, V[n_kv, n_keys, hd],
     lse[n_q, n_head]); keys numbered across the blocks in order. With quantize_q the query is scored against
-    quantized keys (Q8_0/Q4_0) after the same 8-bit block quantization the native kernel applies."""
+    quantized keys (Q8_0/Q4_0) in the two 8-bit planes the native kernel uses."""
     n_q, n_head, hd = q.shape
     gs = n_head // n_kv_head
     keys, vals, kpos = [], [], []
@@ -76,7 +82,7 @@ def attention_probs(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, 
         K, V = _kv_rows(k, t, n_kv_head, n, hd), _kv_rows(v, t, n_kv_head, n, hd)
         quant = quantize_q and t in (GGMLType.Q8_0, GGMLType.Q4_0)
         if quant not in qd:
-            qd[quant] = (dequantize_activations(quantize_activations(q)) if quant else q).astype(np.float64)
+            qd[quant] = (two_planes(q) if quant else q).astype(np.float64)
         # scores against this block's keys: [n_q, n_head, n]
         keys.append(np.einsum("qgkd,gnd->qgkn", qd[quant].reshape(n_q, n_kv_head, gs, hd), K).reshape(n_q, n_head, n))
         vals.append(V)
