@@ -96,7 +96,9 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
      * alone costs measurable agreement (q8_0 KV top-1 0.965 vs 0.976 in tests/test_parity.py) */
     if (c->any_quant)
         for (int r = 0; r < R; r++) el_quant_act2(qf + (size_t)r * hd, q8 + r * nb, q8 + (size_t)(R + r) * nb, nb);
-    if (el_kern->attend_lanes && !c->any_quant && R >= 8 && hd % 8 == 0) {
+    /* every F16/F32 unit takes the lanes path, whatever its row count: a row's result then does not depend on how
+     * the prompt was chunked (decode equals prefill bit for bit), at some cost to f16 decode at long contexts */
+    if (el_kern->attend_lanes && !c->any_quant && hd % 8 == 0) {
         attend_lanes(c, g, k0, k1, qf, R, qp, qmin, qmax, (float *)(q8 + 2 * R * nb) + 16, o, mx, l);
         goto done;
     }
