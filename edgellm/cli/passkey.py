@@ -1,8 +1,9 @@
 """Passkey retrieval through a KV budget: `edgellm bench passkey`.
 
 A 5-digit key is hidden at a given depth of a haystack of N tokens; the model is asked for it at
-the end (raw text, greedy). Each (policy, length) runs in its own child process so that its peak
-RSS is its own, and reports accuracy over the depths, prefill and decode tok/s and peak RSS.
+the end (raw text, greedy) and must say it within its first ANSWER_TOKENS tokens; it then goes on
+to DECODE_TOKENS tokens so that decode speed includes distillation as a long generation meets it.
+Each (policy, length) runs in its own child process so that its peak RSS is its own.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ INTRO = ("There is an important info hidden inside a lot of irrelevant text. Fin
          "I will quiz you about the important information there.\n")
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
+ANSWER_TOKENS, DECODE_TOKENS = 12, 64
 
 
 def passkey_prompt(tokenize, haystack: str, n_tokens: int, depth: float, key: int) -> list[int]:
@@ -45,7 +47,7 @@ def run_case(spec: dict) -> dict:
     import edgellm
     kv = edgellm.KVConfig(policy=spec["policy"], budget=spec["budget"], kv_dtype=spec["kv_dtype"])
     llm = edgellm.LLM(spec["model"], n_threads=spec["threads"], kv=kv,
-                      **({"n_ctx": spec["length"] + 16} if spec["policy"] == "full" else {}))
+                      **({"n_ctx": spec["length"] + DECODE_TOKENS} if spec["policy"] == "full" else {}))
     haystack = open(spec["text"]).read() if spec["text"] else FILLER
     rng = random.Random(spec["seed"])
     hits, prefill, decode = [], [], []
@@ -53,9 +55,9 @@ def run_case(spec: dict) -> dict:
         key = rng.randrange(10000, 100000)
         ids = passkey_prompt(lambda t: llm.tokenize(t, special=False), haystack, spec["length"], depth, key)
         llm.reset()
-        out = llm.generate(ids, max_tokens=8)
+        pieces = list(llm.generate(ids, max_tokens=DECODE_TOKENS, ignore_eos=True, stream=True))
         s = llm.stats()
-        hits.append(str(key) in out)
+        hits.append(str(key) in "".join(pieces[:ANSWER_TOKENS]))
         prefill.append(s["prefill_tok_s"])
         decode.append(s["decode_tok_s"])
     return {"accuracy": sum(hits) / len(hits), "hits": hits, "prefill_tok_s": sum(prefill) / len(prefill),
@@ -70,7 +72,7 @@ def run_table(model, lengths, policies, depths, budget, kv_dtype="f16", threads=
             spec = dict(model=model, policy=policy, length=length, depths=depths, budget=budget, kv_dtype=kv_dtype,
                         threads=threads, text=text, seed=seed)
             row = dict(length=length, policy=policy)
-            if policy == "full" and length > window:
+            if policy == "full" and length + DECODE_TOKENS > window:
                 row["skipped"] = f"beyond the model's {window}-token window"
             else:
                 t0 = time.time()
