@@ -28,7 +28,7 @@ METRICS = (("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
 
 # ---------------------------------------------------------------- child side
 
-def peak_rss_mb() -> float:
+def peak_rss_mb() -> float:  # edgellm.runtime.memory's twin: the llama.cpp child cannot import edgellm
     """This process's peak RSS. On Linux from VmHWM, which starts afresh at exec: ru_maxrss
     would carry over the parent's peak, as getrusage(2) keeps it across execve."""
     try:

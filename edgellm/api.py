@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import psutil
 from .kv.config import KVConfig
 from .runtime.chat_template import ChatTemplate
 from .runtime.generate import StopMatcher
+from .runtime.memory import peak_rss_mb
 from .runtime.model import Model
 from .runtime.registry import DEFAULT_MODEL, resolve
 from .runtime.sampling import Sampler, SamplingParams
@@ -181,7 +181,7 @@ class LLM:
             "prefill_tok_s": s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0,
             "decode_tokens": s["decode_tokens"],
             "decode_tok_s": s["decode_tokens"] / s["decode_s"] if s["decode_s"] else 0.0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "rss_mb": psutil.Process().memory_info().rss / 2**20,
             "kv_bytes": {"hot": kv_hot, "ram": 0, "ssd": 0},
             "kv_tokens": len(self._tokens),

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from edgellm.runtime.memory import peak_rss_mb
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
@@ -31,15 +33,6 @@ def passkey_prompt(tokenize, haystack: str, n_tokens: int, depth: float, key: in
     hay = hay * (body // len(hay) + 1)
     at = int(body * depth)
     return intro + hay[:at] + needle + hay[at:body] + question
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:  # VmHWM: this process's own peak, not a parent's
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_case(spec: dict) -> dict:
@@ -61,7 +54,7 @@ def run_case(spec: dict) -> dict:
         prefill.append(s["prefill_tok_s"])
         decode.append(s["decode_tok_s"])
     return {"accuracy": sum(hits) / len(hits), "hits": hits, "prefill_tok_s": sum(prefill) / len(prefill),
-            "decode_tok_s": sum(decode) / len(decode), "peak_rss_mb": _peak_rss_mb()}
+            "decode_tok_s": sum(decode) / len(decode), "peak_rss_mb": peak_rss_mb()}
 
 
 def run_table(model, lengths, policies, depths, budget, kv_dtype="f16", threads=None, text=None, seed=0,
