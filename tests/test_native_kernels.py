@@ -280,3 +280,90 @@ def test_attention_mass(simd, threads, t, reduce_max):
     assert np.all(mass[:, 101:] == 0) and mass[:, 11:].max() > 0
     if not reduce_max:   # every query head's probabilities sum to one
         np.testing.assert_allclose(mass.sum(), 5 * n_head, rtol=1e-4)
+
+
+# ---- fused entry points: bitwise equal to the unfused sequence of calls they replace ----
+
+def _fp(a):
+    return N.ffi.from_buffer("float[]", a)
+
+
+def _weight(W, t, rows, cols):
+    w = N.ffi.new("el_weight *")
+    w.w, w.type, w.rows, w.cols = N.ffi.from_buffer(W), int(t), rows, cols
+    return w
+
+
+@pytest.mark.parametrize("rotate", [0, 1])
+@pytest.mark.parametrize("n,row0", [(1, 0), (1, 13), (5, 3), (16, 0)])
+def test_kv_append(rotate, n, row0):
+    rng = np.random.default_rng(n * 100 + row0 + rotate)
+    H, hd, cap = 3, 64, 16
+    k = rng.standard_normal((n, H, hd)).astype(np.float32)
+    v = rng.standard_normal((n, H, hd)).astype(np.float32)
+    k0, v0 = k.copy(), v.copy()
+    pos = rng.integers(0, 1000, n).astype(np.int32)
+    K = np.full((H, cap, hd), 7, np.float16)
+    V = np.full((H, cap, hd), 7, np.float16)
+    P = np.full(cap, -1, np.int32)
+    N.lib.el_kv_append(_fp(k), _fp(v), N.ffi.from_buffer("int32_t[]", pos), n, H, hd, rotate,
+                       N.ffi.from_buffer(K), N.ffi.from_buffer(V), N.ffi.from_buffer("int32_t[]", P), row0, cap)
+    np.testing.assert_array_equal(k, k0)   # inputs untouched
+    rk, rv = (N.hadamard(k.copy()), N.hadamard(v.copy())) if rotate else (k, v)
+    Kr, Vr = np.full_like(K, 7), np.full_like(V, 7)
+    Kr[:, row0:row0 + n] = rk.transpose(1, 0, 2)   # numpy's f32 -> f16 rounding
+    Vr[:, row0:row0 + n] = rv.transpose(1, 0, 2)
+    np.testing.assert_array_equal(K.view(np.uint16), Kr.view(np.uint16))
+    np.testing.assert_array_equal(V.view(np.uint16), Vr.view(np.uint16))
+    np.testing.assert_array_equal(P[row0:row0 + n], pos)
+    assert np.all(P[:row0] == -1) and np.all(P[row0 + n:] == -1)
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_1, GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_fused_layer_steps_equal_unfused(simd, threads, t, n):
+    rng = np.random.default_rng(n + 10 * int(t))
+    dim, n_head, n_kv, hd, ff = 128, 4, 2, 32, 96
+    lib, eps, base, rope_dim, neox = N.lib, 1e-5, 10000.0, 32, 0
+    shapes = {"wq": (n_head * hd, dim), "wk": (n_kv * hd, dim), "wv": (n_kv * hd, dim), "wo": (dim, n_head * hd),
+              "gate": (ff, dim), "up": (ff, dim), "down": (dim, ff)}
+    Ws = {name: random_weights(t, r, c, rng) for name, (r, c) in shapes.items()}
+    ws = {name: _weight(Ws[name], t, *shapes[name]) for name in shapes}
+    x0 = rng.standard_normal((n, dim)).astype(np.float32)
+    an, fn = rng.standard_normal(dim).astype(np.float32), rng.standard_normal(dim).astype(np.float32)
+    pos = np.arange(50, 50 + n, dtype=np.int32)
+    ppos = N.ffi.from_buffer("int32_t[]", pos)
+
+    def mm(name, X, Y):
+        r, c = shapes[name]
+        lib.el_matmul(N.ffi.from_buffer(Ws[name]), int(t), r, c, _fp(X), n, _fp(Y), r)
+
+    # unfused: the sequence NativeBackend.layer ran before the fused steps
+    x, h = x0.copy(), np.empty((n, dim), np.float32)
+    q, k, v = (np.empty((n, shapes[w][0]), np.float32) for w in ("wq", "wk", "wv"))
+    lib.el_rmsnorm(_fp(x), _fp(an), n, dim, eps, _fp(h))
+    mm("wq", h, q), mm("wk", h, k), mm("wv", h, v)
+    lib.el_rope(_fp(q), n, n_head, hd, rope_dim, ppos, base, neox)
+    lib.el_rope(_fp(k), n, n_kv, hd, rope_dim, ppos, base, neox)
+    att = rng.standard_normal((n, n_head * hd)).astype(np.float32)   # stands in for attention's output
+    g, u = np.empty((n, ff), np.float32), np.empty((n, ff), np.float32)
+    mm("wo", att, h)
+    x += h
+    lib.el_rmsnorm(_fp(x), _fp(fn), n, dim, eps, _fp(h))
+    mm("gate", h, g), mm("up", h, u)
+    lib.el_silu_mul(_fp(g), _fp(u), n * ff)
+    mm("down", g, h)
+    x += h
+
+    # fused
+    xf, hf = x0.copy(), np.empty((n, dim), np.float32)
+    qf, kf, vf = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    lib.el_attn_in(_fp(xf), n, dim, _fp(an), eps, ws["wq"], ws["wk"], ws["wv"], ppos, n_head, n_kv, hd, rope_dim,
+                   base, neox, _fp(hf), _fp(qf), _fp(kf), _fp(vf))
+    for a, b in ((qf, q), (kf, k), (vf, v)):
+        np.testing.assert_array_equal(a, b)
+    gf, uf = np.empty_like(g), np.empty_like(u)
+    lib.el_attn_out_mlp(_fp(xf), _fp(att), n, dim, ws["wo"], _fp(fn), eps, ws["gate"], ws["up"], ws["down"],
+                        _fp(hf), _fp(gf), _fp(uf))
+    np.testing.assert_array_equal(xf, x)
+    np.testing.assert_array_equal(gf, g)

@@ -90,21 +90,30 @@ class KVCache:
         n = k.shape[0]
         if self.n_tokens[layer] + n > self.max_tokens:
             raise ValueError(f"KV cache full: {self.n_tokens[layer]} + {n} tokens exceed its {self.max_tokens}")
-        if self.rotated:
-            k, v = _rotate(np.array(k, np.float32)), _rotate(np.array(v, np.float32))
-        blocks, i = self.blocks[layer], 0
+        H, hd, bs = self.n_head_kv, self.head_dim, self.block_size
+        if k.shape != (n, H, hd) or v.shape != (n, H, hd) or len(pos) != n:
+            raise ValueError(f"append: k, v must be [{n}, {H}, {hd}] and pos [{n}]")
+        # one C call per block touched: (rotation +) f32 -> f16 rows straight into the tail, through the pointers of
+        # the tail's descriptor (kept current by _describe)
+        k, v = np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32)
+        pos = np.ascontiguousarray(pos, np.int32)
+        pk, pv, pp = ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v), ffi.from_buffer("int32_t[]", pos)
+        blocks, descs, row, i = self.blocks[layer], self._descs[layer], H * hd, 0
         while i < n:
-            tail = blocks[-1] if blocks and blocks[-1].dtype == GGMLType.F16 and blocks[-1].n < self.block_size \
-                else self._new_tail(layer)
-            m = min(n - i, self.block_size - tail.n)
-            tail.k[:, tail.n:tail.n + m] = k[i:i + m].transpose(1, 0, 2)
-            tail.v[:, tail.n:tail.n + m] = v[i:i + m].transpose(1, 0, 2)
-            tail.pos[tail.n:tail.n + m] = pos[i:i + m]
+            tail = blocks[-1] if blocks and blocks[-1].dtype == GGMLType.F16 and blocks[-1].n < bs else None
+            if tail is None:
+                tail = self._new_tail(layer)
+                self._describe(layer, len(blocks) - 1)
+            d = descs[len(blocks) - 1]
+            m = min(n - i, bs - tail.n)
+            lib.el_kv_append(pk + i * row, pv + i * row, pp + i, m, H, hd, self.rotated, d.k, d.v, d.pos, tail.n, bs)
             tail.n += m
             i += m
-            if tail.n == self.block_size and self.dtype != GGMLType.F16:
+            if tail.n == bs and self.dtype != GGMLType.F16:
                 blocks[-1] = self._quantize(tail)
-            self._describe(layer, len(blocks) - 1)
+                self._describe(layer, len(blocks) - 1)
+            else:
+                d.n = tail.n
         self.n_tokens[layer] += n
 
     def _quantize(self, blk: KVBlock) -> KVBlock:

@@ -301,6 +301,16 @@ static void mm_task(void *p, int ith, int nth) {
     }
 }
 
+/* Rows per work item: each weight row is read by one thread; ~4 items per thread balance the load, and an item's
+ * weights (<= 256 KiB) stay in L2 while every token chunk of the GEMM passes over them */
+static int mm_chunk(int rows, size_t rb, int nth) {
+    int chunk = ((rows + 4 * nth - 1) / (4 * nth) + 7) & ~7;
+    int l2_rows = (int)((256 << 10) / rb) & ~7;
+    if (chunk > l2_rows) chunk = l2_rows;
+    if (chunk < 16) chunk = 16;
+    return chunk;
+}
+
 static void matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy, int planes) {
     size_t rb = el_row_bytes(wtype, cols);
     if (rows <= 0 || cols <= 0 || n <= 0 || !rb || (el_is_quant(wtype) && cols % EL_QK)) return;
@@ -308,12 +318,7 @@ static void matmul(const void *W, int wtype, int rows, int cols, const float *X,
     int nth = el_get_threads_locked();
     if (!el_is_quant(wtype)) planes = 1;   /* F16/F32 weights take f32 activations as they are */
     mm_job job = {.m = {W, rb, wtype, rows, cols, n * planes, ldy, X, Y, planes}};
-    /* each weight row is read by one thread; ~4 items per thread balance the load, and an item's weights
-     * (<= 256 KiB) stay in L2 while every token chunk of the GEMM passes over them */
-    job.chunk = ((rows + 4 * nth - 1) / (4 * nth) + 7) & ~7;
-    int l2_rows = (int)((256 << 10) / rb) & ~7;
-    if (job.chunk > l2_rows) job.chunk = l2_rows;
-    if (job.chunk < 16) job.chunk = 16;
+    job.chunk = mm_chunk(rows, rb, nth);
     atomic_init(&job.next, 0);
     if (el_is_quant(wtype)) {
         quant_ctx qc = {&job.m, X, el_scratch(0, (size_t)job.m.n * (cols / EL_QK) * sizeof(el_block_q8a))};
@@ -436,18 +441,25 @@ void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float
     }
 }
 
-void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox) {
+/* cos / sin of every (token, frequency) pair: cs[(i * half + j) * 2 + {0, 1}] */
+static float *rope_table(int n, int rope_dim, const int32_t *pos, float freq_base) {
     int half = rope_dim / 2;
-    if (half <= 0 || rope_dim > head_dim) return;
-    float *cs = malloc(sizeof(float) * 2 * half);
-    if (!cs) return;
-    for (int i = 0; i < n; i++) {
+    float *cs = malloc(sizeof(float) * 2 * half * (size_t)n);
+    if (!cs) return NULL;
+    for (int i = 0; i < n; i++)
         /* angles in double: positions reach 1e5+ and f32 would lose the small frequencies' phase */
         for (int j = 0; j < half; j++) {
             double a = (double)pos[i] * pow((double)freq_base, -2.0 * j / rope_dim);
-            cs[2 * j] = (float)cos(a);
-            cs[2 * j + 1] = (float)sin(a);
+            cs[((size_t)i * half + j) * 2] = (float)cos(a);
+            cs[((size_t)i * half + j) * 2 + 1] = (float)sin(a);
         }
+    return cs;
+}
+
+static void rope_apply(float *x, int n, int n_heads, int head_dim, int rope_dim, const float *cs_all, int neox) {
+    int half = rope_dim / 2;
+    for (int i = 0; i < n; i++) {
+        const float *cs = cs_all + (size_t)i * half * 2;
         for (int h = 0; h < n_heads; h++) {
             float *v = x + ((size_t)i * n_heads + h) * head_dim;
             for (int j = 0; j < half; j++) {
@@ -458,24 +470,33 @@ void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int
             }
         }
     }
+}
+
+void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox) {
+    if (rope_dim / 2 <= 0 || rope_dim > head_dim) return;
+    float *cs = rope_table(n, rope_dim, pos, freq_base);
+    if (!cs) return;
+    rope_apply(x, n, n_heads, head_dim, rope_dim, cs, neox);
     free(cs);
 }
 
 void el_silu_mul(float *gate, const float *up, long n) { el_kern->silu_mul(gate, up, n); }
 
+static void hadamard_row(float *x, int dim, float norm) {
+    for (int h = 1; h < dim; h <<= 1)   /* butterflies of the fast Walsh-Hadamard transform */
+        for (int i = 0; i < dim; i += 2 * h)
+            for (int j = i; j < i + h; j++) {
+                float a = x[j], b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+    for (int j = 0; j < dim; j++) x[j] *= norm;
+}
+
 void el_hadamard(float *x, long rows, int dim) {
     if (dim <= 0 || (dim & (dim - 1))) return;
     const float norm = 1.0f / sqrtf((float)dim);
-    for (long r = 0; r < rows; r++, x += dim) {
-        for (int h = 1; h < dim; h <<= 1)   /* butterflies of the fast Walsh-Hadamard transform */
-            for (int i = 0; i < dim; i += 2 * h)
-                for (int j = i; j < i + h; j++) {
-                    float a = x[j], b = x[j + h];
-                    x[j] = a + b;
-                    x[j + h] = a - b;
-                }
-        for (int j = 0; j < dim; j++) x[j] *= norm;
-    }
+    for (long r = 0; r < rows; r++, x += dim) hadamard_row(x, dim, norm);
 }
 
 void el_softmax(float *x, int rows, int cols) {
@@ -489,4 +510,122 @@ void el_softmax(float *x, int rows, int cols) {
         float r = 1.0f / el_kern->exp_sum(x, cols, mx);
         for (int j = 0; j < cols; j++) x[j] *= r;
     }
+}
+
+/* ---------------- KV append ---------------- */
+
+void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int n_kv_head, int hd, int rotate,
+                  void *k16, void *v16, int32_t *pos16, int row0, int cap) {
+    if (n <= 0 || hd <= 0 || row0 < 0 || row0 + n > cap) return;
+    if (rotate && (hd & (hd - 1))) return;
+    float stack[256], *buf = hd <= 256 ? stack : malloc(sizeof(float) * hd);
+    if (!buf) return;
+    const float norm = 1.0f / sqrtf((float)hd);
+    for (int s = 0; s < 2; s++) {
+        const float *src = s ? v : k;
+        uint16_t *dst = s ? v16 : k16;
+        for (int i = 0; i < n; i++)
+            for (int g = 0; g < n_kv_head; g++) {
+                const float *x = src + ((size_t)i * n_kv_head + g) * hd;
+                uint16_t *y = dst + ((size_t)g * cap + row0 + i) * hd;
+                if (rotate) {
+                    memcpy(buf, x, sizeof(float) * hd);
+                    hadamard_row(buf, hd, norm);
+                    x = buf;
+                }
+                for (int j = 0; j < hd; j++) y[j] = el_f32_to_f16(x[j]);
+            }
+    }
+    memcpy(pos16 + row0, pos, sizeof(int32_t) * n);
+    if (buf != stack) free(buf);
+}
+
+/* ---------------- fused layer steps ---------------- */
+
+#define EL_MANY 3
+
+/* Products Y_j = X W_j (ldy = rows_j) of up to EL_MANY matrices with the same cols in one pool round: quantized
+ * weights share one quantization of X. Each matrix is cut into the same work items as el_matmul's. */
+typedef struct {
+    el_mm m[EL_MANY];
+    int chunk[EL_MANY], first[EL_MANY + 1], count;
+    atomic_int next;
+} mm_many_job;
+
+static void mm_many_task(void *p, int ith, int nth) {
+    mm_many_job *j = p;
+    (void)ith, (void)nth;
+    for (;;) {
+        int it = atomic_fetch_add(&j->next, 1);
+        if (it >= j->first[j->count]) return;
+        int k = 0;
+        while (it >= j->first[k + 1]) k++;
+        int r0 = (it - j->first[k]) * j->chunk[k], r1 = r0 + j->chunk[k] < j->m[k].rows ? r0 + j->chunk[k] : j->m[k].rows;
+        el_kern->mm_rows(&j->m[k], r0, r1);
+    }
+}
+
+/* caller holds the lock */
+static void matmul_many(const el_weight *const *W, float *const *Y, int count, const float *X, int n) {
+    if (n <= 0 || count <= 0 || count > EL_MANY) return;
+    int nth = el_get_threads_locked(), cols = W[0]->cols, any_quant = 0;
+    for (int i = 0; i < count; i++) any_quant |= el_is_quant(W[i]->type);
+    const void *act = NULL;
+    if (any_quant && cols > 0 && cols % EL_QK == 0) {
+        el_mm qm = {.cols = cols, .n = n};
+        quant_ctx qc = {&qm, X, el_scratch(0, (size_t)n * (cols / EL_QK) * sizeof(el_block_q8a))};
+        if (qc.q && n >= 8) el_parallel(quant_task, &qc);
+        else if (qc.q) quant_task(&qc, 0, 1);
+        act = qc.q;
+    }
+    mm_many_job job = {.count = 0};
+    job.first[0] = 0;
+    for (int i = 0; i < count; i++) {
+        const el_weight *w = W[i];
+        size_t rb = el_row_bytes(w->type, w->cols);
+        int quant = el_is_quant(w->type);
+        if (w->rows <= 0 || w->cols != cols || cols <= 0 || !rb || (quant && (cols % EL_QK || !act))) continue;
+        int c = job.count++;
+        job.m[c] = (el_mm){w->w, rb, w->type, w->rows, cols, n, w->rows, quant ? act : X, Y[i], 1};
+        job.chunk[c] = mm_chunk(w->rows, rb, nth);
+        job.first[c + 1] = job.first[c] + (w->rows + job.chunk[c] - 1) / job.chunk[c];
+    }
+    atomic_init(&job.next, 0);
+    if (job.count) el_parallel(mm_many_task, &job);
+}
+
+void el_attn_in(const float *x, int n, int dim, const float *norm, float eps,
+                const el_weight *wq, const el_weight *wk, const el_weight *wv,
+                const int32_t *pos, int n_head, int n_kv_head, int head_dim, int rope_dim, float freq_base, int neox,
+                float *h, float *q, float *k, float *v) {
+    if (n <= 0) return;
+    el_rmsnorm(x, norm, n, dim, eps, h);
+    const el_weight *W[3] = {wq, wk, wv};
+    float *Y[3] = {q, k, v};
+    el_lock();
+    matmul_many(W, Y, 3, h, n);
+    el_unlock();
+    if (rope_dim / 2 <= 0 || rope_dim > head_dim) return;
+    float *cs = rope_table(n, rope_dim, pos, freq_base);
+    if (!cs) return;
+    rope_apply(q, n, n_head, head_dim, rope_dim, cs, neox);
+    rope_apply(k, n, n_kv_head, head_dim, rope_dim, cs, neox);
+    free(cs);
+}
+
+void el_attn_out_mlp(float *x, const float *att, int n, int dim, const el_weight *wo, const float *norm, float eps,
+                     const el_weight *gate, const el_weight *up, const el_weight *down, float *h, float *g, float *u) {
+    if (n <= 0) return;
+    size_t nx = (size_t)n * dim;
+    el_lock();
+    matmul_many(&wo, &h, 1, att, n);
+    for (size_t i = 0; i < nx; i++) x[i] += h[i];
+    el_rmsnorm(x, norm, n, dim, eps, h);
+    const el_weight *W[2] = {gate, up};
+    float *Y[2] = {g, u};
+    matmul_many(W, Y, 2, h, n);
+    el_kern->silu_mul(g, u, (long)n * gate->rows);
+    matmul_many(&down, &h, 1, g, n);
+    for (size_t i = 0; i < nx; i++) x[i] += h[i];
+    el_unlock();
 }

@@ -47,6 +47,32 @@ void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int
 int el_attention_mass(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
                       const el_kvblock *blocks, int n_blocks, const float *lse, int reduce_max, float *out);
 
+/* Append n tokens of K and V (f32 [n][n_kv_head][hd]) and their positions to a block: rows row0 .. row0 + n - 1 of
+ * its f16 arrays k16, v16 ([n_kv_head][cap][hd]) and of pos16 ([cap]). rotate: each head vector goes through the
+ * normalized Walsh-Hadamard transform first (as el_hadamard; hd a power of 2). The inputs are not modified. */
+void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int n_kv_head, int hd, int rotate,
+                  void *k16, void *v16, int32_t *pos16, int row0, int cap);
+
+/* A weight matrix: rows x cols of type `type`. */
+typedef struct {
+    const void *w;
+    int type, rows, cols;
+} el_weight;
+
+/* One layer's attention input, identical to the unfused calls: h = rmsnorm(x) * norm (x, h [n][dim]); q, k, v =
+ * h times wq, wk, wv (el_matmul; quantized weights share one quantization of h); RoPE (el_rope) on q's n_head
+ * and k's n_kv_head heads at positions pos. */
+void el_attn_in(const float *x, int n, int dim, const float *norm, float eps,
+                const el_weight *wq, const el_weight *wk, const el_weight *wv,
+                const int32_t *pos, int n_head, int n_kv_head, int head_dim, int rope_dim, float freq_base, int neox,
+                float *h, float *q, float *k, float *v);
+
+/* The rest of the layer after attention, identical to the unfused calls: x += att times wo; h = rmsnorm(x) * norm;
+ * g = h times gate, u = h times up (one quantization of h); g = silu(g) * u; x += g times down.
+ * x, h [n][dim]; att [n][wo->cols]; g, u [n][gate->rows]. */
+void el_attn_out_mlp(float *x, const float *att, int n, int dim, const el_weight *wo, const float *norm, float eps,
+                     const el_weight *gate, const el_weight *up, const el_weight *down, float *h, float *g, float *u);
+
 /* ---- internal ---- */
 #define EL_QK 32
 

@@ -21,6 +21,11 @@ class _Matrix:
         self.data = t.data  # keeps the mapped view alive
         self.ptr, self.type, self.rows, self.cols = ffi.cast("void *", t.data.ctypes.data), int(t.type), t.rows, t.cols
 
+    def weight(self):
+        w = ffi.new("el_weight *")
+        w.w, w.type, w.rows, w.cols = self.ptr, self.type, self.rows, self.cols
+        return w
+
 
 class NativeBackend:
     def __init__(self, cfg: ModelConfig, w: Weights, n_threads: int):
@@ -29,6 +34,11 @@ class NativeBackend:
         self.layers = [{name: _Matrix(getattr(lw, name)) for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
                        for lw in w.layers]
         self.norms = [(lw.attn_norm, lw.ffn_norm) for lw in w.layers]
+        # per layer, the arguments of the two fused C steps that do not change between calls
+        self._fused = [(_fptr(an), *(self.layers[i][k].weight() for k in ("wq", "wk", "wv")),
+                        _fptr(fn), *(self.layers[i][k].weight() for k in ("wo", "w_gate", "w_up", "w_down")))
+                       for i, (an, fn) in enumerate(self.norms)]
+        self._pos = (None, None)
         self.out_norm = w.out_norm
         self.embd, self.output = _Matrix(w.token_embd), _Matrix(w.output)
         self.scale = 1.0 / np.sqrt(cfg.head_dim)
@@ -53,6 +63,17 @@ class NativeBackend:
             self.g = np.empty((n, c.n_ff), np.float32)
             self.u = np.empty((n, c.n_ff), np.float32)
             self.p = {name: _fptr(getattr(self, name)) for name in ("x", "h", "q", "k", "v", "att", "lse", "g", "u")}
+            self._views = {}
+
+    def _views_for(self, n: int):
+        """The [n]-token views layer() hands to the KV manager, made once per chunk size."""
+        views = self._views.get(n)
+        if views is None:
+            c = self.cfg
+            kv, heads = (n, c.n_head_kv, c.head_dim), (n, c.n_head, c.head_dim)
+            views = self._views[n] = (self.k[:n].reshape(kv), self.v[:n].reshape(kv), self.q[:n].reshape(heads),
+                                      self.att[:n].reshape(heads), self.lse[:n])
+        return views
 
     def _mm(self, m: _Matrix, src: str, n: int, dst: str):
         lib.el_matmul(m.ptr, m.type, m.rows, m.cols, self.p[src], n, self.p[dst], m.rows)
@@ -65,28 +86,19 @@ class NativeBackend:
         return self.x[:n]
 
     def layer(self, i: int, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> None:
-        c, p, m = self.cfg, self.p, self.layers[i]
+        """Two fused C steps around the KV manager: norm + QKV + RoPE, then (append, attend), then o-proj + residual +
+        norm + gated MLP + residual; the same kernels and numerics as one call per op."""
+        c, p = self.cfg, self.p
         n, d = x.shape
-        attn_norm, ffn_norm = self.norms[i]
-        ppos = ffi.cast("int32_t *", pos.ctypes.data)
-        lib.el_rmsnorm(p["x"], _fptr(attn_norm), n, d, c.norm_eps, p["h"])
-        self._mm(m["wq"], "h", n, "q")
-        self._mm(m["wk"], "h", n, "k")
-        self._mm(m["wv"], "h", n, "v")
-        lib.el_rope(p["q"], n, c.n_head, c.head_dim, c.rope_dim, ppos, c.rope_base, c.rope_neox)
-        lib.el_rope(p["k"], n, c.n_head_kv, c.head_dim, c.rope_dim, ppos, c.rope_base, c.rope_neox)
-        shape = (n, c.n_head_kv, c.head_dim)
-        cache.append(i, self.k[:n].reshape(shape), self.v[:n].reshape(shape), pos)
-        heads = (n, c.n_head, c.head_dim)
-        cache.attend(i, self.q[:n].reshape(heads), pos, self.att[:n].reshape(heads), self.lse[:n], self.scale)
-        self._mm(m["wo"], "att", n, "h")
-        x += self.h[:n]
-        lib.el_rmsnorm(p["x"], _fptr(ffn_norm), n, d, c.norm_eps, p["h"])
-        self._mm(m["w_gate"], "h", n, "g")
-        self._mm(m["w_up"], "h", n, "u")
-        lib.el_silu_mul(p["g"], p["u"], n * c.n_ff)
-        self._mm(m["w_down"], "g", n, "h")
-        x += self.h[:n]
+        an, wq, wk, wv, fn, wo, wg, wu, wd = self._fused[i]
+        if self._pos[0] is not pos:   # the model passes one pos array to every layer of a step
+            self._pos = (pos, ffi.cast("int32_t *", pos.ctypes.data))
+        lib.el_attn_in(p["x"], n, d, an, c.norm_eps, wq, wk, wv, self._pos[1], c.n_head, c.n_head_kv, c.head_dim,
+                       c.rope_dim, c.rope_base, c.rope_neox, p["h"], p["q"], p["k"], p["v"])
+        k, v, q, att, lse = self._views_for(n)
+        cache.append(i, k, v, pos)
+        cache.attend(i, q, pos, att, lse, self.scale)
+        lib.el_attn_out_mlp(p["x"], p["att"], n, d, wo, fn, c.norm_eps, wg, wu, wd, p["h"], p["g"], p["u"])
 
     def logits(self, x: np.ndarray, n: int, precise: bool = True) -> np.ndarray:
         h = np.empty((n, self.cfg.n_embd), np.float32)
