@@ -1,5 +1,10 @@
 """edgellm: on-device LLM inference with long contexts in a fixed memory budget."""
+from typing import TYPE_CHECKING
+
 from .kv.config import KVConfig
+
+if TYPE_CHECKING:
+    from .api import LLM
 
 
 def __getattr__(name):

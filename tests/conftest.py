@@ -16,3 +16,16 @@ def model_path() -> Path:
 @pytest.fixture(scope="session")
 def parity_ref():
     return np.load(DATA / "SmolLM2-135M-Instruct.Q4_1.parity.npz")
+
+
+@pytest.fixture(scope="session")
+def md(model_path):
+    """The default model's tokenizer.* metadata."""
+    from edgellm.runtime.tokenizer import read_tokenizer_metadata
+    return read_tokenizer_metadata(model_path)
+
+
+@pytest.fixture(scope="session")
+def tok(md):
+    from edgellm.runtime.tokenizer import Tokenizer
+    return Tokenizer.from_metadata(md)

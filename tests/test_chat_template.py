@@ -1,19 +1,8 @@
 import pytest
 
 from edgellm.runtime.chat_template import ChatTemplate, ChatTemplateError
-from edgellm.runtime.tokenizer import Tokenizer, read_tokenizer_metadata
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-
-
-@pytest.fixture(scope="module")
-def md(model_path):
-    return read_tokenizer_metadata(model_path)
-
-
-@pytest.fixture(scope="module")
-def tok(md):
-    return Tokenizer.from_metadata(md)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 
 from edgellm import native as N
 from edgellm.native import reference as R
-from edgellm.quant import BLOCK_DTYPES, BLOCK_SIZES, GGMLType, dequantize, quantize, row_bytes
+from edgellm.quant import BLOCK_DTYPES, GGMLType, dequantize, quantize, row_bytes
 
 QTYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
 WTYPES = QTYPES + [GGMLType.F16, GGMLType.F32]
@@ -309,6 +309,7 @@ def test_kv_append(rotate, n, row0):
     N.lib.el_kv_append(_fp(k), _fp(v), N.ffi.from_buffer("int32_t[]", pos), n, H, hd, rotate,
                        N.ffi.from_buffer(K), N.ffi.from_buffer(V), N.ffi.from_buffer("int32_t[]", P), row0, cap)
     np.testing.assert_array_equal(k, k0)   # inputs untouched
+    np.testing.assert_array_equal(v, v0)
     rk, rv = (N.hadamard(k.copy()), N.hadamard(v.copy())) if rotate else (k, v)
     Kr, Vr = np.full_like(K, 7), np.full_like(V, 7)
     Kr[:, row0:row0 + n] = rk.transpose(1, 0, 2)   # numpy's f32 -> f16 rounding

@@ -1,6 +1,6 @@
 import pytest
 
-from edgellm.runtime.tokenizer import Tokenizer, read_tokenizer_metadata
+from edgellm.runtime.tokenizer import Tokenizer
 
 ROUND_TRIP_TEXTS = {
     "ascii": "The quick brown fox jumps over the lazy dog.",
@@ -11,16 +11,6 @@ ROUND_TRIP_TEXTS = {
     "digits": "0 1 12 123 1234 12345 3.14159 -42 1e-9 2024-12-11",
     "empty": "",
 }
-
-
-@pytest.fixture(scope="module")
-def md(model_path):
-    return read_tokenizer_metadata(model_path)
-
-
-@pytest.fixture(scope="module")
-def tok(md):
-    return Tokenizer.from_metadata(md)
 
 
 def test_ids_match_hf_reference(tok, parity_ref):

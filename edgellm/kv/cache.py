@@ -35,7 +35,24 @@ class KVBlock:
         return self.k.nbytes + self.v.nbytes
 
 
-class KVCache:
+class GrowingCache:
+    """The hooks Model.forward calls around each chunk, for a cache that only grows (never evicts);
+    BudgetKVCache gives them meaning. Needs `__len__` and `max_tokens`."""
+    wants_novelty = False
+
+    @property
+    def next_pos(self) -> int:
+        """The position the next token gets."""
+        return len(self)
+
+    def max_chunk(self) -> int:
+        return self.max_tokens
+
+    def needs_compaction(self, n: int) -> bool:
+        return False
+
+
+class KVCache(GrowingCache):
     def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, max_tokens: int,
                  kv_dtype: str = "f16", block_size: int = 64):
         if kv_dtype not in DTYPES:
@@ -55,20 +72,6 @@ class KVCache:
     def __len__(self) -> int:
         return self.n_tokens[-1]
 
-    # A full cache never evicts: the hooks the model calls around each chunk are trivial here and
-    # meaningful in BudgetKVCache.
-    wants_novelty = False
-
-    @property
-    def next_pos(self) -> int:
-        """The position the next token gets."""
-        return len(self)
-
-    def max_chunk(self) -> int:
-        return self.max_tokens
-
-    def needs_compaction(self, n: int) -> bool:
-        return False
 
     def nbytes(self) -> int:
         return sum(b.nbytes for layer in self.blocks for b in layer)

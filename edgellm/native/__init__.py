@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgellm.quant.blocks import QK, GGMLType, row_bytes
+from edgellm.quant.blocks import GGMLType, row_bytes
 
 try:
     from ._kernels import ffi, lib

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kv.cache import GrowingCache
 from ..native import reference as ref
 from ..quant.blocks import GGMLType, dequantize
 from .config import ModelConfig
 from .weights import Weights
 
 
-class RefCache:
+class RefCache(GrowingCache):
     """Per-layer f32 K/V arrays [n, n_head_kv, head_dim], grown by concatenation (fine for a reference)."""
 
     def __init__(self, n_layer: int, max_tokens: int):
@@ -20,18 +21,6 @@ class RefCache:
 
     def __len__(self) -> int:
         return 0 if self.k[-1] is None else self.k[-1].shape[0]
-
-    wants_novelty = False
-
-    @property
-    def next_pos(self) -> int:
-        return len(self)
-
-    def max_chunk(self) -> int:
-        return self.max_tokens
-
-    def needs_compaction(self, n: int) -> bool:
-        return False
 
     def append(self, layer, k, v):
         if self.k[layer] is not None and self.k[layer].shape[0] + k.shape[0] > self.max_tokens:

@@ -91,9 +91,8 @@ def _split_merges(merges: list[str]) -> list[tuple[str, str]]:
 
 def read_tokenizer_metadata(path) -> dict:
     """The GGUF's tokenizer.* metadata (tokens, merges, special ids, chat template) as python values."""
-    import gguf  # imported here: its reader is only needed when loading straight from a file
-    fields = gguf.GGUFReader(Path(path)).fields
-    return {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
+    from ..formats.gguf import GGUFFile
+    return {k: v for k, v in GGUFFile(Path(path)).metadata.items() if k.startswith("tokenizer.")}
 
 
 class Tokenizer:
