@@ -19,7 +19,7 @@ from ..formats.gguf import GGUFFile
 from .config import ModelConfig
 from .weights import Weights
 
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = 256
 NOVELTY_ROWS = 32  # logits rows computed at once for per-token novelty (bounds that buffer: 32 x vocab floats)
 
 
