@@ -32,6 +32,12 @@ typedef struct {
 } att_ctx;
 
 static int max_rows(const att_ctx *c) { return c->qt * c->gs; }
+/* Smallest and largest position of a key tile: decides whether the tile is skipped, masked or fully visible */
+static inline void pos_span(const int32_t *pos, int cnt, int32_t *pmin, int32_t *pmax) {
+    *pmin = *pmax = pos[0];
+    for (int t = 1; t < cnt; t++) *pmin = pos[t] < *pmin ? pos[t] : *pmin, *pmax = pos[t] > *pmax ? pos[t] : *pmax;
+}
+
 static size_t part_floats(const att_ctx *c) { return (size_t)max_rows(c) * (c->hd + 2); }
 
 static size_t workspace_floats(const att_ctx *c) {
@@ -64,9 +70,8 @@ static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, i
         const char *kh = (const char *)B->k + (size_t)g * B->cap * rb, *vh = (const char *)B->v + (size_t)g * B->cap * rb;
         for (long j = j0; j < j1; j += EL_KT) {
             int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
-            int32_t pmin = B->pos[j], pmax = B->pos[j];
-            for (int t = 1; t < cnt; t++)
-                pmin = B->pos[j + t] < pmin ? B->pos[j + t] : pmin, pmax = B->pos[j + t] > pmax ? B->pos[j + t] : pmax;
+            int32_t pmin, pmax;
+            pos_span(B->pos + j, cnt, &pmin, &pmax);
             if (pmin > qmax) continue;
             el_kern->attend_lanes(&L, B->dtype, kh + j * rb, vh + j * rb, rb, B->pos + j, cnt, pmax > qmin);
         }
@@ -115,11 +120,9 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
         const int quant = el_is_quant(B->dtype);
         for (long j = j0; j < j1; j += EL_KT) {
             int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
-            int32_t pmin = B->pos[j], pmax = B->pos[j];
-            for (int t = 0; t < cnt; t++) {
-                idx[t] = (int)(j + t);
-                pmin = B->pos[j + t] < pmin ? B->pos[j + t] : pmin, pmax = B->pos[j + t] > pmax ? B->pos[j + t] : pmax;
-            }
+            int32_t pmin, pmax;
+            pos_span(B->pos + j, cnt, &pmin, &pmax);
+            for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
             if (pmin > qmax) continue;   /* no query of the tile sees any of these keys */
             int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
             if (quant) {   /* both planes at once, then summed */
