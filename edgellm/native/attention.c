@@ -32,6 +32,17 @@ typedef struct {
 } att_ctx;
 
 static int max_rows(const att_ctx *c) { return c->qt * c->gs; }
+/* The rows [j0, j1) of block B that fall in the global key range [k0, k1) (B's first key is number `base`),
+ * and kv head g's K and V rows (rb bytes each) */
+static inline void block_slice(const el_kvblock *B, int g, int hd, long base, long k0, long k1, long *j0, long *j1,
+                               size_t *rb, const char **kh, const char **vh) {
+    *j0 = k0 > base ? k0 - base : 0;
+    *j1 = k1 - base < B->n ? k1 - base : B->n;
+    *rb = el_row_bytes(B->dtype, hd);
+    *kh = (const char *)B->k + (size_t)g * B->cap * *rb;
+    *vh = (const char *)B->v + (size_t)g * B->cap * *rb;
+}
+
 /* Smallest and largest position of a key tile: decides whether the tile is skipped, masked or fully visible */
 static inline void pos_span(const int32_t *pos, int cnt, int32_t *pmin, int32_t *pmax) {
     *pmin = *pmax = pos[0];
@@ -65,9 +76,10 @@ static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, i
     long base = 0;
     for (int bi = 0; bi < c->n_blocks && base < k1; base += c->blocks[bi].n, bi++) {
         const el_kvblock *B = &c->blocks[bi];
-        long j0 = k0 > base ? k0 - base : 0, j1 = k1 - base < B->n ? k1 - base : B->n;
-        size_t rb = el_row_bytes(B->dtype, hd);
-        const char *kh = (const char *)B->k + (size_t)g * B->cap * rb, *vh = (const char *)B->v + (size_t)g * B->cap * rb;
+        long j0, j1;
+        size_t rb;
+        const char *kh, *vh;
+        block_slice(B, g, hd, base, k0, k1, &j0, &j1, &rb, &kh, &vh);
         for (long j = j0; j < j1; j += EL_KT) {
             int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
             int32_t pmin, pmax;
@@ -114,9 +126,10 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
     long base = 0;
     for (int bi = 0; bi < c->n_blocks && base < k1; base += c->blocks[bi].n, bi++) {
         const el_kvblock *B = &c->blocks[bi];
-        long j0 = k0 > base ? k0 - base : 0, j1 = k1 - base < B->n ? k1 - base : B->n;
-        size_t rb = el_row_bytes(B->dtype, hd);
-        const char *kh = (const char *)B->k + (size_t)g * B->cap * rb, *vh = (const char *)B->v + (size_t)g * B->cap * rb;
+        long j0, j1;
+        size_t rb;
+        const char *kh, *vh;
+        block_slice(B, g, hd, base, k0, k1, &j0, &j1, &rb, &kh, &vh);
         const int quant = el_is_quant(B->dtype);
         for (long j = j0; j < j1; j += EL_KT) {
             int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
