@@ -59,11 +59,27 @@ def cmd_bench(args) -> None:
 def cmd_bench_passkey(args) -> None:
     from edgellm.cli.passkey import HEADER, run_table
     from edgellm.runtime.registry import DEFAULT_MODEL
-    print(f"passkey retrieval, budget {args.budget} tokens, kv {args.kv_dtype}, depths {args.depths}")
+    options = dict(args.kv)
+    extra = "".join(f", {k}={v}" for k, v in options.items())
+    print(f"passkey retrieval, budget {args.budget} tokens, kv {args.kv_dtype}{extra}, depths {args.depths}")
     print(HEADER)
     print("|---|---|---|---|---|---|---|", flush=True)
     run_table(args.model or DEFAULT_MODEL, args.lengths, args.policies, args.depths, args.budget, args.kv_dtype,
-              args.threads, args.text, progress=sys.stdout)
+              args.threads, args.text, progress=sys.stdout, kv_options=options)
+
+
+def kv_option(text: str) -> tuple[str, object]:
+    """FIELD=VALUE for a KVConfig field other than policy/budget/kv_dtype, VALUE read as that field's type."""
+    from dataclasses import fields
+    from edgellm.kv.config import KVConfig
+    name, _, value = text.partition("=")
+    kinds = {f.name: f.default for f in fields(KVConfig) if f.name not in ("policy", "budget", "kv_dtype")}
+    if not value or name not in kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: give FIELD=VALUE with FIELD one of {', '.join(kinds)}")
+    default = kinds[name]
+    if isinstance(default, bool):
+        return name, value.lower() in ("1", "true", "yes")
+    return name, type(default)(value) if default is not None else value
 
 
 def positive_int(text: str) -> int:
@@ -121,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", default=["full", "window", "infinipot"], choices=POLICIES)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], metavar="D")
     p.add_argument("--budget", type=positive_int, default=1024, metavar="TOKENS")
+    p.add_argument("--kv", type=kv_option, action="append", default=[], metavar="FIELD=VALUE",
+                   help="another KVConfig field for the budget policies, e.g. --kv alpha=0.25 --kv pool=1")
     common.add_load_flags(p)
     p.set_defaults(func=cmd_bench_passkey)
     return parser

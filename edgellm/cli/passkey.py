@@ -38,7 +38,8 @@ def passkey_prompt(tokenize, haystack: str, n_tokens: int, depth: float, key: in
 def run_case(spec: dict) -> dict:
     """One policy and length over every depth, in this process."""
     import edgellm
-    kv = edgellm.KVConfig(policy=spec["policy"], budget=spec["budget"], kv_dtype=spec["kv_dtype"])
+    options = spec.get("kv_options", {}) if spec["policy"] != "full" else {}
+    kv = edgellm.KVConfig(policy=spec["policy"], budget=spec["budget"], kv_dtype=spec["kv_dtype"], **options)
     llm = edgellm.LLM(spec["model"], n_threads=spec["threads"], kv=kv,
                       **({"n_ctx": spec["length"] + DECODE_TOKENS} if spec["policy"] == "full" else {}))
     haystack = open(spec["text"]).read() if spec["text"] else FILLER
@@ -58,12 +59,12 @@ def run_case(spec: dict) -> dict:
 
 
 def run_table(model, lengths, policies, depths, budget, kv_dtype="f16", threads=None, text=None, seed=0,
-              window=8192, progress=sys.stderr) -> list[dict]:
+              window=8192, progress=sys.stderr, kv_options=None) -> list[dict]:
     rows = []
     for length in lengths:
         for policy in policies:
             spec = dict(model=model, policy=policy, length=length, depths=depths, budget=budget, kv_dtype=kv_dtype,
-                        threads=threads, text=text, seed=seed)
+                        threads=threads, text=text, seed=seed, kv_options=kv_options or {})
             row = dict(length=length, policy=policy)
             if policy == "full" and length + DECODE_TOKENS > window:
                 row["skipped"] = f"beyond the model's {window}-token window"

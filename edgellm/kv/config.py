@@ -31,6 +31,7 @@ class KVConfig:
     query_aware: bool = False         # infinipot: put the end of the prompt (the question) into the catalyst
     query_tokens: int = 64            # how many final prompt tokens count as the question
     cap_reduce: str = "max"           # infinipot: CaP score = max or sum over catalyst tokens
+    pool: int = 5                     # infinipot: scores max-pooled over this many neighbours (keeps spans whole)
     h2o_recent_ratio: float = 0.5
     snapkv_window: int = 32
     snapkv_kernel: int = 5
@@ -46,6 +47,7 @@ class KVConfig:
             (0 <= self.alpha <= 1, "alpha must be in [0, 1]"),
             (self.sink >= 0 and self.query_tokens > 0, "sink must be >= 0 and query_tokens > 0"),
             (self.cap_reduce in ("max", "sum"), "cap_reduce must be 'max' or 'sum'"),
+            (self.pool >= 1, "pool must be >= 1"),
             (0 <= self.h2o_recent_ratio <= 1, "h2o_recent_ratio must be in [0, 1]"),
             (self.snapkv_window > 0 and self.snapkv_kernel > 0, "snapkv_window and snapkv_kernel must be > 0"),
         ]

@@ -92,17 +92,17 @@ class InfiniPotPolicy(Policy):
     the rest per head to the catalyst prompt's attention (CaP); positions re-assigned (CR-RoPE)."""
     name, reposition, needs = "infinipot", True, frozenset({"catalyst_mass", "novelty"})
 
-    def __init__(self, alpha: float = 0.5, sink: int = 4):
-        self.alpha, self.sink = alpha, sink
+    def __init__(self, alpha: float = 0.5, sink: int = 4, pool: int = 1):
+        self.alpha, self.sink, self.pool = alpha, sink, pool
 
     def select(self, s, keep):
         sink = min(self.sink, keep)
         is_sink = np.arange(s.n) < sink
         n_nuc = min(int(round(self.alpha * (keep - sink))), keep - sink)
-        nuc = _top(s.novelty.mean(axis=0), n_nuc, is_sink)  # heads hold copies of the same per-token novelty
+        nuc = _top(_max_pool(s.novelty.mean(axis=0), self.pool), n_nuc, is_sink)  # heads hold copies of the same per-token novelty
         taken = is_sink.copy()
         taken[nuc] = True
-        cap = _top(s.catalyst_mass, keep - sink - n_nuc, np.broadcast_to(taken, s.catalyst_mass.shape))
+        cap = _top(_max_pool(s.catalyst_mass, self.pool), keep - sink - n_nuc, np.broadcast_to(taken, s.catalyst_mass.shape))
         fixed = np.broadcast_to(np.r_[np.arange(sink), nuc], (s.n_head_kv, sink + n_nuc))
         return np.sort(np.concatenate([fixed, cap], axis=1), axis=1)
 
@@ -115,6 +115,14 @@ def _avg_pool(x: np.ndarray, k: int) -> np.ndarray:
     return (c[..., hi] - c[..., lo]) / (hi - lo)
 
 
+def _max_pool(x: np.ndarray, k: int) -> np.ndarray:
+    """Max over a centred window of k entries along the last axis (k=1: x itself)."""
+    if k <= 1:
+        return x
+    pad = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(k // 2, k - 1 - k // 2)], constant_values=-np.inf)
+    return np.lib.stride_tricks.sliding_window_view(pad, k, axis=-1).max(axis=-1)
+
+
 def make_policy(cfg) -> Policy | None:
     """The policy object for a KVConfig (None for 'full', which never evicts)."""
     if cfg.policy == "full":
@@ -125,4 +133,4 @@ def make_policy(cfg) -> Policy | None:
         return H2OPolicy(cfg.h2o_recent_ratio)
     if cfg.policy == "snapkv":
         return SnapKVPolicy(cfg.snapkv_window, cfg.snapkv_kernel)
-    return InfiniPotPolicy(cfg.alpha, cfg.sink)
+    return InfiniPotPolicy(cfg.alpha, cfg.sink, cfg.pool)
