@@ -16,6 +16,13 @@ def test_model_is_optional_before_the_prompt():
     assert (args.model, args.prompt, args.max_tokens) == ("m.gguf", "hello", 3)
 
 
+def test_bench_passkey_takes_kv_fields():
+    args = build_parser().parse_args(["bench-passkey", "--kv", "alpha=0.25", "--kv", "pool=1", "--kv", "query_aware=true"])
+    assert dict(args.kv) == {"alpha": 0.25, "pool": 1, "query_aware": True}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench-passkey", "--kv", "nonsense=3"])
+
+
 class SharedLLM:
     """One loaded model lent to every in-process command (loading takes seconds): `close` is a
     no-op, and the message lists sent to `chat` are recorded."""

@@ -22,8 +22,12 @@ def _rand_scores(seed):
 
 
 def _best(scores, k, allowed):
-    """Brute force: the k allowed indices of highest score (scores distinct)."""
-    return sorted(sorted((i for i in range(len(scores)) if allowed[i]), key=lambda i: -scores[i])[:k])
+    """Brute force: the k allowed indices of highest score, ties to the later entry."""
+    return sorted(sorted((i for i in range(len(scores)) if allowed[i]), key=lambda i: (-scores[i], -i))[:k])
+
+
+def _loop_max_pool(x, k):
+    return [max(x[max(0, j - k // 2):j - k // 2 + k]) for j in range(len(x))]
 
 
 def _check_shape(idx):
@@ -68,13 +72,15 @@ def test_avg_pool_matches_loops():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_infinipot_brute_force(seed):
+@pytest.mark.parametrize("pool", [1, 2, 5])
+def test_infinipot_brute_force(seed, pool):
     s = _rand_scores(seed)
-    idx = InfiniPotPolicy(alpha=0.5, sink=2).select(s, KEEP)
+    idx = InfiniPotPolicy(alpha=0.5, sink=2, pool=pool).select(s, KEEP)
     _check_shape(idx)
-    nuc = _best(s.novelty[0], 7, [i >= 2 for i in range(N)])  # round(0.5 * 14) slots by novelty, shared
+    # round(0.5 * 14) slots by (pooled) novelty, shared by the heads; pooled ties go to the later entry
+    nuc = _best(_loop_max_pool(s.novelty[0], pool), 7, [i >= 2 for i in range(N)])
     for h in range(H):
-        cap = _best(s.catalyst_mass[h], KEEP - 2 - 7, [i >= 2 and i not in nuc for i in range(N)])
+        cap = _best(_loop_max_pool(s.catalyst_mass[h], pool), KEEP - 2 - 7, [i >= 2 and i not in nuc for i in range(N)])
         assert list(idx[h]) == sorted([0, 1] + nuc + cap)
 
 

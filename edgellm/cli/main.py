@@ -6,9 +6,10 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import fields
 
 from edgellm.cli import common
-from edgellm.kv.config import POLICIES
+from edgellm.kv.config import POLICIES, KVConfig
 from edgellm.cli.bench import format_bench, run_bench
 from edgellm.cli.chat import repl
 from edgellm.cli.info import format_info, memory_estimate
@@ -70,8 +71,6 @@ def cmd_bench_passkey(args) -> None:
 
 def kv_option(text: str) -> tuple[str, object]:
     """FIELD=VALUE for a KVConfig field other than policy/budget/kv_dtype, VALUE read as that field's type."""
-    from dataclasses import fields
-    from edgellm.kv.config import KVConfig
     name, _, value = text.partition("=")
     kinds = {f.name: f.default for f in fields(KVConfig) if f.name not in ("policy", "budget", "kv_dtype")}
     if not value or name not in kinds:

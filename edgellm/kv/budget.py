@@ -88,9 +88,24 @@ class BudgetKVCache(KVCache):
         n = self.n_tokens[layer]
         super().append(layer, k, v, pos)
         if self._probe_len is None and not self._rebuilding:
-            self.origin[layer][:, n:n + len(k)] = np.arange(self.n_seen, self.n_seen + len(k))
-            if layer == self.n_layer - 1:
-                self.n_seen += len(k)
+            self._record_origin(layer, n, len(k))
+
+    def _record_origin(self, layer: int, n0: int, m: int) -> None:
+        self.origin[layer][:, n0:n0 + m] = np.arange(self.n_seen, self.n_seen + m)
+        if layer == self.n_layer - 1:
+            self.n_seen += m
+
+    def step_blocks(self, n: int) -> int:
+        # the one-call step skips attend's scoring hooks: only when no score is gathered per step
+        if self._probe_len is not None or self.history is not None or "window_mass" in self.policy.needs:
+            return 0
+        return super().step_blocks(n)
+
+    def stepped(self, n: int) -> None:
+        n0 = len(self)
+        super().stepped(n)
+        for layer in range(self.n_layer):
+            self._record_origin(layer, n0, n)
 
     def record_novelty(self, nov: np.ndarray) -> None:
         """Per-token novelty of the tokens just appended to every layer."""

@@ -62,6 +62,7 @@ class KVCache(GrowingCache):
         self._max_blocks = -(-max_tokens // block_size)
         self.rotated = self.dtype in (GGMLType.Q8_0, GGMLType.Q4_0) and head_dim & (head_dim - 1) == 0
         self._descs = [ffi.new("el_kvblock[]", self._max_blocks) for _ in range(n_layer)]
+        self.desc_table = ffi.new("el_kvblock *[]", self._descs)  # every layer's descriptors, for el_forward_layers
         self.reset()
 
     # -- state -------------------------------------------------------------------------------
@@ -101,23 +102,54 @@ class KVCache(GrowingCache):
         k, v = np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32)
         pos = np.ascontiguousarray(pos, np.int32)
         pk, pv, pp = ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v), ffi.from_buffer("int32_t[]", pos)
-        blocks, descs, row, i = self.blocks[layer], self._descs[layer], H * hd, 0
+        row, i = H * hd, 0
         while i < n:
-            tail = blocks[-1] if blocks and blocks[-1].dtype == GGMLType.F16 and blocks[-1].n < bs else None
-            if tail is None:
-                tail = self._new_tail(layer)
-                self._describe(layer, len(blocks) - 1)
-            d = descs[len(blocks) - 1]
+            tail = self._tail(layer)
+            d = self._descs[layer][len(self.blocks[layer]) - 1]
             m = min(n - i, bs - tail.n)
             lib.el_kv_append(pk + i * row, pv + i * row, pp + i, m, H, hd, self.rotated, d.k, d.v, d.pos, tail.n, bs)
             tail.n += m
             i += m
-            if tail.n == bs and self.dtype != GGMLType.F16:
-                blocks[-1] = self._quantize(tail)
-                self._describe(layer, len(blocks) - 1)
-            else:
-                d.n = tail.n
+            self._grew(layer, tail)
         self.n_tokens[layer] += n
+
+    def _tail(self, layer: int) -> KVBlock:
+        """The layer's f16 tail block with room, made (and described) when there is none."""
+        blocks = self.blocks[layer]
+        if blocks and blocks[-1].dtype == GGMLType.F16 and blocks[-1].n < self.block_size:
+            return blocks[-1]
+        tail = self._new_tail(layer)
+        self._describe(layer, len(blocks) - 1)
+        return tail
+
+    def _grew(self, layer: int, tail: KVBlock) -> None:
+        """Rows were written into the tail: a full tail of a quantized cache is quantized once, else the
+        descriptor gets the new count."""
+        i = len(self.blocks[layer]) - 1
+        if tail.n == self.block_size and self.dtype != GGMLType.F16:
+            self.blocks[layer][i] = self._quantize(tail)
+            self._describe(layer, i)
+        else:
+            self._descs[layer][i].n = tail.n
+
+    # -- one C step for every layer (el_forward_layers) ----------------------------------------
+    def step_blocks(self, n: int) -> int:
+        """How many blocks each layer has when n tokens can go through el_forward_layers (every layer's f16 tail
+        has room for them; fresh tails are made where needed), else 0 (the per-layer path takes them)."""
+        # a quantized cache's tail must not fill here: the per-layer path quantizes it before attending
+        room, counts = self.block_size - (self.dtype != GGMLType.F16), set(self.n_tokens)
+        if n > room or len(counts) != 1 or counts.pop() + n > self.max_tokens:
+            return 0
+        tails = [self._tail(layer) for layer in range(self.n_layer)]
+        return len(self.blocks[0]) if all(t.n + n <= room for t in tails) else 0
+
+    def stepped(self, n: int) -> None:
+        """el_forward_layers appended n tokens to every layer's tail (its descriptor holds the new count)."""
+        for layer in range(self.n_layer):
+            tail = self.blocks[layer][-1]
+            tail.n = self._descs[layer][len(self.blocks[layer]) - 1].n
+            self._grew(layer, tail)
+            self.n_tokens[layer] += n
 
     def _quantize(self, blk: KVBlock) -> KVBlock:
         """Convert a full f16 block to the cache dtype, once."""

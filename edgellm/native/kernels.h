@@ -73,6 +73,31 @@ void el_attn_in(const float *x, int n, int dim, const float *norm, float eps,
 void el_attn_out_mlp(float *x, const float *att, int n, int dim, const el_weight *wo, const float *norm, float eps,
                      const el_weight *gate, const el_weight *up, const el_weight *down, float *h, float *g, float *u);
 
+/* One layer's weights for el_forward_layers. */
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    const el_weight *wq, *wk, *wv, *wo, *gate, *up, *down;
+} el_layer_w;
+
+typedef struct {
+    int n_layer, dim, n_head, n_kv_head, head_dim, rope_dim, neox;
+    float eps, rope_base, scale;
+    const el_layer_w *layers;
+} el_model;
+
+/* Scratch of a step: h, x-sized; q, att [n][n_head * head_dim]; k, v [n][n_kv_head * head_dim]; lse [n][n_head];
+ * g, u [n][n_ff]. */
+typedef struct {
+    float *h, *q, *k, *v, *att, *lse, *g, *u;
+} el_buffers;
+
+/* n tokens at positions pos through every layer, x [n][dim] in place, each layer's K/V appended to its tail block
+ * descs[l][n_blocks - 1] (f16, and rotated first when `rotate`, as KVCache stores them) and attention over its
+ * n_blocks blocks (q rotated in and the output back when `rotate`). Exactly the per-layer calls of the Python
+ * backend. Returns -1 and changes nothing unless every layer's tail is f16 with room for n more tokens. */
+int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
+                      float *x, const el_buffers *b);
+
 /* ---- internal ---- */
 #define EL_QK 32
 

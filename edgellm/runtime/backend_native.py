@@ -39,6 +39,13 @@ class NativeBackend:
                         _fptr(fn), *(self.layers[i][k].weight() for k in ("wo", "w_gate", "w_up", "w_down")))
                        for i, (an, fn) in enumerate(self.norms)]
         self._pos = (None, None)
+        self._layer_w = ffi.new("el_layer_w[]", [
+            {"attn_norm": f[0], "wq": f[1], "wk": f[2], "wv": f[3], "ffn_norm": f[4], "wo": f[5], "gate": f[6],
+             "up": f[7], "down": f[8]} for f in self._fused])
+        self._model = ffi.new("el_model *", {
+            "n_layer": cfg.n_layer, "dim": cfg.n_embd, "n_head": cfg.n_head, "n_kv_head": cfg.n_head_kv,
+            "head_dim": cfg.head_dim, "rope_dim": cfg.rope_dim, "neox": cfg.rope_neox, "eps": cfg.norm_eps,
+            "rope_base": cfg.rope_base, "scale": 1.0 / np.sqrt(cfg.head_dim), "layers": self._layer_w})
         self.out_norm = w.out_norm
         self.embd, self.output = _Matrix(w.token_embd), _Matrix(w.output)
         self.scale = 1.0 / np.sqrt(cfg.head_dim)
@@ -63,6 +70,7 @@ class NativeBackend:
             self.g = np.empty((n, c.n_ff), np.float32)
             self.u = np.empty((n, c.n_ff), np.float32)
             self.p = {name: _fptr(getattr(self, name)) for name in ("x", "h", "q", "k", "v", "att", "lse", "g", "u")}
+            self._bufs = ffi.new("el_buffers *", {name: self.p[name] for name in ("h", "q", "k", "v", "att", "lse", "g", "u")})
             self._views = {}
 
     def _views_for(self, n: int):
@@ -84,6 +92,19 @@ class NativeBackend:
         lib.el_get_rows(self.embd.ptr, self.embd.type, self.embd.cols,
                         ffi.cast("int32_t *", ids.ctypes.data), n, self.p["x"])
         return self.x[:n]
+
+    def step(self, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> bool:
+        """Every layer in one C call (el_forward_layers) when the cache can take the tokens that way; False when
+        the caller must go layer by layer."""
+        n = x.shape[0]
+        n_blocks = cache.step_blocks(n)
+        if not n_blocks:
+            return False
+        if lib.el_forward_layers(self._model, cache.desc_table, n_blocks, cache.rotated,
+                                 ffi.cast("int32_t *", pos.ctypes.data), n, self.p["x"], self._bufs):
+            raise RuntimeError("el_forward_layers refused a step the cache had checked")
+        cache.stepped(n)
+        return True
 
     def layer(self, i: int, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> None:
         """Two fused C steps around the KV manager: norm + QKV + RoPE, then (append, attend), then o-proj + residual +

@@ -63,6 +63,9 @@ class NumpyBackend:
     def embed(self, ids):
         return self._mat(self.w.token_embd)[ids].copy()
 
+    def step(self, x, pos, cache) -> bool:
+        return False  # the reference goes layer by layer
+
     def layer(self, i, x, pos, cache):
         c, lw = self.cfg, self.w.layers[i]
         n = x.shape[0]

@@ -90,8 +90,9 @@ class Model:
     def _run(self, ids: np.ndarray, cache) -> np.ndarray:
         pos = np.arange(cache.next_pos, cache.next_pos + ids.size, dtype=np.int32)
         x = self.backend.embed(ids)
-        for layer in range(self.config.n_layer):
-            self.backend.layer(layer, x, pos, cache)
+        if not self.backend.step(x, pos, cache):
+            for layer in range(self.config.n_layer):
+                self.backend.layer(layer, x, pos, cache)
         return x
 
     def _compact(self, cache) -> None:

@@ -1,0 +1,33 @@
+/* A forward step through every layer in one call: the per-layer calls the Python backend would make
+ * (el_attn_in, el_kv_append into the tail block, el_attention, el_attn_out_mlp), with the same numerics,
+ * minus ~30 Python round trips per token. */
+#include "kernels.h"
+
+static int tails_have_room(el_kvblock *const *descs, int n_layer, int n_blocks, int n) {
+    for (int l = 0; l < n_layer; l++) {
+        const el_kvblock *t = &descs[l][n_blocks - 1];
+        if (t->dtype != EL_F16 || t->n + n > t->cap) return 0;
+    }
+    return 1;
+}
+
+int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
+                      float *x, const el_buffers *b) {
+    if (n <= 0 || n_blocks <= 0 || !tails_have_room(descs, m->n_layer, n_blocks, n)) return -1;
+    const int H = m->n_head, G = m->n_kv_head, hd = m->head_dim;
+    for (int l = 0; l < m->n_layer; l++) {
+        const el_layer_w *L = &m->layers[l];
+        el_attn_in(x, n, m->dim, L->attn_norm, m->eps, L->wq, L->wk, L->wv, pos, H, G, hd, m->rope_dim, m->rope_base,
+                   m->neox, b->h, b->q, b->k, b->v);
+        el_kvblock *tail = &descs[l][n_blocks - 1];
+        /* the descriptor's arrays are the cache's own writable tail (KVCache keeps them f16 and current) */
+        el_kv_append(b->k, b->v, pos, n, G, hd, rotate, (void *)tail->k, (void *)tail->v, (int32_t *)tail->pos, tail->n,
+                     tail->cap);
+        tail->n += n;
+        if (rotate) el_hadamard(b->q, (long)n * H, hd);
+        el_attention(b->q, n, pos, H, G, hd, m->scale, descs[l], n_blocks, b->att, b->lse);
+        if (rotate) el_hadamard(b->att, (long)n * H, hd);
+        el_attn_out_mlp(x, b->att, n, m->dim, L->wo, L->ffn_norm, m->eps, L->gate, L->up, L->down, b->h, b->g, b->u);
+    }
+    return 0;
+}
