@@ -330,6 +330,8 @@ def test_fused_layer_steps_equal_unfused(simd, threads, t, n):
               "gate": (ff, dim), "up": (ff, dim), "down": (dim, ff)}
     Ws = {name: random_weights(t, r, c, rng) for name, (r, c) in shapes.items()}
     ws = {name: _weight(Ws[name], t, *shapes[name]) for name in shapes}
+    for w in ws.values():   # the fused steps would repack on first use: both sides take the same kernels
+        lib.el_weight_prepare(w)
     x0 = rng.standard_normal((n, dim)).astype(np.float32)
     an, fn = rng.standard_normal(dim).astype(np.float32), rng.standard_normal(dim).astype(np.float32)
     pos = np.arange(50, 50 + n, dtype=np.int32)
@@ -337,7 +339,7 @@ def test_fused_layer_steps_equal_unfused(simd, threads, t, n):
 
     def mm(name, X, Y):
         r, c = shapes[name]
-        lib.el_matmul(N.ffi.from_buffer(Ws[name]), int(t), r, c, _fp(X), n, _fp(Y), r)
+        lib.el_matmul(N.ffi.from_buffer(Ws[name]), ws[name].type, r, c, _fp(X), n, _fp(Y), r)
 
     # unfused: the sequence NativeBackend.layer ran before the fused steps
     x, h = x0.copy(), np.empty((n, dim), np.float32)
