@@ -177,11 +177,19 @@ INLINE void group_dots(int type, const uint8_t *qs, const el_block_q8a *const *a
                                                 _mm256_madd_epi16(_mm256_hadd_epi16(h[j][2], h[j][3]), ones));
 }
 
-/* f16 p[0..cnt-1] as floats, 0 past cnt (a tail group must not read past its row) */
-INLINE __m256 f16x8(const uint16_t *p, int cnt) {
-    if (cnt == RG) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+/* pshufb controls: from byte 2 * (RG - cnt) on, move a row's last RG f16 down by RG - cnt lanes, zeros above */
+static const uint8_t shift_down[32] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 128, 128, 128, 128, 128, 128,
+                                       128, 128, 128, 128, 128, 128, 128, 128, 128, 128};
+
+/* f16 v[b..b+cnt-1] of a row's nb as floats, 0 past cnt: a tail group (cnt < RG) must not read past the row, so it
+ * shifts the row's last RG values down */
+INLINE __m256 f16x8(const uint16_t *v, int b, int cnt, int nb) {
+    if (cnt == RG) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + b)));
+    if (nb >= RG)
+        return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(v + nb - RG)),
+                                                _mm_loadu_si128((const __m128i *)(shift_down + 2 * (RG - cnt)))));
     uint16_t tmp[RG] = {0};
-    for (int k = 0; k < cnt; k++) tmp[k] = p[k];
+    for (int k = 0; k < cnt; k++) tmp[k] = v[b + k];
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp));
 }
 
@@ -190,40 +198,69 @@ INLINE __m256 f16x8(const uint16_t *p, int cnt) {
 INLINE void rgroup(int type, const uint8_t *row, int nb, int b, int cnt, const el_block_q8a *const *a,
                    const float *const *ds, int NT, __m256 *acc) {
     const size_t qb = type == EL_Q8_0R ? 32 : 16;
-    const uint16_t *d16 = (const uint16_t *)(row + nb * qb) + b;
+    const uint16_t *d16 = (const uint16_t *)(row + nb * qb);
     const el_block_q8a *ab[TT];
     __m256i dots[TT];
     for (int j = 0; j < NT; j++) ab[j] = a[j] + b;
     group_dots(type, row + b * qb, ab, NT, cnt, dots);
-    __m256 dw = f16x8(d16, cnt);
-    __m256 c = type == EL_Q4_1R ? f16x8(d16 + nb, cnt) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+    __m256 dw = f16x8(d16, b, cnt, nb);
+    __m256 c = type == EL_Q4_1R ? f16x8(d16 + nb, b, cnt, nb) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
     for (int j = 0; j < NT; j++) {
         acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[j]), _mm256_mul_ps(dw, _mm256_loadu_ps(ds[j] + b)), acc[j]);
         if (type != EL_Q8_0R) acc[j] = _mm256_fmadd_ps(c, _mm256_loadu_ps(ds[j] + el_ds_blocks(nb) + b), acc[j]);
     }
 }
 
-/* tile() for repacked W: row by row, each unpacked weight pair feeding the NT act rows, whose activations stay in
- * L1 for the tile's rows (loaded as memory operands: keeping them in registers would save no instruction) */
-INLINE void rtile(int type, const el_mm *m, int r, int t, int NR, int NT) {
+#define TAIL(c) \
+    case c: rgroup(type, row, nb, b, c, a, ds, NT, acc); break;
+
+/* acc[j] += one row's blocks with act rows j; the tail group's size is a constant of its case, so its loads and
+ * reductions unroll like a full group's instead of branching per pair */
+INLINE void rrow(int type, const uint8_t *row, int nb, const el_block_q8a *const *a, const float *const *ds, int NT,
+                 __m256 *acc) {
+    int b = 0;
+    for (; b + RG <= nb; b += RG) rgroup(type, row, nb, b, RG, a, ds, NT, acc);
+    switch (nb - b) { TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) }
+}
+#undef TAIL
+
+#define RS 16   /* rows per slab: the slab's weights stay in L1 while the token chunk passes over them */
+
+/* Y rows r0..r1-1 of act rows t..t+NT-1 for repacked W, rows in fours (one hsum4 each). Each unpacked weight pair
+ * feeds the NT act rows; activations are memory operands, read from L1 for every row (holding them in registers
+ * would save no instruction). */
+INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT) {
     const int nb = m->cols / EL_QK;
+    const size_t rb = m->row_bytes;
     const el_block_q8a *a[TT];
     const float *ds[TT];
     for (int j = 0; j < NT; j++) {
         a[j] = (const el_block_q8a *)m->act + (size_t)(t + j) * nb;
         ds[j] = m->act_ds + (size_t)(t + j) * 2 * el_ds_blocks(nb);
     }
+    const uint8_t *row = m->W + (size_t)r0 * rb;
     __m256 acc[TR][TT];
-    for (int i = 0; i < NR; i++) {
-        const uint8_t *row = m->W + (size_t)(r + i) * m->row_bytes;
-        __m256 s[TT];
-        for (int j = 0; j < NT; j++) s[j] = _mm256_setzero_ps();
-        int b = 0;
-        for (; b + RG <= nb; b += RG) rgroup(type, row, nb, b, RG, a, ds, NT, s);
-        if (b < nb) rgroup(type, row, nb, b, nb - b, a, ds, NT, s);
-        for (int j = 0; j < NT; j++) acc[i][j] = s[j];
+    for (int r = r0; r < r1;) {
+        const int nr = r1 - r < TR ? 1 : TR;
+        for (int i = 0; i < nr; i++, row += rb) {
+            for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();
+            rrow(type, row, nb, a, ds, NT, acc[i]);
+        }
+        if (nr == TR) tile_store(m, r, t, TR, NT, acc, NULL, NULL);
+        else tile_store(m, r, t, 1, NT, acc, NULL, NULL);
+        r += nr;
     }
-    tile_store(m, r, t, NR, NT, acc, NULL, NULL);
+}
+
+INLINE void rmm_rows(int type, const el_mm *m, int r0, int r1) {
+    for (int t0 = 0; t0 < m->n; t0 += TC) {
+        int t1 = t0 + TC < m->n ? t0 + TC : m->n;
+        for (int rs = r0; rs < r1; rs += RS) {
+            int re = rs + RS < r1 ? rs + RS : r1, t = t0;
+            for (; t + TT <= t1; t += TT) rrows(type, m, rs, re, t, TT);
+            if (t < t1) rrows(type, m, rs, re, t, 1);
+        }
+    }
 }
 
 /* ---------------- matmul, GGUF blocks ---------------- */
@@ -242,10 +279,6 @@ INLINE void tile_scales(int type, const el_mm *m, int r, int NR, int nb, float *
 
 /* Y for rows r..r+NR-1 x tokens t..t+NT-1: each unpacked weight block feeds NT tokens, each activation block NR rows */
 INLINE void tile(int type, const el_mm *m, int r, int t, int NR, int NT, int nb, const float *sc) {
-    if (el_is_repacked(type)) {
-        rtile(type, m, r, t, NR, NT);
-        return;
-    }
     const size_t bb = block_bytes(type);
     const el_block_q8a *act = (const el_block_q8a *)m->act + (size_t)t * nb;
     const uint8_t *row = m->W + (size_t)r * m->row_bytes;
@@ -284,13 +317,13 @@ INLINE void qmm_rows(int type, const el_mm *m, int r0, int r1, float *sc) {
         int t1 = t0 + TC < m->n ? t0 + TC : m->n;
         int r = r0;
         for (; r + TR <= r1; r += TR) {
-            if (!el_is_repacked(type)) tile_scales(type, m, r, TR, nb, sc);
+            tile_scales(type, m, r, TR, nb, sc);
             int t = t0;
             for (; t + TT <= t1; t += TT) tile(type, m, r, t, TR, TT, nb, sc);
             if (t < t1) tile(type, m, r, t, TR, 1, nb, sc);
         }
         for (; r < r1; r++) {
-            if (!el_is_repacked(type)) tile_scales(type, m, r, 1, nb, sc);
+            tile_scales(type, m, r, 1, nb, sc);
             int t = t0;
             for (; t + TT <= t1; t += TT) tile(type, m, r, t, 1, TT, nb, sc);
             if (t < t1) tile(type, m, r, t, 1, 1, nb, sc);
@@ -299,10 +332,10 @@ INLINE void qmm_rows(int type, const el_mm *m, int r0, int r1, float *sc) {
 }
 
 static void mm_rows_avx2(const el_mm *m, int r0, int r1) {
-    switch (m->wtype) {   /* repacked: no tile scales */
-    case EL_Q4_0R: qmm_rows(EL_Q4_0R, m, r0, r1, NULL); return;
-    case EL_Q4_1R: qmm_rows(EL_Q4_1R, m, r0, r1, NULL); return;
-    case EL_Q8_0R: qmm_rows(EL_Q8_0R, m, r0, r1, NULL); return;
+    switch (m->wtype) {
+    case EL_Q4_0R: rmm_rows(EL_Q4_0R, m, r0, r1); return;
+    case EL_Q4_1R: rmm_rows(EL_Q4_1R, m, r0, r1); return;
+    case EL_Q8_0R: rmm_rows(EL_Q8_0R, m, r0, r1); return;
     }
     static _Thread_local float *sc;   /* per-thread tile scales, grown as needed */
     static _Thread_local int sc_blocks;
