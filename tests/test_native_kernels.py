@@ -43,14 +43,8 @@ def random_weights(t: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
     return W
 
 
-@pytest.mark.parametrize("t", WTYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows,cols,n", [(1, 32, 1), (13, 64, 2), (64, 576, 3), (37, 96, 5), (70, 160, 17), (9, 64, 64)])
-def test_matmul(simd, threads, t, rows, cols, n):
-    rng = np.random.default_rng(rows * 1000 + cols + n)
-    W = random_weights(t, rows, cols, rng)
-    X = rng.standard_normal((n, cols)).astype(np.float32)
-    X[0, :32] = 0
-    Y = N.matmul(W, t, rows, cols, X)
+def check_matmul(W, t, rows, cols, X, Y, Yh):
+    """Y and Yh, el_matmul and el_matmul_hp of X by W (type t, GGUF layout), against the numpy references."""
     scale = np.abs(R.matmul_exact(W, t, rows, cols, np.abs(X))).max() + 1e-6   # magnitude of the sums
     # same activation quantization as the C path: only float summation order differs
     assert np.abs(Y - R.matmul(W, t, rows, cols, X)).max() <= 2e-6 * scale
@@ -58,8 +52,17 @@ def test_matmul(simd, threads, t, rows, cols, n):
     tol = 1e-5 if t in (GGMLType.F32, GGMLType.F16) else 2e-2
     assert np.abs(Y - R.matmul_exact(W, t, rows, cols, X)).max() <= tol * scale
     # two 8-bit planes: ~16-bit activations, ~100x closer to exact than one plane
-    Yh = N.matmul(W, t, rows, cols, X, hp=True)
     assert np.abs(Yh - R.matmul_exact(W, t, rows, cols, X)).max() <= (1e-5 if tol == 1e-5 else 2e-4) * scale
+
+
+@pytest.mark.parametrize("t", WTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols,n", [(1, 32, 1), (13, 64, 2), (64, 576, 3), (37, 96, 5), (70, 160, 17), (9, 64, 64)])
+def test_matmul(simd, threads, t, rows, cols, n):
+    rng = np.random.default_rng(rows * 1000 + cols + n)
+    W = random_weights(t, rows, cols, rng)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    X[0, :32] = 0
+    check_matmul(W, t, rows, cols, X, N.matmul(W, t, rows, cols, X), N.matmul(W, t, rows, cols, X, hp=True))
 
 
 def test_matmul_ldy_and_1d(simd):
