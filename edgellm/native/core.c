@@ -569,41 +569,46 @@ void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int
 
 /* ---------------- repacked weights (layout: el_repack in kernels.h) ---------------- */
 
-static size_t qs_bytes(int base) { return base == EL_Q8_0 ? 32 : 16; }
+/* Where block b of a repacked row of nb blocks keeps its fields: returns its quantized bytes, sets d and m (Q4_1;
+ * else NULL). *shift: -1 where the bytes are the block's own, in GGUF's order (Q8_0, an odd last Q4 block), else the
+ * nibble (0 low, 4 high) the block holds in each of the 32 bytes it shares with its pair */
+static uint8_t *split_block(const uint8_t *row, int base, int nb, int b, uint8_t **d, uint8_t **m, int *shift) {
+    const size_t qb = base == EL_Q8_0 ? 32 : 16;
+    uint8_t *r = (uint8_t *)row, *scales = r + nb * qb;
+    *d = scales + 2 * b;
+    *m = base == EL_Q4_1 ? scales + 2 * (nb + b) : NULL;
+    *shift = base == EL_Q8_0 || (nb % 2 && b == nb - 1) ? -1 : 4 * (b & 1);
+    return r + (*shift < 0 ? (size_t)b * qb : (size_t)16 * (b & ~1));
+}
 
 void el_unpack_block(const uint8_t *row, int type, int nb, int b, uint8_t *blk) {
-    const int base = el_base_type(type), qoff = base == EL_Q4_1 ? 4 : 2;
-    const uint8_t *d = row + (size_t)nb * qs_bytes(base);
-    memcpy(blk, d + 2 * b, 2);
-    if (base == EL_Q4_1) memcpy(blk + 2, d + 2 * (nb + b), 2);
-    if (base == EL_Q8_0 || (nb % 2 && b == nb - 1)) {   /* also the odd last Q4 block: GGUF's order */
-        memcpy(blk + qoff, row + b * qs_bytes(base), qs_bytes(base));
-        return;
-    }
-    const uint8_t *p = row + 16 * (b & ~1);
-    const int sh = b & 1 ? 4 : 0;
-    for (int j = 0; j < 16; j++) blk[qoff + j] = (uint8_t)((p[j] >> sh & 15) | (p[j + 16] >> sh & 15) << 4);
+    const int base = el_base_type(type);
+    uint8_t *d, *m, *qs = blk + (base == EL_Q4_1 ? 4 : 2);
+    int sh;
+    const uint8_t *p = split_block(row, base, nb, b, &d, &m, &sh);
+    memcpy(blk, d, 2);
+    if (m) memcpy(blk + 2, m, 2);
+    if (sh < 0) memcpy(qs, p, base == EL_Q8_0 ? 32 : 16);
+    else
+        for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((p[j] >> sh & 15) | (p[j + 16] >> sh & 15) << 4);
 }
 
 /* GGUF row src -> repacked row dst (distinct buffers) */
 static void repack_row(const uint8_t *src, uint8_t *dst, int base, int nb) {
     const size_t bb = el_row_bytes(base, EL_QK);
-    const int qoff = base == EL_Q4_1 ? 4 : 2;
-    uint8_t *d = dst + (size_t)nb * qs_bytes(base);
     for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = src + b * bb, *qs = blk + qoff;
-        memcpy(d + 2 * b, blk, 2);
-        if (base == EL_Q4_1) memcpy(d + 2 * (nb + b), blk + 2, 2);
-        if (base == EL_Q8_0 || (nb % 2 && b == nb - 1)) {
-            memcpy(dst + b * qs_bytes(base), qs, qs_bytes(base));
-            continue;
-        }
-        uint8_t *p = dst + 16 * (b & ~1);
-        for (int j = 0; j < 16; j++) {
-            uint8_t lo = qs[j] & 15, hi = qs[j] >> 4;
-            if (b & 1) p[j] |= (uint8_t)(lo << 4), p[j + 16] |= (uint8_t)(hi << 4);
-            else p[j] = lo, p[j + 16] = hi;
-        }
+        const uint8_t *blk = src + b * bb, *qs = blk + (base == EL_Q4_1 ? 4 : 2);
+        uint8_t *d, *m;
+        int sh;
+        uint8_t *p = split_block(dst, base, nb, b, &d, &m, &sh);
+        memcpy(d, blk, 2);
+        if (m) memcpy(m, blk + 2, 2);
+        if (sh < 0) memcpy(p, qs, base == EL_Q8_0 ? 32 : 16);
+        else
+            for (int j = 0; j < 16; j++) {   /* the pair's first block (sh 0) writes the bytes, the second ORs in */
+                uint8_t lo = (uint8_t)((qs[j] & 15) << sh), hi = (uint8_t)((qs[j] >> 4) << sh);
+                p[j] = sh ? p[j] | lo : lo, p[j + 16] = sh ? p[j + 16] | hi : hi;
+            }
     }
 }
 

@@ -205,7 +205,7 @@ INLINE void rgroup(int type, const uint8_t *row, int nb, int b, int cnt, const e
     group_dots(type, row + b * qb, ab, NT, cnt, dots);
     __m256 dw = f16x8(d16, b, cnt, nb);
     __m256 c = type == EL_Q4_1R ? f16x8(d16 + nb, b, cnt, nb) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-    for (int j = 0; j < NT; j++) {   /* (c-term first: on the model's weights marginally closer to exact) */
+    for (int j = 0; j < NT; j++) {   /* the c-term first: on the model's weights marginally closer to the exact sum */
         if (type != EL_Q8_0R) acc[j] = _mm256_fmadd_ps(c, _mm256_loadu_ps(ds[j] + el_ds_blocks(nb) + b), acc[j]);
         acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[j]), _mm256_mul_ps(dw, _mm256_loadu_ps(ds[j] + b)), acc[j]);
     }
