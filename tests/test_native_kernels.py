@@ -9,24 +9,6 @@ from edgellm.quant import BLOCK_DTYPES, GGMLType, dequantize, quantize, row_byte
 QTYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
 WTYPES = QTYPES + [GGMLType.F16, GGMLType.F32]
 KVTYPES = [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0]
-LEVELS = sorted({0, N.lib.el_simd_level()})
-
-
-@pytest.fixture(params=LEVELS, ids=lambda lv: N.SIMD_NAMES[lv])
-def simd(request):
-    best = N.lib.el_simd_level()
-    assert N.set_simd(request.param) == request.param
-    yield request.param
-    N.set_simd(best)
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
-def threads(request):
-    before = N.get_threads()
-    N.set_threads(request.param)
-    yield request.param
-    N.set_threads(before)
-
 
 def random_weights(t: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
     """Random bytes for quant blocks (finite f16 scales of moderate size), a zero row, normal floats otherwise."""

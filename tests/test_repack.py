@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from test_native_kernels import QTYPES, check_matmul, random_weights
 
 from edgellm import native as N
 from edgellm.quant import REPACKED, dequantize, repack_rows, row_bytes, unpack_rows
-from test_native_kernels import QTYPES, check_matmul, random_weights, simd, threads  # noqa: F401 (fixtures)
 
 BEST = N.lib.el_simd_level()
 REPACKS = N.SIMD_NAMES[BEST] == "avx2"   # the tables with kernels for the layout (el_kernels.repacks)

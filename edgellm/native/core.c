@@ -630,7 +630,8 @@ static void repack_task(void *p, int ith, int nth) {
 
 /* el_repack; caller holds the lock */
 static int repack_locked(void *W, int type, int rows, int cols) {
-    if (!el_kern->repacks || !el_is_quant(type) || el_is_repacked(type) || rows <= 0 || cols <= 0 || cols % EL_QK) return type;
+    if (!el_kern->repacks || !el_is_quant(type) || el_is_repacked(type) || rows <= 0 || cols <= 0 || cols % EL_QK)
+        return type;
     repack_job j = {W, NULL, el_row_bytes(type, cols), type, rows, cols / EL_QK};
     j.buf = malloc(j.rb * el_get_threads_locked());
     if (!j.buf) return type;

@@ -155,15 +155,18 @@ INLINE void group_dots(int type, const uint8_t *qs, const el_block_q8a *const *a
             for (int k = 0; k < 2; k++) {
                 const int b = 2 * p + k;
                 __m256i w = b < cnt ? _mm256_loadu_si256((const __m256i *)(qs + 32 * b)) : z, aw = _mm256_abs_epi8(w);
-                for (int j = 0; j < NT; j++)
-                    v[j][k] = b < cnt ? _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(act_qs(a[j] + b), w)), ones) : z;
+                for (int j = 0; j < NT; j++) {
+                    __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(act_qs(a[j] + b), w));
+                    v[j][k] = b < cnt ? _mm256_madd_epi16(p16, ones) : z;
+                }
             }
             for (int j = 0; j < NT; j++) h[j][p] = _mm256_hadd_epi32(v[j][0], v[j][1]);
         } else if (2 * p + 1 < cnt) {
             __m256i x = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
             __m256i w0 = _mm256_and_si256(x, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
             for (int j = 0; j < NT; j++)
-                h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, act_qs(a[j] + 2 * p)), _mm256_maddubs_epi16(w1, act_qs(a[j] + 2 * p + 1)));
+                h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, act_qs(a[j] + 2 * p)),
+                                            _mm256_maddubs_epi16(w1, act_qs(a[j] + 2 * p + 1)));
         } else if (2 * p < cnt) {   /* odd last block of the row, in GGUF's nibble order */
             __m256i w = nibbles16(qs + 32 * p);
             for (int j = 0; j < NT; j++) h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w, act_qs(a[j] + 2 * p)), z);
@@ -172,14 +175,15 @@ INLINE void group_dots(int type, const uint8_t *qs, const el_block_q8a *const *a
         }
     }
     for (int j = 0; j < NT; j++)
-        out[j] = type == EL_Q8_0R ? join_halves(_mm256_hadd_epi32(h[j][0], h[j][1]), _mm256_hadd_epi32(h[j][2], h[j][3]))
-                                  : join_halves(_mm256_madd_epi16(_mm256_hadd_epi16(h[j][0], h[j][1]), ones),
-                                                _mm256_madd_epi16(_mm256_hadd_epi16(h[j][2], h[j][3]), ones));
+        out[j] = type == EL_Q8_0R
+                     ? join_halves(_mm256_hadd_epi32(h[j][0], h[j][1]), _mm256_hadd_epi32(h[j][2], h[j][3]))
+                     : join_halves(_mm256_madd_epi16(_mm256_hadd_epi16(h[j][0], h[j][1]), ones),
+                                   _mm256_madd_epi16(_mm256_hadd_epi16(h[j][2], h[j][3]), ones));
 }
 
 /* pshufb controls: from byte 2 * (RG - cnt) on, move a row's last RG f16 down by RG - cnt lanes, zeros above */
-static const uint8_t shift_down[32] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 128, 128, 128, 128, 128, 128,
-                                       128, 128, 128, 128, 128, 128, 128, 128, 128, 128};
+static const uint8_t shift_down[32] = {0,   1,   2,   3,   4,   5,   6,   7,   8,   9,   10,  11,  12,  13,  14,  15,
+                                       128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128};
 
 /* f16 v[b..b+cnt-1] of a row's nb as floats, 0 past cnt: a tail group (cnt < RG) must not read past the row, so it
  * shifts the row's last RG values down */

@@ -185,14 +185,15 @@ def repack_rows(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
     Q8_0: 32 bytes per block. Q4: 32 bytes per pair of blocks, byte j = element j of the first block (low nibble)
     and of the second (high nibble); an odd last block keeps GGUF's 16 bytes (byte j: elements j and j + 16)."""
     t = GGMLType.parse(t)
-    rows, n, nb, qb = _split(raw, t, cols)
+    rows, n, nb, _ = _split(raw, t, cols)
     b = rows.view(BLOCK_DTYPES[t])                     # [n, nb]
     if t == GGMLType.Q8_0:
         qs = b["qs"].view(np.uint8).reshape(n, -1)
     else:
         q = _nibbles(b["qs"].reshape(-1, 16)).reshape(n, nb, QK)
         pairs = q[:, :nb // 2 * 2].reshape(n, nb // 2, 2, QK)
-        qs = np.concatenate([(pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(n, -1), b["qs"][:, nb // 2 * 2:].reshape(n, -1)], 1)
+        odd = b["qs"][:, nb // 2 * 2:].reshape(n, -1)   # an odd last block: as it is
+        qs = np.concatenate([(pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(n, -1), odd], 1)
     fields = [qs, np.ascontiguousarray(b["d"]).view(np.uint8)]
     if t == GGMLType.Q4_1:
         fields.append(np.ascontiguousarray(b["m"]).view(np.uint8))
