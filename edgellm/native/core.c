@@ -603,12 +603,15 @@ static void repack_row(const uint8_t *src, uint8_t *dst, int base, int nb) {
         uint8_t *p = split_block(dst, base, nb, b, &d, &m, &sh);
         memcpy(d, blk, 2);
         if (m) memcpy(m, blk + 2, 2);
-        if (sh < 0) memcpy(p, qs, base == EL_Q8_0 ? 32 : 16);
-        else
-            for (int j = 0; j < 16; j++) {   /* the pair's first block (sh 0) writes the bytes, the second ORs in */
-                uint8_t lo = (uint8_t)((qs[j] & 15) << sh), hi = (uint8_t)((qs[j] >> 4) << sh);
-                p[j] = sh ? p[j] | lo : lo, p[j + 16] = sh ? p[j + 16] | hi : hi;
+        if (sh < 0) {
+            memcpy(p, qs, base == EL_Q8_0 ? 32 : 16);
+        } else if (sh == 0) {   /* the pair's first block writes both blocks' nibbles */
+            const uint8_t *q2 = qs + bb;
+            for (int j = 0; j < 16; j++) {
+                p[j] = (uint8_t)((qs[j] & 15) | q2[j] << 4);
+                p[j + 16] = (uint8_t)(qs[j] >> 4 | (q2[j] & 0xF0));
             }
+        }
     }
 }
 
