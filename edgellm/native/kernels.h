@@ -87,10 +87,10 @@ void el_attn_in(const float *x, int n, int dim, const float *norm, float eps,
 void el_attn_out_mlp(float *x, const float *att, int n, int dim, el_weight *wo, const float *norm, float eps,
                      el_weight *gate, el_weight *up, el_weight *down, float *h, float *g, float *u);
 
-/* One layer's weights for el_forward_layers. */
+/* One layer's weights for el_forward_layers (which repacks them on first use, as the fused steps do). */
 typedef struct {
     const float *attn_norm, *ffn_norm;
-    const el_weight *wq, *wk, *wv, *wo, *gate, *up, *down;
+    el_weight *wq, *wk, *wv, *wo, *gate, *up, *down;
 } el_layer_w;
 
 typedef struct {
