@@ -3,7 +3,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgellm import native as N
+
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(params=sorted({0, N.lib.el_simd_level()}), ids=lambda lv: N.SIMD_NAMES[lv])
+def simd(request):
+    """Each kernel table in turn: scalar and the detected SIMD level."""
+    best = N.lib.el_simd_level()
+    assert N.set_simd(request.param) == request.param
+    yield request.param
+    N.set_simd(best)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
+def threads(request):
+    before = N.get_threads()
+    N.set_threads(request.param)
+    yield request.param
+    N.set_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -9,24 +9,6 @@ from edgellm.quant import BLOCK_DTYPES, GGMLType, dequantize, quantize, row_byte
 QTYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
 WTYPES = QTYPES + [GGMLType.F16, GGMLType.F32]
 KVTYPES = [GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0]
-LEVELS = sorted({0, N.lib.el_simd_level()})
-
-
-@pytest.fixture(params=LEVELS, ids=lambda lv: N.SIMD_NAMES[lv])
-def simd(request):
-    best = N.lib.el_simd_level()
-    assert N.set_simd(request.param) == request.param
-    yield request.param
-    N.set_simd(best)
-
-
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}thr")
-def threads(request):
-    before = N.get_threads()
-    N.set_threads(request.param)
-    yield request.param
-    N.set_threads(before)
-
 
 def random_weights(t: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
     """Random bytes for quant blocks (finite f16 scales of moderate size), a zero row, normal floats otherwise."""
@@ -43,14 +25,8 @@ def random_weights(t: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
     return W
 
 
-@pytest.mark.parametrize("t", WTYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows,cols,n", [(1, 32, 1), (13, 64, 2), (64, 576, 3), (37, 96, 5), (70, 160, 17), (9, 64, 64)])
-def test_matmul(simd, threads, t, rows, cols, n):
-    rng = np.random.default_rng(rows * 1000 + cols + n)
-    W = random_weights(t, rows, cols, rng)
-    X = rng.standard_normal((n, cols)).astype(np.float32)
-    X[0, :32] = 0
-    Y = N.matmul(W, t, rows, cols, X)
+def check_matmul(W, t, rows, cols, X, Y, Yh):
+    """Y and Yh, el_matmul and el_matmul_hp of X by W (type t, GGUF layout), against the numpy references."""
     scale = np.abs(R.matmul_exact(W, t, rows, cols, np.abs(X))).max() + 1e-6   # magnitude of the sums
     # same activation quantization as the C path: only float summation order differs
     assert np.abs(Y - R.matmul(W, t, rows, cols, X)).max() <= 2e-6 * scale
@@ -58,8 +34,17 @@ def test_matmul(simd, threads, t, rows, cols, n):
     tol = 1e-5 if t in (GGMLType.F32, GGMLType.F16) else 2e-2
     assert np.abs(Y - R.matmul_exact(W, t, rows, cols, X)).max() <= tol * scale
     # two 8-bit planes: ~16-bit activations, ~100x closer to exact than one plane
-    Yh = N.matmul(W, t, rows, cols, X, hp=True)
     assert np.abs(Yh - R.matmul_exact(W, t, rows, cols, X)).max() <= (1e-5 if tol == 1e-5 else 2e-4) * scale
+
+
+@pytest.mark.parametrize("t", WTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols,n", [(1, 32, 1), (13, 64, 2), (64, 576, 3), (37, 96, 5), (70, 160, 17), (9, 64, 64)])
+def test_matmul(simd, threads, t, rows, cols, n):
+    rng = np.random.default_rng(rows * 1000 + cols + n)
+    W = random_weights(t, rows, cols, rng)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    X[0, :32] = 0
+    check_matmul(W, t, rows, cols, X, N.matmul(W, t, rows, cols, X), N.matmul(W, t, rows, cols, X, hp=True))
 
 
 def test_matmul_ldy_and_1d(simd):
@@ -330,6 +315,8 @@ def test_fused_layer_steps_equal_unfused(simd, threads, t, n):
               "gate": (ff, dim), "up": (ff, dim), "down": (dim, ff)}
     Ws = {name: random_weights(t, r, c, rng) for name, (r, c) in shapes.items()}
     ws = {name: _weight(Ws[name], t, *shapes[name]) for name in shapes}
+    for w in ws.values():   # the fused steps would repack on first use: both sides take the same kernels
+        lib.el_weight_prepare(w)
     x0 = rng.standard_normal((n, dim)).astype(np.float32)
     an, fn = rng.standard_normal(dim).astype(np.float32), rng.standard_normal(dim).astype(np.float32)
     pos = np.arange(50, 50 + n, dtype=np.int32)
@@ -337,7 +324,7 @@ def test_fused_layer_steps_equal_unfused(simd, threads, t, n):
 
     def mm(name, X, Y):
         r, c = shapes[name]
-        lib.el_matmul(N.ffi.from_buffer(Ws[name]), int(t), r, c, _fp(X), n, _fp(Y), r)
+        lib.el_matmul(N.ffi.from_buffer(Ws[name]), ws[name].type, r, c, _fp(X), n, _fp(Y), r)
 
     # unfused: the sequence NativeBackend.layer ran before the fused steps
     x, h = x0.copy(), np.empty((n, dim), np.float32)

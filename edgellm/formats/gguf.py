@@ -1,7 +1,10 @@
 """GGUF reader: metadata as python values, tensors as read-only views of one memory map.
 
 Nothing is copied at load: a tensor's `data` is a numpy view into the mapped file, so pages are
-read from disk only when a kernel touches them.
+read from disk only when a kernel touches them. The map is private copy-on-write: the native backend
+repacks quantized matrices in place on first use (el_repack; `data` then holds that layout, see
+NativeBackend), which never reaches the file; a page it rewrites becomes the process's own memory
+instead of shared page cache, the same RSS. The numpy views stay read-only.
 
 The header is parsed here with `struct` over the map rather than with gguf-py's GGUFReader, which
 builds a numpy array for every part of every string: for a 49k-token vocabulary that is ~150 MB of
@@ -100,7 +103,7 @@ class GGUFFile:
             if f.read(4) != GGUF_MAGIC:
                 f.seek(0)
                 raise ModelFormatError(self.path, f"not a GGUF file (magic {f.read(4)!r}, expected b'GGUF')")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         cur = _Cursor(self._map, self.path)
         cur.take(4)
         version = cur.scalar("<I")
@@ -146,6 +149,7 @@ class GGUFFile:
             data = np.frombuffer(self._map, _ELEMENT_DTYPE[ttype], int(np.prod(shape)), start).reshape(shape)
         else:
             data = np.frombuffer(self._map, np.uint8, n_bytes, start).reshape(-1, shape[-1] // per_block * block_bytes)
+        data.flags.writeable = False   # only the native kernels write (repack) through the map
         return Tensor(name, ttype, shape, data)
 
     def get(self, name: str) -> Tensor:

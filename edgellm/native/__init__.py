@@ -17,7 +17,7 @@ except ImportError as e:  # pragma: no cover - build problem, say how to fix it
     raise ImportError("edgellm native kernels are not built: run `pip install -e .` "
                       "or `python edgellm/native/build.py`") from e
 
-__all__ = ["ffi", "lib", "simd_level", "set_simd", "set_threads", "get_threads", "matmul", "get_rows",
+__all__ = ["ffi", "lib", "simd_level", "set_simd", "set_threads", "get_threads", "matmul", "get_rows", "repack",
            "rmsnorm", "rope", "silu_mul", "softmax", "quantize_row", "dequantize_row", "attention",
            "attention_mass", "hadamard"]
 
@@ -110,6 +110,14 @@ def get_rows(W: np.ndarray, wtype, rows: int, cols: int, ids) -> np.ndarray:
     out = np.empty((ids.size, cols), np.float32)
     lib.el_get_rows(_ptr(W), int(t), cols, _ptr(ids, "int32_t *"), ids.size, _ptr(out, "float *"))
     return out
+
+
+def repack(W: np.ndarray, wtype, rows: int, cols: int) -> GGMLType:
+    """Rewrite W in place into the layout the active kernels read fastest (el_repack); returns W's type now."""
+    t, W = _weights(W, wtype, int(rows), int(cols))
+    if not W.flags.writeable:
+        raise ValueError("W must be writable")
+    return GGMLType(lib.el_repack(_ptr(W), int(t), rows, cols))
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float = 1e-5, out: np.ndarray | None = None) -> np.ndarray:

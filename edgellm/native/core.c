@@ -49,10 +49,13 @@ uint16_t el_f32_to_f16(float f) {
     return sign | (uint16_t)((x - 0x38000000u) >> 13);
 }
 
-int el_is_quant(int type) { return type == EL_Q4_0 || type == EL_Q4_1 || type == EL_Q8_0; }
+int el_is_quant(int type) {
+    type = el_base_type(type);
+    return type == EL_Q4_0 || type == EL_Q4_1 || type == EL_Q8_0;
+}
 
 size_t el_row_bytes(int type, long n) {
-    switch (type) {
+    switch (el_base_type(type)) {   /* a repacked row holds the same bytes */
     case EL_F32: return (size_t)n * 4;
     case EL_F16: return (size_t)n * 2;
     case EL_Q4_0: return (size_t)(n / EL_QK) * sizeof(el_block_q4_0);
@@ -285,6 +288,28 @@ static void quant2_task(void *p, int ith, int nth) {
     }
 }
 
+/* X (n rows of cols) as 8-bit blocks in scratch slot 0, two per row when planes == 2 (quant2_task), followed for
+ * repacked weights (`ds`) by every activation row's scale planes (el_mm.act_ds, set in *act_ds). NULL: no memory. */
+static const el_block_q8a *quantize_x(const float *X, int n, int cols, int planes, int ds, const float **act_ds) {
+    const int nb = cols / EL_QK, nbp = el_ds_blocks(nb), rows = n * planes;
+    const size_t qbytes = (size_t)rows * nb * sizeof(el_block_q8a);
+    el_mm qm = {.cols = cols, .n = rows};
+    quant_ctx qc = {&qm, X, el_scratch(0, qbytes + (ds ? (size_t)rows * 2 * nbp * sizeof(float) : 0))};
+    if (!qc.q) return NULL;
+    el_task_fn task = planes == 2 ? quant2_task : quant_task;
+    if (n >= 8) el_parallel(task, &qc);
+    else task(&qc, 0, 1);
+    if (ds) {
+        float *d = (float *)((char *)qc.q + qbytes);
+        for (int i = 0; i < rows; i++, d += 2 * nbp) {
+            for (int b = 0; b < nb; b++) d[b] = qc.q[(size_t)i * nb + b].d, d[nbp + b] = qc.q[(size_t)i * nb + b].s;
+            for (int b = nb; b < nbp; b++) d[b] = d[nbp + b] = 0;
+        }
+        *act_ds = (float *)((char *)qc.q + qbytes);
+    }
+    return qc.q;
+}
+
 typedef struct {
     el_mm m;
     int chunk;          /* rows per work item, a multiple of 8 so tiles stay whole */
@@ -320,13 +345,7 @@ static void matmul(const void *W, int wtype, int rows, int cols, const float *X,
     mm_job job = {.m = {W, rb, wtype, rows, cols, n * planes, ldy, X, Y, planes}};
     job.chunk = mm_chunk(rows, rb, nth);
     atomic_init(&job.next, 0);
-    if (el_is_quant(wtype)) {
-        quant_ctx qc = {&job.m, X, el_scratch(0, (size_t)job.m.n * (cols / EL_QK) * sizeof(el_block_q8a))};
-        el_task_fn task = planes == 2 ? quant2_task : quant_task;
-        job.m.act = qc.q;
-        if (qc.q && n >= 8) el_parallel(task, &qc);
-        else if (qc.q) task(&qc, 0, 1);
-    }
+    if (el_is_quant(wtype)) job.m.act = quantize_x(X, n, cols, planes, el_is_repacked(wtype), &job.m.act_ds);
     if (job.m.act) el_parallel(mm_task, &job);
     el_unlock();
 }
@@ -348,6 +367,14 @@ void el_dequantize_row(const void *src, float *y, long n, int type) {
     }
     if (type == EL_F16) {
         for (long i = 0; i < n; i++) y[i] = el_f16_to_f32(((const uint16_t *)src)[i]);
+        return;
+    }
+    if (el_is_repacked(type)) {   /* n: the whole row, whose length places the scales */
+        uint8_t blk[sizeof(el_block_q8_0)];
+        for (long b = 0; b < n / EL_QK; b++) {
+            el_unpack_block(src, type, (int)(n / EL_QK), (int)b, blk);
+            el_dequantize_row(blk, y + b * EL_QK, EL_QK, el_base_type(type));
+        }
         return;
     }
     for (long b = 0; b < n / EL_QK; b++, y += EL_QK) {
@@ -540,6 +567,95 @@ void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int
     if (buf != stack) free(buf);
 }
 
+/* ---------------- repacked weights (layout: el_repack in kernels.h) ---------------- */
+
+/* Where block b of a repacked row of nb blocks keeps its fields: returns its quantized bytes, sets d and m (Q4_1;
+ * else NULL). *shift: -1 where the bytes are the block's own, in GGUF's order (Q8_0, an odd last Q4 block), else the
+ * nibble (0 low, 4 high) the block holds in each of the 32 bytes it shares with its pair */
+static uint8_t *split_block(const uint8_t *row, int base, int nb, int b, uint8_t **d, uint8_t **m, int *shift) {
+    const size_t qb = base == EL_Q8_0 ? 32 : 16;
+    uint8_t *r = (uint8_t *)row, *scales = r + nb * qb;
+    *d = scales + 2 * b;
+    *m = base == EL_Q4_1 ? scales + 2 * (nb + b) : NULL;
+    *shift = base == EL_Q8_0 || (nb % 2 && b == nb - 1) ? -1 : 4 * (b & 1);
+    return r + (*shift < 0 ? (size_t)b * qb : (size_t)16 * (b & ~1));
+}
+
+void el_unpack_block(const uint8_t *row, int type, int nb, int b, uint8_t *blk) {
+    const int base = el_base_type(type);
+    uint8_t *d, *m, *qs = blk + (base == EL_Q4_1 ? 4 : 2);
+    int sh;
+    const uint8_t *p = split_block(row, base, nb, b, &d, &m, &sh);
+    memcpy(blk, d, 2);
+    if (m) memcpy(blk + 2, m, 2);
+    if (sh < 0) memcpy(qs, p, base == EL_Q8_0 ? 32 : 16);
+    else
+        for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((p[j] >> sh & 15) | (p[j + 16] >> sh & 15) << 4);
+}
+
+/* GGUF row src -> repacked row dst (distinct buffers) */
+static void repack_row(const uint8_t *src, uint8_t *dst, int base, int nb) {
+    const size_t bb = el_row_bytes(base, EL_QK);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = src + b * bb, *qs = blk + (base == EL_Q4_1 ? 4 : 2);
+        uint8_t *d, *m;
+        int sh;
+        uint8_t *p = split_block(dst, base, nb, b, &d, &m, &sh);
+        memcpy(d, blk, 2);
+        if (m) memcpy(m, blk + 2, 2);
+        if (sh < 0) {
+            memcpy(p, qs, base == EL_Q8_0 ? 32 : 16);
+        } else if (sh == 0) {   /* the pair's first block writes both blocks' nibbles */
+            const uint8_t *q2 = qs + bb;
+            for (int j = 0; j < 16; j++) {
+                p[j] = (uint8_t)((qs[j] & 15) | q2[j] << 4);
+                p[j + 16] = (uint8_t)(qs[j] >> 4 | (q2[j] & 0xF0));
+            }
+        }
+    }
+}
+
+typedef struct {
+    uint8_t *W, *buf;   /* buf: one row per thread */
+    size_t rb;
+    int base, rows, nb;
+} repack_job;
+
+static void repack_task(void *p, int ith, int nth) {
+    const repack_job *j = p;
+    uint8_t *buf = j->buf + (size_t)ith * j->rb;
+    for (long r = (long)j->rows * ith / nth; r < (long)j->rows * (ith + 1) / nth; r++) {
+        uint8_t *row = j->W + r * j->rb;
+        memcpy(buf, row, j->rb);
+        repack_row(buf, row, j->base, j->nb);
+    }
+}
+
+/* el_repack; caller holds the lock */
+static int repack_locked(void *W, int type, int rows, int cols) {
+    if (!el_kern->repacks || !el_is_quant(type) || el_is_repacked(type) || rows <= 0 || cols <= 0 || cols % EL_QK)
+        return type;
+    repack_job j = {W, NULL, el_row_bytes(type, cols), type, rows, cols / EL_QK};
+    j.buf = malloc(j.rb * el_get_threads_locked());
+    if (!j.buf) return type;
+    el_parallel(repack_task, &j);
+    free(j.buf);
+    return type + (EL_Q4_0R - EL_Q4_0);
+}
+
+int el_repack(void *W, int type, int rows, int cols) {
+    el_lock();
+    type = repack_locked(W, type, rows, cols);
+    el_unlock();
+    return type;
+}
+
+void el_weight_prepare(el_weight *w) {
+    el_lock();
+    w->type = repack_locked(w->w, w->type, w->rows, w->cols);
+    el_unlock();
+}
+
 /* ---------------- fused layer steps ---------------- */
 
 #define EL_MANY 3
@@ -565,19 +681,18 @@ static void mm_many_task(void *p, int ith, int nth) {
     }
 }
 
-/* caller holds the lock */
-static void matmul_many(const el_weight *const *W, float *const *Y, int count, const float *X, int n) {
+/* Repacks each weight on first use (el_weight_prepare). Caller holds the lock. */
+static void matmul_many(el_weight *const *W, float *const *Y, int count, const float *X, int n) {
     if (n <= 0 || count <= 0 || count > EL_MANY) return;
-    int nth = el_get_threads_locked(), cols = W[0]->cols, any_quant = 0;
-    for (int i = 0; i < count; i++) any_quant |= el_is_quant(W[i]->type);
-    const void *act = NULL;
-    if (any_quant && cols > 0 && cols % EL_QK == 0) {
-        el_mm qm = {.cols = cols, .n = n};
-        quant_ctx qc = {&qm, X, el_scratch(0, (size_t)n * (cols / EL_QK) * sizeof(el_block_q8a))};
-        if (qc.q && n >= 8) el_parallel(quant_task, &qc);
-        else if (qc.q) quant_task(&qc, 0, 1);
-        act = qc.q;
+    int nth = el_get_threads_locked(), cols = W[0]->cols, any_quant = 0, any_repacked = 0;
+    for (int i = 0; i < count; i++) {
+        W[i]->type = repack_locked(W[i]->w, W[i]->type, W[i]->rows, W[i]->cols);
+        any_quant |= el_is_quant(W[i]->type);
+        any_repacked |= el_is_repacked(W[i]->type);
     }
+    const void *act = NULL;
+    const float *act_ds = NULL;
+    if (any_quant && cols > 0 && cols % EL_QK == 0) act = quantize_x(X, n, cols, 1, any_repacked, &act_ds);
     mm_many_job job = {.count = 0};
     job.first[0] = 0;
     for (int i = 0; i < count; i++) {
@@ -586,7 +701,7 @@ static void matmul_many(const el_weight *const *W, float *const *Y, int count, c
         int quant = el_is_quant(w->type);
         if (w->rows <= 0 || w->cols != cols || cols <= 0 || !rb || (quant && (cols % EL_QK || !act))) continue;
         int c = job.count++;
-        job.m[c] = (el_mm){w->w, rb, w->type, w->rows, cols, n, w->rows, quant ? act : X, Y[i], 1};
+        job.m[c] = (el_mm){w->w, rb, w->type, w->rows, cols, n, w->rows, quant ? act : X, Y[i], 1, act_ds};
         job.chunk[c] = mm_chunk(w->rows, rb, nth);
         job.first[c + 1] = job.first[c] + (w->rows + job.chunk[c] - 1) / job.chunk[c];
     }
@@ -595,12 +710,12 @@ static void matmul_many(const el_weight *const *W, float *const *Y, int count, c
 }
 
 void el_attn_in(const float *x, int n, int dim, const float *norm, float eps,
-                const el_weight *wq, const el_weight *wk, const el_weight *wv,
+                el_weight *wq, el_weight *wk, el_weight *wv,
                 const int32_t *pos, int n_head, int n_kv_head, int head_dim, int rope_dim, float freq_base, int neox,
                 float *h, float *q, float *k, float *v) {
     if (n <= 0) return;
     el_rmsnorm(x, norm, n, dim, eps, h);
-    const el_weight *W[3] = {wq, wk, wv};
+    el_weight *W[3] = {wq, wk, wv};
     float *Y[3] = {q, k, v};
     el_lock();
     matmul_many(W, Y, 3, h, n);
@@ -613,15 +728,15 @@ void el_attn_in(const float *x, int n, int dim, const float *norm, float eps,
     free(cs);
 }
 
-void el_attn_out_mlp(float *x, const float *att, int n, int dim, const el_weight *wo, const float *norm, float eps,
-                     const el_weight *gate, const el_weight *up, const el_weight *down, float *h, float *g, float *u) {
+void el_attn_out_mlp(float *x, const float *att, int n, int dim, el_weight *wo, const float *norm, float eps,
+                     el_weight *gate, el_weight *up, el_weight *down, float *h, float *g, float *u) {
     if (n <= 0) return;
     size_t nx = (size_t)n * dim;
     el_lock();
     matmul_many(&wo, &h, 1, att, n);
     for (size_t i = 0; i < nx; i++) x[i] += h[i];
     el_rmsnorm(x, norm, n, dim, eps, h);
-    const el_weight *W[2] = {gate, up};
+    el_weight *W[2] = {gate, up};
     float *Y[2] = {g, u};
     matmul_many(W, Y, 2, h, n);
     el_kern->silu_mul(g, u, (long)n * gate->rows);

@@ -7,7 +7,8 @@
 #include <stdint.h>
 
 /* ---- public API ---- */
-enum { EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q8_0 = 8 };
+/* GGML type ids, and the same blocks in el_repack's layout (ids no GGML type uses, never in files) */
+enum { EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q8_0 = 8, EL_Q4_0R = 102, EL_Q4_1R = 103, EL_Q8_0R = 108 };
 
 typedef struct {
     const void *k;
@@ -53,30 +54,43 @@ int el_attention_mass(const float *q, int n_q, const int32_t *q_pos, int n_head,
 void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int n_kv_head, int hd, int rotate,
                   void *k16, void *v16, int32_t *pos16, int row0, int cap);
 
-/* A weight matrix: rows x cols of type `type`. */
+/* Rewrite `rows` rows of `cols` quantized weights of `type` (Q4_0, Q4_1, Q8_0) in place into the layout the active
+ * kernels read fastest (same bytes per row) and return its type (EL_Q4_0R, EL_Q4_1R, EL_Q8_0R); return `type` and
+ * change nothing where the kernels have no such layout (scalar, NEON) or the type has none. Every function that
+ * takes a weight type accepts the repacked ones. Row layout: the quantized bytes of all nb = cols / 32 blocks, then
+ * their nb f16 scales d, then (Q4_1) their nb f16 mins m. Q8_0: 32 bytes per block. Q4: 32 bytes per pair of
+ * blocks, byte j holding element j of the first block (low nibble) and of the second (high nibble); an odd last
+ * block keeps GGUF's 16 bytes (byte j: elements j and j + 16). */
+int el_repack(void *W, int type, int rows, int cols);
+
+/* A weight matrix: rows x cols of type `type`. The fused steps below repack it on first use (el_repack) and update
+ * `type`, so a matrix must have one el_weight, and callers read w and type from it at each call. */
 typedef struct {
-    const void *w;
+    void *w;
     int type, rows, cols;
 } el_weight;
+
+/* Repack w's matrix if the active kernels want it (once; what the fused steps do to their weights). */
+void el_weight_prepare(el_weight *w);
 
 /* One layer's attention input, identical to the unfused calls: h = rmsnorm(x) * norm (x, h [n][dim]); q, k, v =
  * h times wq, wk, wv (el_matmul; quantized weights share one quantization of h); RoPE (el_rope) on q's n_head
  * and k's n_kv_head heads at positions pos. */
 void el_attn_in(const float *x, int n, int dim, const float *norm, float eps,
-                const el_weight *wq, const el_weight *wk, const el_weight *wv,
+                el_weight *wq, el_weight *wk, el_weight *wv,
                 const int32_t *pos, int n_head, int n_kv_head, int head_dim, int rope_dim, float freq_base, int neox,
                 float *h, float *q, float *k, float *v);
 
 /* The rest of the layer after attention, identical to the unfused calls: x += att times wo; h = rmsnorm(x) * norm;
  * g = h times gate, u = h times up (one quantization of h); g = silu(g) * u; x += g times down.
  * x, h [n][dim]; att [n][wo->cols]; g, u [n][gate->rows]. */
-void el_attn_out_mlp(float *x, const float *att, int n, int dim, const el_weight *wo, const float *norm, float eps,
-                     const el_weight *gate, const el_weight *up, const el_weight *down, float *h, float *g, float *u);
+void el_attn_out_mlp(float *x, const float *att, int n, int dim, el_weight *wo, const float *norm, float eps,
+                     el_weight *gate, el_weight *up, el_weight *down, float *h, float *g, float *u);
 
-/* One layer's weights for el_forward_layers. */
+/* One layer's weights for el_forward_layers (which repacks them on first use, as the fused steps do). */
 typedef struct {
     const float *attn_norm, *ffn_norm;
-    const el_weight *wq, *wk, *wv, *wo, *gate, *up, *down;
+    el_weight *wq, *wk, *wv, *wo, *gate, *up, *down;
 } el_layer_w;
 
 typedef struct {
@@ -114,6 +128,14 @@ _Static_assert(sizeof(el_block_q4_1) == 20, "q4_1 block");
 _Static_assert(sizeof(el_block_q8_0) == 34, "q8_0 block");
 _Static_assert(sizeof(el_block_q8a) == 40, "q8a block");
 
+static inline int el_is_repacked(int type) { return type == EL_Q4_0R || type == EL_Q4_1R || type == EL_Q8_0R; }
+/* the GGUF type of a repacked one (EL_Q4_1R -> EL_Q4_1); other types unchanged */
+static inline int el_base_type(int type) { return el_is_repacked(type) ? type - (EL_Q4_0R - EL_Q4_0) : type; }
+/* GGUF block b (el_block_q4_0 / q4_1 / q8_0 bytes) of a row of nb blocks in el_repack's layout */
+void el_unpack_block(const uint8_t *row, int type, int nb, int b, uint8_t *blk);
+/* Blocks per row of the activation scale planes (el_mm.act_ds): nb rounded up to whole groups of 8 */
+static inline int el_ds_blocks(int nb) { return (nb + 7) & ~7; }
+
 float el_f16_to_f32(uint16_t h);
 uint16_t el_f32_to_f16(float f);
 int el_is_quant(int type);
@@ -134,6 +156,9 @@ typedef struct {
     const void *act;
     float *Y;
     int planes;   /* 2: act rows 2t and 2t+1 are the high and residual planes of token t, summed into Y row t */
+    /* repacked W only: per act row, d[nbp] then s[nbp] of its blocks (nbp = el_ds_blocks(nb), zero padded), so the
+     * kernels load the scales of 8 consecutive blocks as one vector */
+    const float *act_ds;
 } el_mm;
 
 /* Attention state of a unit with many rows (prefill): row r is lane r % 8 of vector r / 8, so the online softmax
@@ -167,6 +192,9 @@ typedef struct {
      * query. Quantized keys stay on kq, whose 8-bit query blocks the lanes would score differently. */
     void (*attend_lanes)(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
                          int cnt, int partial);
+    /* 1: mm_rows has kernels for el_repack's layouts, so el_repack rewrites weights (0: it leaves them as they are;
+     * mm_rows must still take repacked weights, e.g. after el_set_simd switched tables) */
+    int repacks;
 } el_kernels;
 
 /* x (nb blocks of 32) as two 8-bit planes: hi = x, lo = x - dequant(hi); together ~16-bit precision */

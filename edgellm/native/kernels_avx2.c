@@ -58,11 +58,16 @@ static void quant_act_avx2(const float *x, el_block_q8a *y, int nb) {
 
 /* ---------------- quantized dot products ---------------- */
 
+/* 16 bytes of nibbles in GGUF's order (byte j: elements j and j + 16) -> 32 unsigned bytes in element order */
+INLINE __m256i nibbles16(const uint8_t *q) {
+    __m128i x = _mm_loadu_si128((const __m128i *)q);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), _mm256_set1_epi8(0x0F));
+}
+
 /* 32 weights of one block as bytes: unsigned nibbles for Q4_0/Q4_1, signed for Q8_0 */
 INLINE __m256i load_w(int type, const uint8_t *blk) {
     if (type == EL_Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2));
-    __m128i x = _mm_loadu_si128((const __m128i *)(blk + (type == EL_Q4_1 ? 4 : 2)));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(x, 4), x), _mm256_set1_epi8(0x0F));
+    return nibbles16(blk + (type == EL_Q4_1 ? 4 : 2));
 }
 
 /* 8 partial sums of w.a as floats; maddubs needs an unsigned left operand, so Q8_0 moves w's sign onto a */
@@ -103,6 +108,166 @@ INLINE float fdot(int type, const void *row, const float *x, int cols) {
 #define TR 4    /* rows per tile */
 #define TT 2    /* tokens per tile */
 #define TC 64   /* tokens per chunk: the chunk's activations stay in L2 while all row tiles pass over them */
+
+/* Y rows r..r+NR-1 of act rows t..t+NT-1 = lane sums of acc, plus the block terms c4 (4 rows per vector, NR == 4)
+ * or cs (NR < 4) unless NULL; planes == 2: the two act rows are the high and residual planes of token t/2 */
+INLINE void tile_store(const el_mm *m, int r, int t, int NR, int NT, __m256 (*acc)[TT], __m128 *c4, float (*cs)[TT]) {
+    if (NT == 2 && m->planes == 2) {
+        for (int i = 0; i < NR; i++) {
+            acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][1]);
+            if (cs) cs[i][0] += cs[i][1];
+        }
+        if (c4) c4[0] = _mm_add_ps(c4[0], c4[1]);
+        t /= 2, NT = 1;
+    }
+    for (int j = 0; j < NT; j++) {
+        float *y = m->Y + (size_t)(t + j) * m->ldy + r;
+        if (NR == TR) {
+            __m128 v = hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
+            _mm_storeu_ps(y, c4 ? _mm_add_ps(v, c4[j]) : v);
+        } else {
+            for (int i = 0; i < NR; i++) y[i] = cs ? hsum(acc[i][j]) + cs[i][j] : hsum(acc[i][j]);
+        }
+    }
+}
+
+/* ---------------- matmul, repacked weights (el_repack's layout, kernels.h) ---------------- */
+
+#define RG 8   /* blocks per group: their integer dots in one vector's lanes, scaled by one FMA */
+
+/* a: dots of blocks 0..3 over elements 0..15 (low half) and 16..31 (high half), b: same for blocks 4..7
+ * -> lane k: block k's dot */
+INLINE __m256i join_halves(__m256i a, __m256i b) {
+    return _mm256_add_epi32(_mm256_blend_epi32(a, b, 0xF0), _mm256_permute2x128_si256(a, b, 0x21));
+}
+
+INLINE __m256i act_qs(const el_block_q8a *a) { return _mm256_loadu_si256((const __m256i *)a->qs); }
+
+/* Integer dots of cnt <= RG consecutive blocks with NT activation rows a[j]: out[j] lane k = block k (0 past cnt).
+ * Q4: two blocks per 32-byte load; the int16 sums of <= 8 products (<= 8 * 15 * 127) cannot overflow before madd
+ * widens them. Q8: |w| . (a with w's sign), whose int16 pair sums (<= 2 * 128 * 127) are widened at once. */
+INLINE void group_dots(int type, const uint8_t *qs, const el_block_q8a *const *a, int NT, int cnt, __m256i *out) {
+    const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256(), m4 = _mm256_set1_epi8(0x0F);
+    __m256i h[TT][RG / 2];
+    for (int p = 0; p < RG / 2; p++) {
+        if (type == EL_Q8_0R) {
+            __m256i v[TT][2];
+            for (int k = 0; k < 2; k++) {
+                const int b = 2 * p + k;
+                __m256i w = b < cnt ? _mm256_loadu_si256((const __m256i *)(qs + 32 * b)) : z, aw = _mm256_abs_epi8(w);
+                for (int j = 0; j < NT; j++) {
+                    __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(act_qs(a[j] + b), w));
+                    v[j][k] = b < cnt ? _mm256_madd_epi16(p16, ones) : z;
+                }
+            }
+            for (int j = 0; j < NT; j++) h[j][p] = _mm256_hadd_epi32(v[j][0], v[j][1]);
+        } else if (2 * p + 1 < cnt) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+            __m256i w0 = _mm256_and_si256(x, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+            for (int j = 0; j < NT; j++)
+                h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, act_qs(a[j] + 2 * p)),
+                                            _mm256_maddubs_epi16(w1, act_qs(a[j] + 2 * p + 1)));
+        } else if (2 * p < cnt) {   /* odd last block of the row, in GGUF's nibble order */
+            __m256i w = nibbles16(qs + 32 * p);
+            for (int j = 0; j < NT; j++) h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w, act_qs(a[j] + 2 * p)), z);
+        } else {
+            for (int j = 0; j < NT; j++) h[j][p] = z;
+        }
+    }
+    for (int j = 0; j < NT; j++)
+        out[j] = type == EL_Q8_0R
+                     ? join_halves(_mm256_hadd_epi32(h[j][0], h[j][1]), _mm256_hadd_epi32(h[j][2], h[j][3]))
+                     : join_halves(_mm256_madd_epi16(_mm256_hadd_epi16(h[j][0], h[j][1]), ones),
+                                   _mm256_madd_epi16(_mm256_hadd_epi16(h[j][2], h[j][3]), ones));
+}
+
+/* pshufb controls: from byte 2 * (RG - cnt) on, move a row's last RG f16 down by RG - cnt lanes, zeros above */
+static const uint8_t shift_down[32] = {0,   1,   2,   3,   4,   5,   6,   7,   8,   9,   10,  11,  12,  13,  14,  15,
+                                       128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128, 128};
+
+/* f16 v[b..b+cnt-1] of a row's nb as floats, 0 past cnt: a tail group (cnt < RG) must not read past the row, so it
+ * shifts the row's last RG values down */
+INLINE __m256 f16x8(const uint16_t *v, int b, int cnt, int nb) {
+    if (cnt == RG) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + b)));
+    if (nb >= RG)
+        return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(v + nb - RG)),
+                                                _mm_loadu_si128((const __m128i *)(shift_down + 2 * (RG - cnt)))));
+    uint16_t tmp[RG] = {0};
+    for (int k = 0; k < cnt; k++) tmp[k] = v[b + k];
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp));
+}
+
+/* acc[j] += blocks b..b+cnt-1 of one row (nb blocks) with act rows j, lane k for block b+k:
+ * d_w d_a (w.a) + c s_a, c = m (Q4_1), -8 d_w (Q4_0), 0 (Q8_0); scales of 8 blocks per vector */
+INLINE void rgroup(int type, const uint8_t *row, int nb, int b, int cnt, const el_block_q8a *const *a,
+                   const float *const *ds, int NT, __m256 *acc) {
+    const size_t qb = type == EL_Q8_0R ? 32 : 16;
+    const uint16_t *d16 = (const uint16_t *)(row + nb * qb);
+    const el_block_q8a *ab[TT];
+    __m256i dots[TT];
+    for (int j = 0; j < NT; j++) ab[j] = a[j] + b;
+    group_dots(type, row + b * qb, ab, NT, cnt, dots);
+    __m256 dw = f16x8(d16, b, cnt, nb);
+    __m256 c = type == EL_Q4_1R ? f16x8(d16 + nb, b, cnt, nb) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+    for (int j = 0; j < NT; j++) {   /* the c-term first: on the model's weights marginally closer to the exact sum */
+        if (type != EL_Q8_0R) acc[j] = _mm256_fmadd_ps(c, _mm256_loadu_ps(ds[j] + el_ds_blocks(nb) + b), acc[j]);
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[j]), _mm256_mul_ps(dw, _mm256_loadu_ps(ds[j] + b)), acc[j]);
+    }
+}
+
+#define TAIL(c) \
+    case c: rgroup(type, row, nb, b, c, a, ds, NT, acc); break;
+
+/* acc[j] += one row's blocks with act rows j; the tail group's size is a constant of its case, so its loads and
+ * reductions unroll like a full group's instead of branching per pair */
+INLINE void rrow(int type, const uint8_t *row, int nb, const el_block_q8a *const *a, const float *const *ds, int NT,
+                 __m256 *acc) {
+    int b = 0;
+    for (; b + RG <= nb; b += RG) rgroup(type, row, nb, b, RG, a, ds, NT, acc);
+    switch (nb - b) { TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) }
+}
+#undef TAIL
+
+#define RS 16   /* rows per slab: the slab's weights stay in L1 while the token chunk passes over them */
+
+/* Y rows r0..r1-1 of act rows t..t+NT-1 for repacked W, rows in fours (one hsum4 each). Each unpacked weight pair
+ * feeds the NT act rows; activations are memory operands, read from L1 for every row (holding them in registers
+ * would save no instruction). */
+INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT) {
+    const int nb = m->cols / EL_QK;
+    const size_t rb = m->row_bytes;
+    const el_block_q8a *a[TT];
+    const float *ds[TT];
+    for (int j = 0; j < NT; j++) {
+        a[j] = (const el_block_q8a *)m->act + (size_t)(t + j) * nb;
+        ds[j] = m->act_ds + (size_t)(t + j) * 2 * el_ds_blocks(nb);
+    }
+    const uint8_t *row = m->W + (size_t)r0 * rb;
+    __m256 acc[TR][TT];
+    for (int r = r0; r < r1;) {
+        const int nr = r1 - r < TR ? 1 : TR;
+        for (int i = 0; i < nr; i++, row += rb) {
+            for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();
+            rrow(type, row, nb, a, ds, NT, acc[i]);
+        }
+        if (nr == TR) tile_store(m, r, t, TR, NT, acc, NULL, NULL);
+        else tile_store(m, r, t, 1, NT, acc, NULL, NULL);
+        r += nr;
+    }
+}
+
+INLINE void rmm_rows(int type, const el_mm *m, int r0, int r1) {
+    for (int t0 = 0; t0 < m->n; t0 += TC) {
+        int t1 = t0 + TC < m->n ? t0 + TC : m->n;
+        for (int rs = r0; rs < r1; rs += RS) {
+            int re = rs + RS < r1 ? rs + RS : r1, t = t0;
+            for (; t + TT <= t1; t += TT) rrows(type, m, rs, re, t, TT);
+            if (t < t1) rrows(type, m, rs, re, t, 1);
+        }
+    }
+}
+
+/* ---------------- matmul, GGUF blocks ---------------- */
 
 /* Per-block scales of NR rows, converted once per (row tile, token chunk): sc[b*NR + r] = d, sc[(nb + b)*NR + r] = c */
 INLINE void tile_scales(int type, const el_mm *m, int r, int NR, int nb, float *sc) {
@@ -147,17 +312,7 @@ INLINE void tile(int type, const el_mm *m, int r, int t, int NR, int NT, int nb,
                 for (int i = 0; i < NR; i++) cs[i][j] += sc[(nb + b) * NR + i] * s;
         }
     }
-    if (NT == 2 && m->planes == 2) {   /* the high and residual planes of token t/2 */
-        for (int i = 0; i < NR; i++) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][1]), cs[i][0] += cs[i][1];
-        cacc[0] = _mm_add_ps(cacc[0], cacc[1]);
-        t /= 2, NT = 1;
-    }
-    for (int j = 0; j < NT; j++) {
-        float *y = m->Y + (size_t)(t + j) * m->ldy + r;
-        if (NR == TR) _mm_storeu_ps(y, _mm_add_ps(hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]), cacc[j]));
-        else
-            for (int i = 0; i < NR; i++) y[i] = hsum(acc[i][j]) + cs[i][j];
-    }
+    tile_store(m, r, t, NR, NT, acc, cacc, cs);
 }
 
 INLINE void qmm_rows(int type, const el_mm *m, int r0, int r1, float *sc) {
@@ -181,6 +336,11 @@ INLINE void qmm_rows(int type, const el_mm *m, int r0, int r1, float *sc) {
 }
 
 static void mm_rows_avx2(const el_mm *m, int r0, int r1) {
+    switch (m->wtype) {
+    case EL_Q4_0R: rmm_rows(EL_Q4_0R, m, r0, r1); return;
+    case EL_Q4_1R: rmm_rows(EL_Q4_1R, m, r0, r1); return;
+    case EL_Q8_0R: rmm_rows(EL_Q8_0R, m, r0, r1); return;
+    }
     static _Thread_local float *sc;   /* per-thread tile scales, grown as needed */
     static _Thread_local int sc_blocks;
     int nb = m->cols / EL_QK;
@@ -514,7 +674,7 @@ static void silu_mul_avx2(float *g, const float *u, long n) {
 }
 
 const el_kernels el_kernels_avx2 = {
-    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2,
+    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1,
 };
 
 #pragma GCC pop_options

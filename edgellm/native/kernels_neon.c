@@ -367,6 +367,7 @@ static void SFX(mm_rows)(const el_mm *m, int r0, int r1) {
     case EL_Q4_0: SFX(qmm_rows)(EL_Q4_0, m, r0, r1, sc); return;
     case EL_Q4_1: SFX(qmm_rows)(EL_Q4_1, m, r0, r1, sc); return;
     case EL_Q8_0: SFX(qmm_rows)(EL_Q8_0, m, r0, r1, sc); return;
+    default: el_kernels_scalar.mm_rows(m, r0, r1);   /* repacked weights (el_repack leaves them alone on NEON) */
     }
 }
 

@@ -22,6 +22,14 @@ static void quant_act_scalar(const float *x, el_block_q8a *y, int nb) {
 static float dot_scalar(int type, const void *row, const void *act, int cols) {
     const el_block_q8a *a = act;
     float acc = 0;
+    if (el_is_repacked(type)) {   /* block by block through its GGUF form */
+        uint8_t blk[sizeof(el_block_q8_0)];
+        for (int b = 0; b < cols / EL_QK; b++) {
+            el_unpack_block(row, type, cols / EL_QK, b, blk);
+            acc += dot_scalar(el_base_type(type), blk, a + b, EL_QK);
+        }
+        return acc;
+    }
     switch (type) {
     case EL_F32:
         for (int c = 0; c < cols; c++) acc += ((const float *)row)[c] * ((const float *)act)[c];

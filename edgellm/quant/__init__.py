@@ -1,6 +1,6 @@
 """GGUF block quantization formats (numpy reference)."""
-from .blocks import (ACT_BLOCK_DTYPE, BLOCK_DTYPES, BLOCK_SIZES, QK, GGMLType, dequantize,
-                     dequantize_activations, quantize, quantize_activations, row_bytes)
+from .blocks import (ACT_BLOCK_DTYPE, BLOCK_DTYPES, BLOCK_SIZES, QK, REPACKED, GGMLType, dequantize,
+                     dequantize_activations, quantize, quantize_activations, repack_rows, row_bytes, unpack_rows)
 
-__all__ = ["ACT_BLOCK_DTYPE", "BLOCK_DTYPES", "BLOCK_SIZES", "QK", "GGMLType", "dequantize",
-           "dequantize_activations", "quantize", "quantize_activations", "row_bytes"]
+__all__ = ["ACT_BLOCK_DTYPE", "BLOCK_DTYPES", "BLOCK_SIZES", "QK", "REPACKED", "GGMLType", "dequantize",
+           "dequantize_activations", "quantize", "quantize_activations", "repack_rows", "row_bytes", "unpack_rows"]

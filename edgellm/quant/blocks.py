@@ -6,6 +6,8 @@ Layouts (little-endian, f16 = IEEE half), one block = 32 elements:
   Q4_1: d f16, m f16, qs u8[16]  y[j] = lo(qs[j]) * d + m,    y[j+16] = hi(qs[j]) * d + m
   Q8_0: d f16, qs i8[32]         y[j] = qs[j] * d
 Activation blocks (native scratch only, never stored in files): d f32, s f32 = d * sum(qs), qs i8[32].
+Repacked rows (Q4_0R, Q4_1R, Q8_0R: the native kernels' in-place layout of the same bytes, never in files):
+  the quantized bytes of all blocks, then every block's d, then (Q4_1R) every block's m; see repack_rows.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ class GGMLType(IntEnum):
     Q4_0 = 2
     Q4_1 = 3
     Q8_0 = 8
+    # el_repack's layouts of Q4_0, Q4_1, Q8_0 rows (not GGML types)
+    Q4_0R = 102
+    Q4_1R = 103
+    Q8_0R = 108
 
     @classmethod
     def parse(cls, t: "GGMLType | int | str") -> "GGMLType":
@@ -45,6 +51,8 @@ BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q4_1: (QK, 20),
     GGMLType.Q8_0: (QK, 34),
 }
+REPACKED = {GGMLType.Q4_0: GGMLType.Q4_0R, GGMLType.Q4_1: GGMLType.Q4_1R, GGMLType.Q8_0: GGMLType.Q8_0R}
+BLOCK_SIZES.update({r: BLOCK_SIZES[t] for t, r in REPACKED.items()})   # a repacked row holds the same bytes
 
 BLOCK_DTYPES: dict[GGMLType, np.dtype] = {
     GGMLType.F32: np.dtype("<f4"),
@@ -57,8 +65,8 @@ BLOCK_DTYPES: dict[GGMLType, np.dtype] = {
 # the native activation block (el_block_q8a in kernels.h)
 ACT_BLOCK_DTYPE = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", (32,))])
 
-for _t, (_, _nbytes) in BLOCK_SIZES.items():
-    assert BLOCK_DTYPES[_t].itemsize == _nbytes, _t
+for _t, _dtype in BLOCK_DTYPES.items():
+    assert _dtype.itemsize == BLOCK_SIZES[_t][1], _t
 
 
 def row_bytes(t: GGMLType | int, n: int) -> int:
@@ -163,3 +171,50 @@ def dequantize_activations(a: np.ndarray) -> np.ndarray:
     """ACT_BLOCK_DTYPE[..., nb] -> float32[..., nb*32]."""
     y = a["qs"].astype(np.float32) * a["d"][..., None]
     return y.reshape(*a.shape[:-1], -1)
+
+
+def _split(raw: np.ndarray, t: GGMLType, cols: int):
+    """uint8 rows of type t -> ([rows, bytes] array, rows, blocks per row, quantized bytes per block)."""
+    rows = np.ascontiguousarray(raw).view(np.uint8).reshape(-1, row_bytes(t, cols))
+    return rows, rows.shape[0], cols // QK, 32 if t in (GGMLType.Q8_0, GGMLType.Q8_0R) else 16
+
+
+def repack_rows(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
+    """GGUF rows of cols elements of type t (Q4_0, Q4_1, Q8_0) -> the same rows in el_repack's layout (uint8
+    [rows, row bytes]): per row the quantized bytes of all nb blocks, then the nb d (f16), then (Q4_1) the nb m.
+    Q8_0: 32 bytes per block. Q4: 32 bytes per pair of blocks, byte j = element j of the first block (low nibble)
+    and of the second (high nibble); an odd last block keeps GGUF's 16 bytes (byte j: elements j and j + 16)."""
+    t = GGMLType.parse(t)
+    rows, n, nb, _ = _split(raw, t, cols)
+    b = rows.view(BLOCK_DTYPES[t])                     # [n, nb]
+    if t == GGMLType.Q8_0:
+        qs = b["qs"].view(np.uint8).reshape(n, -1)
+    else:
+        q = _nibbles(b["qs"].reshape(-1, 16)).reshape(n, nb, QK)
+        pairs = q[:, :nb // 2 * 2].reshape(n, nb // 2, 2, QK)
+        odd = b["qs"][:, nb // 2 * 2:].reshape(n, -1)   # an odd last block: as it is
+        qs = np.concatenate([(pairs[:, :, 0] | pairs[:, :, 1] << 4).reshape(n, -1), odd], 1)
+    fields = [qs, np.ascontiguousarray(b["d"]).view(np.uint8)]
+    if t == GGMLType.Q4_1:
+        fields.append(np.ascontiguousarray(b["m"]).view(np.uint8))
+    return np.concatenate(fields, 1)
+
+
+def unpack_rows(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
+    """Inverse of repack_rows: rows of a repacked type t (or its GGUF type) -> GGUF rows (uint8 [rows, row bytes])."""
+    base = {r: g for g, r in REPACKED.items()}.get(GGMLType.parse(t), GGMLType.parse(t))
+    rows, n, nb, qb = _split(raw, base, cols)
+    out = np.zeros((n, nb), BLOCK_DTYPES[base])
+    qs = rows[:, :nb * qb]
+    scales = rows[:, nb * qb:].copy().view(np.float16)
+    out["d"] = scales[:, :nb]
+    if base == GGMLType.Q4_1:
+        out["m"] = scales[:, nb:]
+    if base == GGMLType.Q8_0:
+        out["qs"] = qs.reshape(n, nb, QK).view(np.int8)
+    else:
+        pairs = qs[:, :nb // 2 * QK].reshape(n, nb // 2, 1, QK)
+        q = np.concatenate([pairs & 0x0F, pairs >> 4], 2).reshape(n, -1, QK)
+        out["qs"][:, :nb // 2 * 2] = _pack(q.reshape(-1, QK)).reshape(n, -1, 16)
+        out["qs"][:, nb // 2 * 2:] = qs[:, nb // 2 * QK:].reshape(n, -1, 16)
+    return out.view(np.uint8).reshape(n, -1)

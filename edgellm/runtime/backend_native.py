@@ -13,30 +13,25 @@ def _fptr(a: np.ndarray):
     return ffi.cast("float *", a.ctypes.data)
 
 
-class _Matrix:
-    """A weight matrix as the kernel sees it: pointer, type and shape."""
-    __slots__ = ("ptr", "type", "rows", "cols", "data")
-
-    def __init__(self, t):
-        self.data = t.data  # keeps the mapped view alive
-        self.ptr, self.type, self.rows, self.cols = ffi.cast("void *", t.data.ctypes.data), int(t.type), t.rows, t.cols
-
-    def weight(self):
-        w = ffi.new("el_weight *")
-        w.w, w.type, w.rows, w.cols = self.ptr, self.type, self.rows, self.cols
-        return w
+def _weight(t):
+    """The one el_weight of a mapped matrix. The C side repacks the matrix in place on first use and updates the
+    struct's type, so it must not be copied, and type is read from it at each call."""
+    w = ffi.new("el_weight *")
+    w.w, w.type, w.rows, w.cols = ffi.cast("void *", t.data.ctypes.data), int(t.type), t.rows, t.cols
+    return w
 
 
 class NativeBackend:
     def __init__(self, cfg: ModelConfig, w: Weights, n_threads: int):
         self.cfg = cfg
         lib.el_set_threads(n_threads)
-        self.layers = [{name: _Matrix(getattr(lw, name)) for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+        self.weights = w   # owns the memory map the el_weight structs point into
+        self.layers = [{name: _weight(getattr(lw, name)) for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
                        for lw in w.layers]
         self.norms = [(lw.attn_norm, lw.ffn_norm) for lw in w.layers]
         # per layer, the arguments of the two fused C steps that do not change between calls
-        self._fused = [(_fptr(an), *(self.layers[i][k].weight() for k in ("wq", "wk", "wv")),
-                        _fptr(fn), *(self.layers[i][k].weight() for k in ("wo", "w_gate", "w_up", "w_down")))
+        self._fused = [(_fptr(an), *(self.layers[i][k] for k in ("wq", "wk", "wv")),
+                        _fptr(fn), *(self.layers[i][k] for k in ("wo", "w_gate", "w_up", "w_down")))
                        for i, (an, fn) in enumerate(self.norms)]
         self._pos = (None, None)
         self._layer_w = ffi.new("el_layer_w[]", [
@@ -47,7 +42,9 @@ class NativeBackend:
             "head_dim": cfg.head_dim, "rope_dim": cfg.rope_dim, "neox": cfg.rope_neox, "eps": cfg.norm_eps,
             "rope_base": cfg.rope_base, "scale": 1.0 / np.sqrt(cfg.head_dim), "layers": self._layer_w})
         self.out_norm = w.out_norm
-        self.embd, self.output = _Matrix(w.token_embd), _Matrix(w.output)
+        # tied: one matrix, so one struct (the output layer repacks it, then the embedding reads it repacked)
+        self.embd = _weight(w.token_embd)
+        self.output = self.embd if w.output is w.token_embd else _weight(w.output)
         self.scale = 1.0 / np.sqrt(cfg.head_dim)
         self._cap = 0
 
@@ -83,14 +80,11 @@ class NativeBackend:
                                       self.att[:n].reshape(heads), self.lse[:n])
         return views
 
-    def _mm(self, m: _Matrix, src: str, n: int, dst: str):
-        lib.el_matmul(m.ptr, m.type, m.rows, m.cols, self.p[src], n, self.p[dst], m.rows)
-
     def embed(self, ids: np.ndarray) -> np.ndarray:
         n = ids.size
         self._buffers(n)
-        lib.el_get_rows(self.embd.ptr, self.embd.type, self.embd.cols,
-                        ffi.cast("int32_t *", ids.ctypes.data), n, self.p["x"])
+        e = self.embd
+        lib.el_get_rows(e.w, e.type, e.cols, ffi.cast("int32_t *", ids.ctypes.data), n, self.p["x"])
         return self.x[:n]
 
     def step(self, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> bool:
@@ -125,10 +119,11 @@ class NativeBackend:
         h = np.empty((n, self.cfg.n_embd), np.float32)
         xs = np.ascontiguousarray(x[:n])
         lib.el_rmsnorm(_fptr(xs), _fptr(self.out_norm), n, self.cfg.n_embd, self.cfg.norm_eps, _fptr(h))
-        out = np.empty((n, self.output.rows), np.float32)
+        o = self.output
+        out = np.empty((n, o.rows), np.float32)
+        lib.el_weight_prepare(o)
         # ~16-bit activations here: 8-bit ones at the output layer cost the most agreement with the reference;
         # scores that only rank tokens (InfiniPot's novelty) take the cheaper 8-bit product
         product = lib.el_matmul_hp if precise else lib.el_matmul
-        product(self.output.ptr, self.output.type, self.output.rows, self.output.cols, _fptr(h), n, _fptr(out),
-                self.output.rows)
+        product(o.w, o.type, o.rows, o.cols, _fptr(h), n, _fptr(out), o.rows)
         return out

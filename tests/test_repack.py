@@ -1,0 +1,103 @@
+"""el_repack's weight layout: the C repack against its numpy twin, the kernels on repacked weights against the
+references of the original weights (AVX2 and scalar tables, 1 and 2 threads), and the model's lazy repack."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_native_kernels import QTYPES, check_matmul, random_weights
+
+from edgellm import native as N
+from edgellm.quant import REPACKED, dequantize, repack_rows, row_bytes, unpack_rows
+
+BEST = N.lib.el_simd_level()
+REPACKS = N.SIMD_NAMES[BEST] == "avx2"   # the tables with kernels for the layout (el_kernels.repacks)
+
+
+@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", [32, 96, 576, 1536])   # 1, 3 (odd: a Q4 block without a pair), 18, 48 blocks
+def test_repack_matches_numpy_twin(simd, t, cols):
+    rng = np.random.default_rng(cols + int(t))
+    rows = 7
+    W = random_weights(t, rows, cols, rng)
+    twin = repack_rows(W, t, cols)
+    assert twin.shape == W.shape and row_bytes(REPACKED[t], cols) == row_bytes(t, cols)   # no byte grows
+    np.testing.assert_array_equal(unpack_rows(twin, REPACKED[t], cols), W)
+    Wr = W.copy()
+    rt = N.repack(Wr, t, rows, cols)
+    if simd and REPACKS:
+        assert rt == REPACKED[t]
+        np.testing.assert_array_equal(Wr, twin)   # byte for byte
+    else:   # no kernels for the layout: nothing changes
+        assert rt == t
+        np.testing.assert_array_equal(Wr, W)
+    assert N.repack(twin.copy(), REPACKED[t], rows, cols) == REPACKED[t]   # already repacked: left alone
+    ref = dequantize(W, t, rows * cols).reshape(rows, cols)
+    for r in range(rows):   # exactly the original values
+        np.testing.assert_array_equal(N.dequantize_row(twin[r], REPACKED[t], cols), ref[r])
+    ids = [6, 0, 3, 3]   # el_get_rows also checks el_row_bytes' row stride of the repacked type
+    np.testing.assert_array_equal(N.get_rows(twin, REPACKED[t], rows, cols, ids), N.get_rows(W, t, rows, cols, ids))
+
+
+@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", [96, 576, 1536])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65])
+def test_matmul_repacked(simd, threads, t, cols, n):
+    """Repacked by the numpy twin, so that the scalar table (which never repacks) runs its kernel for the layout too;
+    37 rows: a slab of 16 rows and a remainder that is not a multiple of 4."""
+    rng = np.random.default_rng(cols * 100 + n + int(t))
+    rows = 37
+    W = random_weights(t, rows, cols, rng)
+    Wr, rt = repack_rows(W, t, cols), REPACKED[t]
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    X[0, :32] = 0
+    check_matmul(W, t, rows, cols, X, N.matmul(Wr, rt, rows, cols, X), N.matmul(Wr, rt, rows, cols, X, hp=True))
+
+
+@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+def test_weight_prepare(simd, t):
+    rng = np.random.default_rng(int(t))
+    rows, cols = 20, 576
+    W = random_weights(t, rows, cols, rng)
+    W0 = W.copy()
+    w = N.ffi.new("el_weight *")
+    w.w, w.type, w.rows, w.cols = N.ffi.from_buffer(W), int(t), rows, cols
+    N.lib.el_weight_prepare(w)
+    N.lib.el_weight_prepare(w)   # once only
+    repacked = simd and REPACKS
+    assert w.type == (REPACKED[t] if repacked else t)
+    np.testing.assert_array_equal(W, repack_rows(W0, t, cols) if repacked else W0)
+
+
+LAZY = """
+import json, sys, numpy as np, psutil
+from edgellm.runtime.model import Model
+m = Model(sys.argv[1], 1)
+b = m.backend
+types = lambda: sorted({w.type for lw in b.layers for w in lw.values()} | {b.output.type})
+t = m.weights.layers[0].wq
+before, raw = types(), bytes(t.data[0])
+assert not t.data.flags.writeable
+m.forward(np.arange(1, 5), m.new_cache(8))
+with open(sys.argv[1], "rb") as f:   # the file keeps its bytes (the map is private)
+    f.seek(t.data.ctypes.data - np.frombuffer(m.gguf._map, np.uint8).ctypes.data)
+    on_disk = f.read(len(raw))
+print(json.dumps([before, types(), on_disk == raw, bytes(t.data[0]) == raw, psutil.Process().memory_info().rss]))
+"""
+
+
+def test_model_repacks_on_first_use(model_path):
+    """Loading repacks nothing; the first forward pass repacks every matrix on AVX2 (not under EDGELLM_FORCE_SCALAR),
+    in the private map only, and the rewritten pages replace the file's pages in RSS instead of adding to them."""
+    rss = {}
+    for force_scalar in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", LAZY, str(model_path)], capture_output=True, text=True, check=True,
+                             env={**os.environ, "EDGELLM_FORCE_SCALAR": force_scalar}).stdout
+        before, after, disk_same, map_same, rss[force_scalar] = json.loads(out.splitlines()[-1])
+        assert before == [3, 8]   # Q4_1 layers, Q8_0 output
+        repacked = REPACKS and force_scalar == "0"
+        assert after == ([103, 108] if repacked else [3, 8])
+        assert disk_same and map_same == (not repacked)
+    assert rss["0"] < 1.05 * rss["1"], rss
