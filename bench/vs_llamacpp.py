@@ -11,9 +11,9 @@ module level, because the llama.cpp child runs under the other venv's Python, wi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -28,18 +28,14 @@ METRICS = (("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
 
 # ---------------------------------------------------------------- child side
 
-def peak_rss_mb() -> float:  # edgellm.runtime.memory's twin: the llama.cpp child cannot import edgellm
-    """This process's peak RSS. On Linux from VmHWM, which starts afresh at exec: ru_maxrss
-    would carry over the parent's peak, as getrusage(2) keeps it across execve."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes vs KiB
+def peak_rss_mb() -> float:
+    """edgellm.runtime.memory.peak_rss_mb, loaded from its file: it needs only the standard library, and the
+    llama.cpp child runs under a Python that cannot import the edgellm package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "edgellm", "runtime", "memory.py")
+    spec = importlib.util.spec_from_file_location("edgellm_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.peak_rss_mb()
 
 
 def edgellm_worker(spec: dict) -> dict:
