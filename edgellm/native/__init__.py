@@ -100,6 +100,35 @@ def matmul(W: np.ndarray, wtype, rows: int, cols: int, X: np.ndarray, hp: bool =
     return Y.reshape(*X.shape[:-1], rows)
 
 
+def _weight_struct(W: np.ndarray, t: GGMLType, rows: int, cols: int):
+    w = ffi.new("el_weight *")
+    w.w, w.type, w.rows, w.cols = _ptr(W), int(t), rows, cols
+    return w
+
+
+def l1_ratio(W: np.ndarray, wtype, rows: int, cols: int) -> np.ndarray:
+    """Per row, 255 x the largest block L1 norm over 32 x its scales' bound on |w| (el_weight_l1_ratio), uint8."""
+    t, W = _weights(W, wtype, int(rows), int(cols))
+    rho = np.empty(rows, np.uint8)
+    if lib.el_weight_l1_ratio(_weight_struct(W, t, rows, cols), _ptr(rho, "uint8_t *")) != 0:
+        raise ValueError(f"el_weight_l1_ratio needs a quantized matrix, not {t.name}")
+    return rho
+
+
+def logits_refine(W: np.ndarray, wtype, rows: int, cols: int, x: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, int]:
+    """W x for one row x by el_logits_refine: (y, number of rows recomputed by the two-plane product)."""
+    t, W = _weights(W, wtype, int(rows), int(cols))
+    x = _f32(x, "x", 1)
+    rho = np.ascontiguousarray(rho, np.uint8)
+    if x.size != cols or rho.size != rows:
+        raise ValueError(f"x must have {cols} values and rho {rows}")
+    y = np.empty(rows, np.float32)
+    n = lib.el_logits_refine(_weight_struct(W, t, rows, cols), _ptr(rho, "uint8_t *"), _ptr(x, "float *"), _ptr(y, "float *"))
+    if n < 0:
+        raise MemoryError("el_logits_refine: out of memory")
+    return y, n
+
+
 def get_rows(W: np.ndarray, wtype, rows: int, cols: int, ids) -> np.ndarray:
     """out[i] = dequantized row ids[i] of W."""
     t, W = _weights(W, wtype, int(rows), int(cols))

@@ -656,6 +656,134 @@ void el_weight_prepare(el_weight *w) {
     el_unlock();
 }
 
+/* ---------------- output layer: 8-bit product, refined where it can matter ---------------- */
+
+/* The bound on |w| in block b of a row of nb blocks that the block's scales give (el_weight_l1_ratio) */
+static float block_wmax(const uint8_t *row, int type, int nb, int b) {
+    const int base = el_base_type(type);
+    uint16_t d, m = 0;
+    if (el_is_repacked(type)) {   /* el_repack: all quantized bytes, then the nb scales d, then the nb mins m */
+        const uint8_t *s = row + (size_t)nb * (base == EL_Q8_0 ? 32 : 16);
+        memcpy(&d, s + 2 * b, 2);
+        if (base == EL_Q4_1) memcpy(&m, s + 2 * ((size_t)nb + b), 2);
+    } else {
+        const uint8_t *blk = row + (size_t)b * el_row_bytes(type, EL_QK);
+        memcpy(&d, blk, 2);
+        if (base == EL_Q4_1) memcpy(&m, blk + 2, 2);
+    }
+    const float ad = fabsf(el_f16_to_f32(d));
+    return base == EL_Q8_0 ? 127 * ad : base == EL_Q4_0 ? 8 * ad : 15 * ad + fabsf(el_f16_to_f32(m));
+}
+
+void el_row_bounds(const el_mm *m, int r0, int r1, const float *v, float *out) {
+    const int nb = m->cols / EL_QK;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = m->W + (size_t)r * m->row_bytes;
+        float s = 0;
+        for (int b = 0; b < nb; b++) s += block_wmax(row, m->wtype, nb, b) * v[b];
+        out[r] = s;
+    }
+}
+
+typedef struct {
+    const el_weight *w;
+    uint8_t *rho;
+    atomic_int fail;
+} l1_job;
+
+static void l1_task(void *p, int ith, int nth) {
+    l1_job *j = p;
+    const int cols = j->w->cols, nb = cols / EL_QK, type = j->w->type;
+    const size_t rb = el_row_bytes(type, cols);
+    float *x = malloc(sizeof(float) * cols);
+    if (!x) {
+        atomic_store(&j->fail, 1);
+        return;
+    }
+    for (long r = (long)j->w->rows * ith / nth; r < (long)j->w->rows * (ith + 1) / nth; r++) {
+        const uint8_t *row = (const uint8_t *)j->w->w + r * rb;
+        el_dequantize_row(row, x, cols, type);
+        float ratio = 0;
+        for (int b = 0; b < nb; b++) {
+            float l1 = 0, wmax = block_wmax(row, type, nb, b);
+            for (int k = 0; k < EL_QK; k++) l1 += fabsf(x[b * EL_QK + k]);
+            if (wmax > 0 && l1 / (EL_QK * wmax) > ratio) ratio = l1 / (EL_QK * wmax);
+        }
+        /* 1 + 2^-16 covers the float sum of 32 values */
+        float q = ceilf(255.0f * ratio * (1.0f + 0x1p-16f));
+        j->rho[r] = q > 255 ? 255 : (uint8_t)q;
+    }
+    free(x);
+}
+
+int el_weight_l1_ratio(el_weight *w, uint8_t *rho) {
+    if (!el_is_quant(w->type) || w->cols % EL_QK) return -1;
+    l1_job j = {w, rho};
+    atomic_init(&j.fail, 0);
+    el_lock();
+    el_parallel(l1_task, &j);
+    el_unlock();
+    return atomic_load(&j.fail) ? -1 : 0;
+}
+
+typedef struct {
+    el_mm m;            /* x's high plane only, and the bounds */
+    int chunk;
+    atomic_int next;
+} refine_job;
+
+static void refine_task(void *p, int ith, int nth) {
+    refine_job *j = p;
+    (void)ith, (void)nth;
+    for (;;) {
+        int r0 = atomic_fetch_add(&j->next, 1) * j->chunk;
+        if (r0 >= j->m.rows) return;
+        int r1 = r0 + j->chunk < j->m.rows ? r0 + j->chunk : j->m.rows;
+        el_kern->mm_rows(&j->m, r0, r1);
+    }
+}
+
+int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y) {
+    const int rows = w->rows, cols = w->cols, type = w->type, nb = cols / EL_QK, nbp = el_ds_blocks(nb);
+    if (!el_is_quant(type)) {   /* f32 activations: exact already */
+        el_matmul(w->w, type, rows, cols, x, 1, y, rows);
+        return 0;
+    }
+    if (rows <= 0 || cols % EL_QK) return -1;
+    el_lock();
+    const size_t rb = el_row_bytes(type, cols);
+    const float *ds = NULL;
+    const el_block_q8a *q = quantize_x(x, 1, cols, 2, el_is_repacked(type), &ds);   /* q[b]: high, q[nb + b]: residual */
+    float *bound = el_scratch(1, sizeof(float) * ((size_t)rows + nbp));
+    if (!q || !bound) {
+        el_unlock();
+        return -1;
+    }
+    /* Each product's float sum errs by < (nb + 4) 2^-24 of the sum of its terms' sizes, each <= 32 wmax 127 d_hi */
+    float *v = bound + rows;
+    const float eps = (float)(nb + 4) * 0x1p-23f;
+    for (int b = 0; b < nbp; b++) v[b] = b < nb ? 127.0f * (q[nb + b].d + eps * q[b].d) : 0.0f;
+    refine_job job = {.m = {w->w, rb, type, rows, cols, 1, rows, q, y, 1, ds, v, bound}};
+    job.chunk = mm_chunk(rows, rb, el_get_threads_locked());
+    atomic_init(&job.next, 0);
+    el_parallel(refine_task, &job);
+    float top = -INFINITY;   /* the largest lower bound */
+    for (int r = 0; r < rows; r++) {
+        bound[r] *= (float)EL_QK / 255.0f * (1.0f + 0x1p-10f) * rho[r];
+        if (y[r] - bound[r] > top) top = y[r] - bound[r];
+    }
+    el_mm hp = {w->w, rb, type, rows, cols, 2, rows, q, y, 2, ds};
+    int refined = 0;
+    for (int r = 0; r < rows; r += 4) {   /* the 4-row tiles el_matmul_hp's work items are made of */
+        const int e = r + 4 < rows ? r + 4 : rows;
+        int hit = 0;
+        for (int i = r; i < e; i++) hit |= y[i] + bound[i] >= top;
+        if (hit) el_kern->mm_rows(&hp, r, e), refined += e - r;
+    }
+    el_unlock();
+    return refined;
+}
+
 /* ---------------- fused layer steps ---------------- */
 
 #define EL_MANY 3

@@ -73,6 +73,21 @@ typedef struct {
 /* Repack w's matrix if the active kernels want it (once; what the fused steps do to their weights). */
 void el_weight_prepare(el_weight *w);
 
+/* Per row of w (a quantized matrix, after el_weight_prepare): rho[r] = ceil(255 * max over the row's blocks of
+ * sum |w_j| / (32 wmax)), wmax being the bound on |w_j| that the block's scales give (Q8_0 127|d|, Q4_0 8|d|,
+ * Q4_1 15|d| + |m|), so that a block's L1 norm is <= 32 wmax rho[r] / 255. For el_logits_refine. Returns 0, or -1
+ * (no memory, or w not quantized). */
+int el_weight_l1_ratio(el_weight *w, uint8_t *rho);
+
+/* y = w x for one activation row x (w->cols floats; y: w->rows), equal to el_matmul_hp where it can matter, at about
+ * half its cost: every row by the 8-bit product (x's high plane), then each 4-row tile that holds a row which the
+ * residual plane could still lift to the largest value recomputed by el_matmul_hp's kernel (the same tiles, so
+ * bit-identical). The residual of block b is at most 127 lo_b.d per element, so it moves row r by at most
+ * sum_b 32 wmax_rb rho[r] / 255 * 127 lo_b.d (plus the products' float rounding): rows never recomputed lie within
+ * that of el_matmul_hp, and the argmax is el_matmul_hp's. rho from el_weight_l1_ratio. Returns the number of rows
+ * recomputed, or -1 (no memory). */
+int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y);
+
 /* One layer's attention input, identical to the unfused calls: h = rmsnorm(x) * norm (x, h [n][dim]); q, k, v =
  * h times wq, wk, wv (el_matmul; quantized weights share one quantization of h); RoPE (el_rope) on q's n_head
  * and k's n_kv_head heads at positions pos. */
@@ -159,6 +174,9 @@ typedef struct {
     /* repacked W only: per act row, d[nbp] then s[nbp] of its blocks (nbp = el_ds_blocks(nb), zero padded), so the
      * kernels load the scales of 8 consecutive blocks as one vector */
     const float *act_ds;
+    /* optional (el_logits_refine): mm_rows also sets bound[r] = el_row_bounds' sum for each of its rows */
+    const float *bound_v;
+    float *bound;
 } el_mm;
 
 /* Attention state of a unit with many rows (prefill): row r is lane r % 8 of vector r / 8, so the online softmax
@@ -196,6 +214,10 @@ typedef struct {
      * mm_rows must still take repacked weights, e.g. after el_set_simd switched tables) */
     int repacks;
 } el_kernels;
+
+/* out[r] = sum_b wmax_rb v[b] for rows r0..r1-1 of m's weights (wmax_rb: el_weight_l1_ratio's bound on |w| in block
+ * b; v padded with zeros to el_ds_blocks(nb)): el_mm.bound where a kernel has no faster way */
+void el_row_bounds(const el_mm *m, int r0, int r1, const float *v, float *out);
 
 /* x (nb blocks of 32) as two 8-bit planes: hi = x, lo = x - dequant(hi); together ~16-bit precision */
 void el_quant_act2(const float *x, el_block_q8a *hi, el_block_q8a *lo, int nb);

@@ -198,9 +198,10 @@ INLINE __m256 f16x8(const uint16_t *v, int b, int cnt, int nb) {
 }
 
 /* acc[j] += blocks b..b+cnt-1 of one row (nb blocks) with act rows j, lane k for block b+k:
- * d_w d_a (w.a) + c s_a, c = m (Q4_1), -8 d_w (Q4_0), 0 (Q8_0); scales of 8 blocks per vector */
+ * d_w d_a (w.a) + c s_a, c = m (Q4_1), -8 d_w (Q4_0), 0 (Q8_0); scales of 8 blocks per vector.
+ * BOUND: also *bacc += wmax bv lane by lane (el_mm.bound: wmax = 127|d|, 8|d|, 15|d| + |m|) */
 INLINE void rgroup(int type, const uint8_t *row, int nb, int b, int cnt, const el_block_q8a *const *a,
-                   const float *const *ds, int NT, __m256 *acc) {
+                   const float *const *ds, int NT, __m256 *acc, int BOUND, const float *bv, __m256 *bacc) {
     const size_t qb = type == EL_Q8_0R ? 32 : 16;
     const uint16_t *d16 = (const uint16_t *)(row + nb * qb);
     const el_block_q8a *ab[TT];
@@ -213,17 +214,23 @@ INLINE void rgroup(int type, const uint8_t *row, int nb, int b, int cnt, const e
         if (type != EL_Q8_0R) acc[j] = _mm256_fmadd_ps(c, _mm256_loadu_ps(ds[j] + el_ds_blocks(nb) + b), acc[j]);
         acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[j]), _mm256_mul_ps(dw, _mm256_loadu_ps(ds[j] + b)), acc[j]);
     }
+    if (BOUND) {
+        const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 wmax = _mm256_mul_ps(_mm256_and_ps(dw, abs), _mm256_set1_ps(type == EL_Q8_0R ? 127 : type == EL_Q4_0R ? 8 : 15));
+        if (type == EL_Q4_1R) wmax = _mm256_add_ps(wmax, _mm256_and_ps(c, abs));
+        *bacc = _mm256_fmadd_ps(wmax, _mm256_loadu_ps(bv + b), *bacc);
+    }
 }
 
 #define TAIL(c) \
-    case c: rgroup(type, row, nb, b, c, a, ds, NT, acc); break;
+    case c: rgroup(type, row, nb, b, c, a, ds, NT, acc, BOUND, bv, bacc); break;
 
 /* acc[j] += one row's blocks with act rows j; the tail group's size is a constant of its case, so its loads and
  * reductions unroll like a full group's instead of branching per pair */
 INLINE void rrow(int type, const uint8_t *row, int nb, const el_block_q8a *const *a, const float *const *ds, int NT,
-                 __m256 *acc) {
+                 __m256 *acc, int BOUND, const float *bv, __m256 *bacc) {
     int b = 0;
-    for (; b + RG <= nb; b += RG) rgroup(type, row, nb, b, RG, a, ds, NT, acc);
+    for (; b + RG <= nb; b += RG) rgroup(type, row, nb, b, RG, a, ds, NT, acc, BOUND, bv, bacc);
     switch (nb - b) { TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) }
 }
 #undef TAIL
@@ -233,7 +240,7 @@ INLINE void rrow(int type, const uint8_t *row, int nb, const el_block_q8a *const
 /* Y rows r0..r1-1 of act rows t..t+NT-1 for repacked W, rows in fours (one hsum4 each). Each unpacked weight pair
  * feeds the NT act rows; activations are memory operands, read from L1 for every row (holding them in registers
  * would save no instruction). */
-INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT) {
+INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT, int BOUND) {
     const int nb = m->cols / EL_QK;
     const size_t rb = m->row_bytes;
     const el_block_q8a *a[TT];
@@ -243,12 +250,14 @@ INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT) {
         ds[j] = m->act_ds + (size_t)(t + j) * 2 * el_ds_blocks(nb);
     }
     const uint8_t *row = m->W + (size_t)r0 * rb;
-    __m256 acc[TR][TT];
+    __m256 acc[TR][TT], bacc[TR];
     for (int r = r0; r < r1;) {
         const int nr = r1 - r < TR ? 1 : TR;
         for (int i = 0; i < nr; i++, row += rb) {
             for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();
-            rrow(type, row, nb, a, ds, NT, acc[i]);
+            bacc[i] = _mm256_setzero_ps();
+            rrow(type, row, nb, a, ds, NT, acc[i], BOUND, m->bound_v, bacc + i);
+            if (BOUND && t == 0) m->bound[r + i] = hsum(bacc[i]);
         }
         if (nr == TR) tile_store(m, r, t, TR, NT, acc, NULL, NULL);
         else tile_store(m, r, t, 1, NT, acc, NULL, NULL);
@@ -256,13 +265,13 @@ INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT) {
     }
 }
 
-INLINE void rmm_rows(int type, const el_mm *m, int r0, int r1) {
+INLINE void rmm_rows(int type, const el_mm *m, int r0, int r1, int BOUND) {
     for (int t0 = 0; t0 < m->n; t0 += TC) {
         int t1 = t0 + TC < m->n ? t0 + TC : m->n;
         for (int rs = r0; rs < r1; rs += RS) {
             int re = rs + RS < r1 ? rs + RS : r1, t = t0;
-            for (; t + TT <= t1; t += TT) rrows(type, m, rs, re, t, TT);
-            if (t < t1) rrows(type, m, rs, re, t, 1);
+            for (; t + TT <= t1; t += TT) rrows(type, m, rs, re, t, TT, BOUND);
+            if (t < t1) rrows(type, m, rs, re, t, 1, BOUND);
         }
     }
 }
@@ -336,10 +345,11 @@ INLINE void qmm_rows(int type, const el_mm *m, int r0, int r1, float *sc) {
 }
 
 static void mm_rows_avx2(const el_mm *m, int r0, int r1) {
+    const int bound = m->bound != NULL;   /* a compile-time case each, so the plain product pays nothing for it */
     switch (m->wtype) {
-    case EL_Q4_0R: rmm_rows(EL_Q4_0R, m, r0, r1); return;
-    case EL_Q4_1R: rmm_rows(EL_Q4_1R, m, r0, r1); return;
-    case EL_Q8_0R: rmm_rows(EL_Q8_0R, m, r0, r1); return;
+    case EL_Q4_0R: bound ? rmm_rows(EL_Q4_0R, m, r0, r1, 1) : rmm_rows(EL_Q4_0R, m, r0, r1, 0); return;
+    case EL_Q4_1R: bound ? rmm_rows(EL_Q4_1R, m, r0, r1, 1) : rmm_rows(EL_Q4_1R, m, r0, r1, 0); return;
+    case EL_Q8_0R: bound ? rmm_rows(EL_Q8_0R, m, r0, r1, 1) : rmm_rows(EL_Q8_0R, m, r0, r1, 0); return;
     }
     static _Thread_local float *sc;   /* per-thread tile scales, grown as needed */
     static _Thread_local int sc_blocks;
@@ -354,9 +364,13 @@ static void mm_rows_avx2(const el_mm *m, int r0, int r1) {
         return;
     }
     switch (m->wtype) {
-    case EL_Q4_0: qmm_rows(EL_Q4_0, m, r0, r1, sc); return;
-    case EL_Q4_1: qmm_rows(EL_Q4_1, m, r0, r1, sc); return;
-    case EL_Q8_0: qmm_rows(EL_Q8_0, m, r0, r1, sc); return;
+    case EL_Q4_0: qmm_rows(EL_Q4_0, m, r0, r1, sc); break;
+    case EL_Q4_1: qmm_rows(EL_Q4_1, m, r0, r1, sc); break;
+    case EL_Q8_0: qmm_rows(EL_Q8_0, m, r0, r1, sc); break;
+    }
+    if (el_is_quant(m->wtype)) {
+        if (bound) el_row_bounds(m, r0, r1, m->bound_v, m->bound);
+        return;
     }
     for (int r = r0; r < r1; r++)   /* F16/F32 weights: not on the model's hot path, one dot per output */
         for (int t = 0; t < m->n; t++) {

@@ -359,16 +359,16 @@ static void SFX(mm_rows)(const el_mm *m, int r0, int r1) {
         return;
     }
     float *sc = scales_buf(m->cols / EL_QK);
-    if (!sc) {
+    if (!sc || el_is_repacked(m->wtype)) {   /* repacked: el_repack leaves weights alone on NEON, unless switched */
         el_kernels_scalar.mm_rows(m, r0, r1);
         return;
     }
     switch (m->wtype) {
-    case EL_Q4_0: SFX(qmm_rows)(EL_Q4_0, m, r0, r1, sc); return;
-    case EL_Q4_1: SFX(qmm_rows)(EL_Q4_1, m, r0, r1, sc); return;
-    case EL_Q8_0: SFX(qmm_rows)(EL_Q8_0, m, r0, r1, sc); return;
-    default: el_kernels_scalar.mm_rows(m, r0, r1);   /* repacked weights (el_repack leaves them alone on NEON) */
+    case EL_Q4_0: SFX(qmm_rows)(EL_Q4_0, m, r0, r1, sc); break;
+    case EL_Q4_1: SFX(qmm_rows)(EL_Q4_1, m, r0, r1, sc); break;
+    case EL_Q8_0: SFX(qmm_rows)(EL_Q8_0, m, r0, r1, sc); break;
     }
+    if (m->bound) el_row_bounds(m, r0, r1, m->bound_v, m->bound);
 }
 
 /* q . k for one key row: q is hd floats (F16 / F32 keys) or hd/32 activation blocks (Q8_0 / Q4_0 keys) */

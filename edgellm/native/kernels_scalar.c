@@ -75,6 +75,7 @@ static void mm_rows_scalar(const el_mm *m, int r0, int r1) {
                 y += dot_scalar(m->wtype, m->W + (size_t)r * m->row_bytes, (const char *)m->act + (t + p) * act_stride, m->cols);
             m->Y[(size_t)(t / m->planes) * m->ldy + r] = y;
         }
+    if (m->bound) el_row_bounds(m, r0, r1, m->bound_v, m->bound);
 }
 
 static void kq_scalar(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,

@@ -5,6 +5,7 @@ import numpy as np
 
 from ..kv.cache import KVCache
 from ..native import ffi, lib
+from ..quant.blocks import GGMLType
 from .config import ModelConfig
 from .weights import Weights
 
@@ -47,6 +48,7 @@ class NativeBackend:
         self.output = self.embd if w.output is w.token_embd else _weight(w.output)
         self.scale = 1.0 / np.sqrt(cfg.head_dim)
         self._cap = 0
+        self._out_rho = None   # per output row, el_weight_l1_ratio (first next_logits)
 
     def new_cache(self, max_tokens, kv_dtype, block_size):
         c = self.cfg
@@ -115,13 +117,31 @@ class NativeBackend:
         cache.attend(i, q, pos, att, lse, self.scale)
         lib.el_attn_out_mlp(p["x"], p["att"], n, d, wo, fn, c.norm_eps, wg, wu, wd, p["h"], p["g"], p["u"])
 
-    def logits(self, x: np.ndarray, n: int, precise: bool = True) -> np.ndarray:
+    def _normed(self, x: np.ndarray, n: int) -> np.ndarray:
         h = np.empty((n, self.cfg.n_embd), np.float32)
         xs = np.ascontiguousarray(x[:n])
         lib.el_rmsnorm(_fptr(xs), _fptr(self.out_norm), n, self.cfg.n_embd, self.cfg.norm_eps, _fptr(h))
-        o = self.output
+        lib.el_weight_prepare(self.output)
+        return h
+
+    def next_logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits [1, vocab] of x's first row for choosing the next token: equal to logits() on every token that
+        could be the largest, the rest within the 8-bit product's error bound (el_logits_refine)."""
+        h, o = self._normed(x, 1), self.output
+        if self._out_rho is None and o.type not in (GGMLType.F32, GGMLType.F16):
+            rho = np.empty(o.rows, np.uint8)
+            if lib.el_weight_l1_ratio(o, ffi.cast("uint8_t *", rho.ctypes.data)) != 0:
+                raise MemoryError("el_weight_l1_ratio: out of memory")
+            self._out_rho = rho
+        out = np.empty((1, o.rows), np.float32)
+        rho = ffi.cast("uint8_t *", self._out_rho.ctypes.data) if self._out_rho is not None else ffi.NULL
+        if lib.el_logits_refine(o, rho, _fptr(h), _fptr(out)) < 0:
+            raise MemoryError("el_logits_refine: out of memory")
+        return out
+
+    def logits(self, x: np.ndarray, n: int, precise: bool = True) -> np.ndarray:
+        h, o = self._normed(x, n), self.output
         out = np.empty((n, o.rows), np.float32)
-        lib.el_weight_prepare(o)
         # ~16-bit activations here: 8-bit ones at the output layer cost the most agreement with the reference;
         # scores that only rank tokens (InfiniPot's novelty) take the cheaper 8-bit product
         product = lib.el_matmul_hp if precise else lib.el_matmul

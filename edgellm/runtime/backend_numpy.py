@@ -82,5 +82,8 @@ class NumpyBackend:
         g, u = h @ self._mat(lw.w_gate).T, h @ self._mat(lw.w_up).T
         x += ref.silu_mul(g, u) @ self._mat(lw.w_down).T
 
+    def next_logits(self, x):
+        return self.logits(x, 1)
+
     def logits(self, x, n, precise=True):
         return (ref.rmsnorm(x[:n], self.w.out_norm, self.cfg.norm_eps) @ self._mat(self.w.output).T).astype(np.float32)

@@ -84,7 +84,7 @@ class Model:
             if logits == "all":
                 out.append(self.backend.logits(x, part.size))
             elif s + chunk >= ids.size:
-                out.append(last[None] if last is not None else self.backend.logits(x[part.size - 1:], 1))
+                out.append(last[None] if last is not None else self.backend.next_logits(x[part.size - 1:]))
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _run(self, ids: np.ndarray, cache) -> np.ndarray:
