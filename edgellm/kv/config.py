@@ -8,6 +8,7 @@ POLICIES = ("full", "window", "h2o", "snapkv", "infinipot")
 KV_DTYPES = ("f16", "q8_0", "q4_0")
 SPILL_TIERS = (None, "ram", "ssd")
 DEFAULT_BUDGET = 2048
+INFINIPOT_COMPRESS_RATIO = 0.75  # see KVConfig.compress_ratio
 DEFAULT_CATALYST = "Summarize the previous context highlighting the most important parts."
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -17,14 +18,17 @@ class KVConfig:
     """policy: 'full' grows up to the model's trained window; the others keep at most `budget` tokens hot.
     budget: tokens (int) or bytes ('64MB', converted with the KV dtype); None = the model's window for
     'full', 2048 tokens otherwise. compress_ratio: the share of the budget kept at each compaction
-    (InfiniPot's |C|/|M|; every policy compacts in batches to this size when the next chunk would overflow)."""
+    (InfiniPot's |C|/|M|; every policy compacts in batches to this size when the next chunk would overflow);
+    None = 0.75 for 'infinipot', 0.5 otherwise. With 0.75 the pot at question time holds 768 distilled
+    entries and at most 256 raw recent ones (0.5: 512 + 512 raw filler between the needle and the question);
+    SmolLM2-135M passkey through 1,024 tokens, 9 depths, seed 0: 16K 67% -> 100%, 32K 78% -> 100%."""
     policy: str = "full"
     budget: int | str | None = None
     kv_dtype: str = "f16"
     spill: str | None = None
     spill_dir: str | None = None
     block_size: int = 64              # tokens per KV block (the unit of quantization, spill and recall)
-    compress_ratio: float = 0.5
+    compress_ratio: float | None = None
     sink: int = 4                     # first tokens always kept (window, infinipot)
     alpha: float = 0.5                # infinipot: share of kept slots chosen by novelty (NuC)
     catalyst: str = DEFAULT_CATALYST  # infinipot: the catalyst prompt (CaP)
@@ -37,6 +41,8 @@ class KVConfig:
     snapkv_kernel: int = 5
 
     def __post_init__(self):
+        if self.compress_ratio is None:
+            object.__setattr__(self, "compress_ratio", INFINIPOT_COMPRESS_RATIO if self.policy == "infinipot" else 0.5)
         checks = [
             (self.policy in POLICIES, f"policy={self.policy!r}: choose one of {', '.join(POLICIES)}"),
             (self.kv_dtype in KV_DTYPES, f"kv_dtype={self.kv_dtype!r}: choose one of {', '.join(KV_DTYPES)}"),
