@@ -128,12 +128,14 @@ class LLM:
                 break
             keep += 1
         keep = min(keep, len(ids) - 1)  # at least one token must run to produce logits
-        if getattr(self._cache, "compactions", 0) and keep < len(self._tokens):
-            keep = 0  # a distilled cache can only be extended, not cut back
-            self._cache.reset()
+        if getattr(self._cache, "compactions", 0):   # a distilled cache can only be extended, not cut back
+            if keep < len(self._tokens):
+                keep = 0
+                self._cache.reset()
+        else:
+            self._cache.truncate(keep)   # counts stream tokens: only while each one still has its entry
         if self.kv.query_aware and self.n_ctx is None:  # the prompt's end (the question) steers distillation
             self._cache.catalyst_ids = ids[-self.kv.query_tokens:] + self._catalyst
-        self._cache.truncate(keep)
         self._tokens = self._tokens[:keep]
         t0 = time.perf_counter()
         logits = self.model.forward(ids[keep:], self._cache, logits="last")[-1]

@@ -45,3 +45,19 @@ def test_window_forgets_a_key_outside_its_window(model_path, tok):
     ids, out, c = _run(model_path, tok, "window", 0.2)
     assert str(KEY) not in out
     assert not _key_span(ids, tok) & set(c.origin[0][0, :len(c)].tolist())
+
+
+
+def test_distilled_conversation_extends(model_path, tok):
+    """A second turn that extends the first keeps the distilled entries as they are: the prefix it shares is
+    counted in stream tokens, which a distilled cache no longer holds one by one."""
+    ids = passkey_prompt(tok, FILLER, LENGTH, 0.5, KEY)
+    llm = edgellm.LLM(str(model_path), kv=edgellm.KVConfig(policy="infinipot", budget=BUDGET))
+    llm.generate(ids, max_tokens=4)
+    c = llm._cache
+    before = len(c)
+    assert c.compactions >= 2
+    llm.generate(llm._tokens + tok(" Again: the pass key is"), max_tokens=4)
+    assert len(c) > before and len(c) <= BUDGET
+    for layer in range(c.n_layer):   # every layer's count is what its blocks hold
+        assert c.n_tokens[layer] == sum(b.n for b in c.blocks[layer]) == len(c)
