@@ -100,9 +100,11 @@ def matmul(W: np.ndarray, wtype, rows: int, cols: int, X: np.ndarray, hp: bool =
     return Y.reshape(*X.shape[:-1], rows)
 
 
-def _weight_struct(W: np.ndarray, t: GGMLType, rows: int, cols: int):
+def weight(W: np.ndarray, wtype, rows: int, cols: int):
+    """The el_weight of a matrix. The C side repacks the matrix in place on first use and updates the struct's type,
+    so a matrix must have one struct, not copies, and its type is read from it at each call."""
     w = ffi.new("el_weight *")
-    w.w, w.type, w.rows, w.cols = _ptr(W), int(t), rows, cols
+    w.w, w.type, w.rows, w.cols = _ptr(W), int(wtype), rows, cols
     return w
 
 
@@ -110,7 +112,7 @@ def l1_ratio(W: np.ndarray, wtype, rows: int, cols: int) -> np.ndarray:
     """Per row, 255 x the largest block L1 norm over 32 x its scales' bound on |w| (el_weight_l1_ratio), uint8."""
     t, W = _weights(W, wtype, int(rows), int(cols))
     rho = np.empty(rows, np.uint8)
-    if lib.el_weight_l1_ratio(_weight_struct(W, t, rows, cols), _ptr(rho, "uint8_t *")) != 0:
+    if lib.el_weight_l1_ratio(weight(W, t, rows, cols), _ptr(rho, "uint8_t *")) != 0:
         raise ValueError(f"el_weight_l1_ratio needs a quantized matrix, not {t.name}")
     return rho
 
@@ -123,7 +125,7 @@ def logits_refine(W: np.ndarray, wtype, rows: int, cols: int, x: np.ndarray, rho
     if x.size != cols or rho.size != rows:
         raise ValueError(f"x must have {cols} values and rho {rows}")
     y = np.empty(rows, np.float32)
-    n = lib.el_logits_refine(_weight_struct(W, t, rows, cols), _ptr(rho, "uint8_t *"), _ptr(x, "float *"), _ptr(y, "float *"))
+    n = lib.el_logits_refine(weight(W, t, rows, cols), _ptr(rho, "uint8_t *"), _ptr(x, "float *"), _ptr(y, "float *"))
     if n < 0:
         raise MemoryError("el_logits_refine: out of memory")
     return y, n

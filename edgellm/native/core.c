@@ -726,23 +726,6 @@ int el_weight_l1_ratio(el_weight *w, uint8_t *rho) {
     return atomic_load(&j.fail) ? -1 : 0;
 }
 
-typedef struct {
-    el_mm m;            /* x's high plane only, and the bounds */
-    int chunk;
-    atomic_int next;
-} refine_job;
-
-static void refine_task(void *p, int ith, int nth) {
-    refine_job *j = p;
-    (void)ith, (void)nth;
-    for (;;) {
-        int r0 = atomic_fetch_add(&j->next, 1) * j->chunk;
-        if (r0 >= j->m.rows) return;
-        int r1 = r0 + j->chunk < j->m.rows ? r0 + j->chunk : j->m.rows;
-        el_kern->mm_rows(&j->m, r0, r1);
-    }
-}
-
 int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y) {
     const int rows = w->rows, cols = w->cols, type = w->type, nb = cols / EL_QK, nbp = el_ds_blocks(nb);
     if (!el_is_quant(type)) {   /* f32 activations: exact already */
@@ -763,10 +746,10 @@ int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y)
     float *v = bound + rows;
     const float eps = (float)(nb + 4) * 0x1p-23f;
     for (int b = 0; b < nbp; b++) v[b] = b < nb ? 127.0f * (q[nb + b].d + eps * q[b].d) : 0.0f;
-    refine_job job = {.m = {w->w, rb, type, rows, cols, 1, rows, q, y, 1, ds, v, bound}};
+    mm_job job = {.m = {w->w, rb, type, rows, cols, 1, rows, q, y, 1, ds, v, bound}};   /* x's high plane, and bounds */
     job.chunk = mm_chunk(rows, rb, el_get_threads_locked());
     atomic_init(&job.next, 0);
-    el_parallel(refine_task, &job);
+    el_parallel(mm_task, &job);
     float top = -INFINITY;   /* the largest lower bound */
     for (int r = 0; r < rows; r++) {
         bound[r] *= (float)EL_QK / 255.0f * (1.0f + 0x1p-10f) * rho[r];

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kv.cache import KVCache
+from .. import native
 from ..native import ffi, lib
 from ..quant.blocks import GGMLType
 from .config import ModelConfig
@@ -15,11 +16,8 @@ def _fptr(a: np.ndarray):
 
 
 def _weight(t):
-    """The one el_weight of a mapped matrix. The C side repacks the matrix in place on first use and updates the
-    struct's type, so it must not be copied, and type is read from it at each call."""
-    w = ffi.new("el_weight *")
-    w.w, w.type, w.rows, w.cols = ffi.cast("void *", t.data.ctypes.data), int(t.type), t.rows, t.cols
-    return w
+    """The one el_weight of a mapped matrix (native.weight)."""
+    return native.weight(t.data, t.type, t.rows, t.cols)
 
 
 class NativeBackend:
