@@ -23,6 +23,14 @@ def test_bench_passkey_takes_kv_fields():
         build_parser().parse_args(["bench-passkey", "--kv", "nonsense=3"])
 
 
+def test_passkey_seed_draws_other_keys():
+    from edgellm.cli.passkey import passkey_keys
+    assert build_parser().parse_args(["bench-passkey", "--seed", "2"]).seed == 2
+    assert build_parser().parse_args(["bench-passkey"]).seed == 0
+    assert passkey_keys(0, 9) == passkey_keys(0, 9) != passkey_keys(1, 9)
+    assert all(10000 <= k < 100000 for k in passkey_keys(1, 9))
+
+
 class SharedLLM:
     """One loaded model lent to every in-process command (loading takes seconds): `close` is a
     no-op, and the message lists sent to `chat` are recorded."""

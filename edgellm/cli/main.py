@@ -62,11 +62,12 @@ def cmd_bench_passkey(args) -> None:
     from edgellm.runtime.registry import DEFAULT_MODEL
     options = dict(args.kv)
     extra = "".join(f", {k}={v}" for k, v in options.items())
-    print(f"passkey retrieval, budget {args.budget} tokens, kv {args.kv_dtype}{extra}, depths {args.depths}")
+    print(f"passkey retrieval, budget {args.budget} tokens, kv {args.kv_dtype}{extra}, depths {args.depths}, "
+          f"seed {args.seed}")
     print(HEADER)
     print("|---|---|---|---|---|---|---|", flush=True)
     run_table(args.model or DEFAULT_MODEL, args.lengths, args.policies, args.depths, args.budget, args.kv_dtype,
-              args.threads, args.text, progress=sys.stdout, kv_options=options)
+              args.threads, args.text, seed=args.seed, progress=sys.stdout, kv_options=options)
 
 
 def kv_option(text: str) -> tuple[str, object]:
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", default=["full", "window", "infinipot"], choices=POLICIES)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], metavar="D")
     p.add_argument("--budget", type=positive_int, default=1024, metavar="TOKENS")
+    p.add_argument("--seed", type=int, default=0, help="draws the keys: another seed, another key at each depth")
     p.add_argument("--kv", type=kv_option, action="append", default=[], metavar="FIELD=VALUE",
                    help="another KVConfig field for the budget policies, e.g. --kv alpha=0.25 --kv pool=1")
     common.add_load_flags(p)

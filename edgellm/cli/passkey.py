@@ -35,6 +35,12 @@ def passkey_prompt(tokenize, haystack: str, n_tokens: int, depth: float, key: in
     return intro + hay[:at] + needle + hay[at:body] + question
 
 
+def passkey_keys(seed: int, n: int) -> list[int]:
+    """The 5-digit keys hidden at n depths, one per depth, drawn from `seed`."""
+    rng = random.Random(seed)
+    return [rng.randrange(10000, 100000) for _ in range(n)]
+
+
 def run_case(spec: dict) -> dict:
     """One policy and length over every depth, in this process."""
     import edgellm
@@ -43,10 +49,8 @@ def run_case(spec: dict) -> dict:
     llm = edgellm.LLM(spec["model"], n_threads=spec["threads"], kv=kv,
                       **({"n_ctx": spec["length"] + DECODE_TOKENS} if spec["policy"] == "full" else {}))
     haystack = open(spec["text"]).read() if spec["text"] else FILLER
-    rng = random.Random(spec["seed"])
     hits, prefill, decode = [], [], []
-    for depth in spec["depths"]:
-        key = rng.randrange(10000, 100000)
+    for depth, key in zip(spec["depths"], passkey_keys(spec["seed"], len(spec["depths"]))):
         ids = passkey_prompt(lambda t: llm.tokenize(t, special=False), haystack, spec["length"], depth, key)
         llm.reset()
         pieces = list(llm.generate(ids, max_tokens=DECODE_TOKENS, ignore_eos=True, stream=True))
