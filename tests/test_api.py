@@ -118,3 +118,16 @@ def test_info(llm):
     info = llm.info()
     assert info["arch"] == "llama" and info["n_layer"] == 30 and info["context_length"] == 8192
     assert info["quant_types"]["Q4_1"] == 210 and 130e6 < info["n_params"] < 140e6
+
+
+def test_generate_alone_never_loads_jinja(model_path):
+    # Peak RSS is a benchmark figure: Jinja (~5 MB) loads only when a chat template is needed.
+    import subprocess
+    import sys
+    code = ("import sys, edgellm\n"
+            f"llm = edgellm.LLM({str(model_path)!r}, n_threads=1)\n"
+            "llm.generate('Hello', max_tokens=2)\n"
+            "print('jinja2' in sys.modules)\n"
+            "print(llm.chat([{'role': 'user', 'content': 'Hi'}], max_tokens=1) is not None, 'jinja2' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]
