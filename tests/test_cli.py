@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from edgellm.cli import common
-from edgellm.cli.main import build_parser, main
+from edgellm.cli.main import build_parser, cmd_run, main, parse_args
 
 
 def test_model_is_optional_before_the_prompt():
@@ -14,6 +14,10 @@ def test_model_is_optional_before_the_prompt():
     assert (args.model, args.prompt) == (None, "hello there")
     args = build_parser().parse_args(["run", "m.gguf", "hello", "--max-tokens", "3"])
     assert (args.model, args.prompt, args.max_tokens) == ("m.gguf", "hello", 3)
+    for argv in (["run", "m.gguf", "--max-tokens", "3", "hello"], ["run", "--max-tokens", "3", "m.gguf", "hello"]):
+        args = parse_args(argv)
+        assert (args.model, args.prompt, args.max_tokens, args.func) == ("m.gguf", "hello", 3, cmd_run)
+    assert (parse_args(["run", "--chat", "hi"]).model, parse_args(["run", "--chat", "hi"]).prompt) == (None, "hi")
 
 
 def test_bench_passkey_takes_kv_fields():
@@ -25,7 +29,7 @@ def test_bench_passkey_takes_kv_fields():
 
 def test_passkey_seed_draws_other_keys():
     from edgellm.cli.passkey import passkey_keys
-    assert build_parser().parse_args(["bench-passkey", "--seed", "2"]).seed == 2
+    assert parse_args(["bench", "passkey", "--seed", "2"]).seed == 2
     assert build_parser().parse_args(["bench-passkey"]).seed == 0
     assert passkey_keys(0, 9) == passkey_keys(0, 9) != passkey_keys(1, 9)
     assert all(10000 <= k < 100000 for k in passkey_keys(1, 9))

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("run", help="complete one prompt, streaming to stdout")
+    p = parser.run_parser = sub.add_parser("run", help="complete one prompt, streaming to stdout")
     common.add_model_arg(p)
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -153,11 +153,18 @@ def one_line(exc: BaseException) -> str:
     return message if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {message}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
     if argv[:2] == ["bench", "passkey"]:
         argv = ["bench-passkey"] + argv[2:]
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["run"]:
+        # `run MODEL --max-tokens 8 "prompt"`: plain parse_args would hand MODEL to `prompt` and reject the prompt
+        return parser.run_parser.parse_intermixed_args(argv[1:])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         args.func(args)
     except KeyboardInterrupt:
