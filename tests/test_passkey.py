@@ -1,4 +1,5 @@
 """A small passkey case end to end: the key must survive distillation through a tiny budget."""
+import numpy as np
 import pytest
 
 import edgellm
@@ -61,3 +62,18 @@ def test_distilled_conversation_extends(model_path, tok):
     assert len(c) > before and len(c) <= BUDGET
     for layer in range(c.n_layer):   # every layer's count is what its blocks hold
         assert c.n_tokens[layer] == sum(b.n for b in c.blocks[layer]) == len(c)
+
+
+def test_infinipot_samples_from_the_same_logits_as_full(model_path, tok):
+    """Novelty scoring reads 8-bit logits; the next-token row must still be the refined one every policy samples
+    from: until the budget is reached, InfiniPot's next-token logits equal `full`'s bit for bit."""
+    ids = passkey_prompt(tok, FILLER, 300, 0.5, KEY)
+    last = {}
+    for policy in ("full", "infinipot"):
+        llm = edgellm.LLM(str(model_path), n_threads=2, kv=edgellm.KVConfig(policy=policy, budget=BUDGET))
+        cache = llm._cache
+        last[policy] = [llm.model.forward(ids, cache, logits="last")[-1]] + [
+            llm.model.forward([t], cache, logits="last")[-1] for t in tok(" The pass key is")]
+        assert getattr(cache, "compactions", 0) == 0
+    for a, b in zip(last["full"], last["infinipot"]):
+        np.testing.assert_array_equal(a, b)

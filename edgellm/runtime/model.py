@@ -103,16 +103,18 @@ class Model:
         cache.compact()
 
     def _novelty(self, x: np.ndarray, part: np.ndarray, cache) -> np.ndarray:
-        """Record each token's -log p(token | context) in the cache; return the chunk's last logits row."""
-        nov = np.zeros(part.size, np.float32)
+        """Record each token's -log p(token | context) in the cache; return the chunk's last logits row.
+        Rows that only score novelty take 8-bit activations; the last row is the next-token row that
+        generation samples from, so it is the refined product every policy gets."""
+        n = part.size
+        nov = np.zeros(n, np.float32)
         if cache.prev_logprobs is not None:
             nov[0] = -cache.prev_logprobs[part[0]]
-        for r0 in range(0, part.size, NOVELTY_ROWS):
-            rows = min(NOVELTY_ROWS, part.size - r0)
-            lg = self.backend.logits(x[r0:r0 + rows], rows, precise=False)
-            lp = _log_softmax(lg)
-            nxt = part[r0 + 1:r0 + 1 + rows]
-            nov[r0 + 1:r0 + 1 + nxt.size] = -lp[np.arange(nxt.size), nxt]
-        cache.prev_logprobs = lp[-1]
+        for r0 in range(0, n - 1, NOVELTY_ROWS):
+            rows = min(NOVELTY_ROWS, n - 1 - r0)
+            lp = _log_softmax(self.backend.logits(x[r0:r0 + rows], rows, precise=False))
+            nov[r0 + 1:r0 + 1 + rows] = -lp[np.arange(rows), part[r0 + 1:r0 + 1 + rows]]
+        last = self.backend.next_logits(x[n - 1:])[0]
+        cache.prev_logprobs = _log_softmax(last[None])[0]
         cache.record_novelty(nov)
-        return lg[-1]
+        return last
