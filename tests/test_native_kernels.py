@@ -237,8 +237,8 @@ def test_pool_survives_fork():
     assert os.waitpid(pid, 0)[1] == 0
 
 
-@pytest.mark.parametrize("dim", [32, 64, 128, 256])
-def test_hadamard(dim):
+@pytest.mark.parametrize("dim", [2, 8, 16, 32, 64, 128, 256])
+def test_hadamard(dim, simd):
     rng = np.random.default_rng(dim)
     x = rng.standard_normal((7, dim)).astype(np.float32)
     y = N.hadamard(x.copy())
@@ -247,6 +247,19 @@ def test_hadamard(dim):
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)  # orthogonal
     with pytest.raises(ValueError):
         N.hadamard(np.zeros((2, 48), np.float32))
+
+
+@pytest.mark.parametrize("dim", [8, 16, 64, 256])
+def test_hadamard_simd_is_bit_identical(dim):
+    # quantized KV caches rotate keys at append and queries at attention: every table must rotate alike
+    x = np.random.default_rng(dim).standard_normal((5, dim)).astype(np.float32) * 100
+    best = N.lib.el_simd_level()
+    try:
+        N.set_simd(0)
+        ref = N.hadamard(x.copy())
+    finally:
+        N.set_simd(best)
+    np.testing.assert_array_equal(N.hadamard(x.copy()), ref)
 
 
 @pytest.mark.parametrize("t", KVTYPES, ids=lambda t: t.name)

@@ -509,21 +509,27 @@ void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int
 
 void el_silu_mul(float *gate, const float *up, long n) { el_kern->silu_mul(gate, up, n); }
 
-static void hadamard_row(float *x, int dim, float norm) {
-    for (int h = 1; h < dim; h <<= 1)   /* butterflies of the fast Walsh-Hadamard transform */
-        for (int i = 0; i < dim; i += 2 * h)
-            for (int j = i; j < i + h; j++) {
-                float a = x[j], b = x[j + h];
-                x[j] = a + b;
-                x[j + h] = a - b;
-            }
-    for (int j = 0; j < dim; j++) x[j] *= norm;
+/* rows of x times the Walsh-Hadamard matrix times norm (dim a power of 2): the table's kernel where it has one */
+static void hadamard_rows(float *x, long rows, int dim, float norm) {
+    if (el_kern->hadamard && dim >= 8) {
+        el_kern->hadamard(x, rows, dim, norm);
+        return;
+    }
+    for (long r = 0; r < rows; r++, x += dim) {
+        for (int h = 1; h < dim; h <<= 1)   /* butterflies of the fast Walsh-Hadamard transform */
+            for (int i = 0; i < dim; i += 2 * h)
+                for (int j = i; j < i + h; j++) {
+                    float a = x[j], b = x[j + h];
+                    x[j] = a + b;
+                    x[j + h] = a - b;
+                }
+        for (int j = 0; j < dim; j++) x[j] *= norm;
+    }
 }
 
 void el_hadamard(float *x, long rows, int dim) {
     if (dim <= 0 || (dim & (dim - 1))) return;
-    const float norm = 1.0f / sqrtf((float)dim);
-    for (long r = 0; r < rows; r++, x += dim) hadamard_row(x, dim, norm);
+    hadamard_rows(x, rows, dim, 1.0f / sqrtf((float)dim));
 }
 
 void el_softmax(float *x, int rows, int cols) {
@@ -557,7 +563,7 @@ void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int
                 uint16_t *y = dst + ((size_t)g * cap + row0 + i) * hd;
                 if (rotate) {
                     memcpy(buf, x, sizeof(float) * hd);
-                    hadamard_row(buf, hd, norm);
+                    hadamard_rows(buf, 1, hd, norm);
                     x = buf;
                 }
                 for (int j = 0; j < hd; j++) y[j] = el_f32_to_f16(x[j]);

@@ -213,6 +213,9 @@ typedef struct {
     /* 1: mm_rows has kernels for el_repack's layouts, so el_repack rewrites weights (0: it leaves them as they are;
      * mm_rows must still take repacked weights, e.g. after el_set_simd switched tables) */
     int repacks;
+    /* Optional (NULL: the portable loop): rows of x times the Walsh-Hadamard matrix times norm, dim a power of 2
+     * >= 8; the same butterflies in the same order as the portable loop, so bit-identical results */
+    void (*hadamard)(float *x, long rows, int dim, float norm);
 } el_kernels;
 
 /* out[r] = sum_b wmax_rb v[b] for rows r0..r1-1 of m's weights (wmax_rb: el_weight_l1_ratio's bound on |w| in block

@@ -687,8 +687,36 @@ static void silu_mul_avx2(float *g, const float *u, long n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* one butterfly stage inside a vector: lanes in mask get s - v (the pair's first minus its second), the others v + s,
+ * with s the vector whose lanes are each lane's pair partner */
+INLINE __m256 fwht_stage(__m256 v, __m256 s, int mask) {
+    return _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), mask);
+}
+
+/* hadamard_rows' stages in its order: h = 1, 2, 4 inside each vector of 8, then h = 8 ... dim/2 across vectors */
+static void hadamard_avx2(float *x, long rows, int dim, float norm) {
+    const __m256 nv = _mm256_set1_ps(norm);
+    for (long r = 0; r < rows; r++, x += dim) {
+        for (int i = 0; i < dim; i += 8) {
+            __m256 v = _mm256_loadu_ps(x + i);
+            v = fwht_stage(v, _mm256_permute_ps(v, 0xB1), 0xAA);
+            v = fwht_stage(v, _mm256_permute_ps(v, 0x4E), 0xCC);
+            v = fwht_stage(v, _mm256_permute2f128_ps(v, v, 1), 0xF0);
+            _mm256_storeu_ps(x + i, v);
+        }
+        for (int h = 8; h < dim; h <<= 1)
+            for (int i = 0; i < dim; i += 2 * h)
+                for (int j = i; j < i + h; j += 8) {
+                    __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
+                    _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+                    _mm256_storeu_ps(x + j + h, _mm256_sub_ps(a, b));
+                }
+        for (int j = 0; j < dim; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), nv));
+    }
+}
+
 const el_kernels el_kernels_avx2 = {
-    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1,
+    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2,
 };
 
 #pragma GCC pop_options
