@@ -48,9 +48,9 @@ def test_l1_ratio_matches_numpy(t):
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("layout", ["gguf", "repacked"])
 @pytest.mark.parametrize("rows", [203, 4096])   # a last tile of 3 rows; many rows near the top
-def test_refine_exact_where_it_matters(simd, threads, t, layout, rows):
-    rng = np.random.default_rng(rows + int(t))
-    cols = 576
+@pytest.mark.parametrize("cols", [288, 576])      # 9 and 18 blocks: 4-row tiles share one tail group of 1 / 2
+def test_refine_exact_where_it_matters(simd, threads, t, layout, rows, cols):
+    rng = np.random.default_rng(rows + cols + int(t))
     W = random_weights(t, rows, cols, rng)
     Wt, wt = (repack_rows(W, t, cols), REPACKED[t]) if layout == "repacked" else (W, t)
     rho = N.l1_ratio(Wt, wt, rows, cols)

@@ -42,7 +42,7 @@ def test_repack_matches_numpy_twin(simd, t, cols):
 
 
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("cols", [96, 576, 1536])
+@pytest.mark.parametrize("cols", [64, 96, 288, 576, 1536])   # tails of 2, 3, 1, 2, 0 blocks
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65])
 def test_matmul_repacked(simd, threads, t, cols, n):
     """Repacked by the numpy twin, so that the scalar table (which never repacks) runs its kernel for the layout too;
