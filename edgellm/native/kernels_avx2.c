@@ -143,57 +143,42 @@ INLINE __m256i join_halves(__m256i a, __m256i b) {
 
 INLINE __m256i act_qs(const el_block_q8a *a) { return _mm256_loadu_si256((const __m256i *)a->qs); }
 
-/* Integer dots of a pair of blocks (n = 2) or a single block (n = 1) with NT activation rows a[j] (the pair's first
- * block; 0: n = 0), as h[j]: 8 int16 (Q4) or int32 (Q8) lanes per block for join_pairs. Q4 pair: 32 bytes whose low
- * nibbles are the first block and high nibbles the second; a single Q4 block is in GGUF's nibble order (a row's odd
- * last block). Q4: the int16 sums of <= 8 products (<= 8 * 15 * 127) cannot overflow before join_pairs widens them.
- * Q8: |w| . (a with w's sign), whose int16 pair sums (<= 2 * 128 * 127) are widened at once. */
-INLINE void pair_dots(int type, const uint8_t *w, const el_block_q8a *const *a, int NT, int n, __m256i *h) {
-    const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256(), m4 = _mm256_set1_epi8(0x0F);
-    if (n == 0) {
-        for (int j = 0; j < NT; j++) h[j] = z;
-    } else if (type == EL_Q8_0R) {
-        __m256i v[TT][2];
-        for (int k = 0; k < 2; k++) {
-            __m256i wk = k < n ? _mm256_loadu_si256((const __m256i *)(w + 32 * k)) : z, aw = _mm256_abs_epi8(wk);
-            for (int j = 0; j < NT; j++) {
-                __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(act_qs(a[j] + k), wk));
-                v[j][k] = k < n ? _mm256_madd_epi16(p16, ones) : z;
-            }
-        }
-        for (int j = 0; j < NT; j++) h[j] = _mm256_hadd_epi32(v[j][0], v[j][1]);
-    } else if (n == 2) {
-        __m256i x = _mm256_loadu_si256((const __m256i *)w);
-        __m256i w0 = _mm256_and_si256(x, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
-        for (int j = 0; j < NT; j++)
-            h[j] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, act_qs(a[j])), _mm256_maddubs_epi16(w1, act_qs(a[j] + 1)));
-    } else {
-        __m256i w0 = nibbles16(w);
-        for (int j = 0; j < NT; j++) h[j] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, act_qs(a[j])), z);
-    }
-}
-
-/* four pair_dots results -> lane 2p + k: the integer dot of pair p's block k */
-INLINE __m256i join_pairs(int type, const __m256i *h) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    return type == EL_Q8_0R ? join_halves(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]))
-                            : join_halves(_mm256_madd_epi16(_mm256_hadd_epi16(h[0], h[1]), ones),
-                                          _mm256_madd_epi16(_mm256_hadd_epi16(h[2], h[3]), ones));
-}
-
-/* Integer dots of cnt <= RG consecutive blocks with NT activation rows a[j]: out[j] lane k = block k (0 past cnt) */
+/* Integer dots of cnt <= RG consecutive blocks with NT activation rows a[j]: out[j] lane k = block k (0 past cnt).
+ * Q4: two blocks per 32-byte load; the int16 sums of <= 8 products (<= 8 * 15 * 127) cannot overflow before madd
+ * widens them. Q8: |w| . (a with w's sign), whose int16 pair sums (<= 2 * 128 * 127) are widened at once. */
 INLINE void group_dots(int type, const uint8_t *qs, const el_block_q8a *const *a, int NT, int cnt, __m256i *out) {
-    __m256i h[RG / 2][TT];
+    const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256(), m4 = _mm256_set1_epi8(0x0F);
+    __m256i h[TT][RG / 2];
     for (int p = 0; p < RG / 2; p++) {
-        const el_block_q8a *ap[TT];
-        for (int j = 0; j < NT; j++) ap[j] = a[j] + 2 * p;
-        int n = cnt - 2 * p < 0 ? 0 : cnt - 2 * p > 2 ? 2 : cnt - 2 * p;
-        pair_dots(type, qs + (type == EL_Q8_0R ? 64 : 32) * p, ap, NT, n, h[p]);
+        if (type == EL_Q8_0R) {
+            __m256i v[TT][2];
+            for (int k = 0; k < 2; k++) {
+                const int b = 2 * p + k;
+                __m256i w = b < cnt ? _mm256_loadu_si256((const __m256i *)(qs + 32 * b)) : z, aw = _mm256_abs_epi8(w);
+                for (int j = 0; j < NT; j++) {
+                    __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(act_qs(a[j] + b), w));
+                    v[j][k] = b < cnt ? _mm256_madd_epi16(p16, ones) : z;
+                }
+            }
+            for (int j = 0; j < NT; j++) h[j][p] = _mm256_hadd_epi32(v[j][0], v[j][1]);
+        } else if (2 * p + 1 < cnt) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+            __m256i w0 = _mm256_and_si256(x, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+            for (int j = 0; j < NT; j++)
+                h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, act_qs(a[j] + 2 * p)),
+                                            _mm256_maddubs_epi16(w1, act_qs(a[j] + 2 * p + 1)));
+        } else if (2 * p < cnt) {   /* odd last block of the row, in GGUF's nibble order */
+            __m256i w = nibbles16(qs + 32 * p);
+            for (int j = 0; j < NT; j++) h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w, act_qs(a[j] + 2 * p)), z);
+        } else {
+            for (int j = 0; j < NT; j++) h[j][p] = z;
+        }
     }
-    for (int j = 0; j < NT; j++) {
-        __m256i hj[RG / 2] = {h[0][j], h[1][j], h[2][j], h[3][j]};
-        out[j] = join_pairs(type, hj);
-    }
+    for (int j = 0; j < NT; j++)
+        out[j] = type == EL_Q8_0R
+                     ? join_halves(_mm256_hadd_epi32(h[j][0], h[j][1]), _mm256_hadd_epi32(h[j][2], h[j][3]))
+                     : join_halves(_mm256_madd_epi16(_mm256_hadd_epi16(h[j][0], h[j][1]), ones),
+                                   _mm256_madd_epi16(_mm256_hadd_epi16(h[j][2], h[j][3]), ones));
 }
 
 /* pshufb controls: from byte 2 * (RG - cnt) on, move a row's last RG f16 down by RG - cnt lanes, zeros above */
@@ -250,60 +235,6 @@ INLINE void rrow(int type, const uint8_t *row, int nb, const el_block_q8a *const
 }
 #undef TAIL
 
-/* The last cnt <= 2 blocks of TR rows computed as one group, lane 2i + k for row i's block k: a 576-column row is 2
- * groups and 2 blocks, and a tail group per row cost as much as a full one. tail_add then hands each row its
- * lanes, so every row sums exactly what rgroup's tail case would have given it. */
-typedef struct {
-    __m256 c, wmax, dot[TT], dwda[TT], smin[TT], bv;
-} el_tails;
-
-INLINE void tails4(int type, const uint8_t *row, size_t rb, int nb, int cnt, const el_block_q8a *const *a,
-                   const float *const *ds, int NT, int BOUND, const float *bv, el_tails *T) {
-    const int b0 = nb - cnt;
-    const size_t qb = type == EL_Q8_0R ? 32 : 16;
-    const el_block_q8a *ab[TT];
-    for (int j = 0; j < NT; j++) ab[j] = a[j] + b0;
-    __m256i h[TT][TR];
-    uint32_t dbits[TR] = {0}, mbits[TR] = {0};   /* a row's cnt f16 scales (mins), as one 32-bit lane */
-    for (int i = 0; i < TR; i++, row += rb) {
-        __m256i hi[TT];
-        pair_dots(type, row + b0 * qb, ab, NT, cnt, hi);
-        for (int j = 0; j < NT; j++) h[j][i] = hi[j];
-        const uint8_t *d16 = row + nb * qb + 2 * b0;
-        memcpy(dbits + i, d16, 2 * cnt);
-        if (type == EL_Q4_1R) memcpy(mbits + i, d16 + 2 * nb, 2 * cnt);
-    }
-    /* pairs of floats broadcast: lanes 0, 1 are what rgroup's loads of 8 from b0 hold there */
-#define PAIRS(p) _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(p)))
-    __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dbits));
-    T->c = type == EL_Q4_1R ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mbits)) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-    for (int j = 0; j < NT; j++) {
-        T->dot[j] = _mm256_cvtepi32_ps(join_pairs(type, h[j]));
-        T->dwda[j] = _mm256_mul_ps(dw, PAIRS(ds[j] + b0));
-        if (type != EL_Q8_0R) T->smin[j] = PAIRS(ds[j] + el_ds_blocks(nb) + b0);
-    }
-    if (BOUND) {
-        const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        T->wmax = _mm256_mul_ps(_mm256_and_ps(dw, abs), _mm256_set1_ps(type == EL_Q8_0R ? 127 : type == EL_Q4_0R ? 8 : 15));
-        if (type == EL_Q4_1R) T->wmax = _mm256_add_ps(T->wmax, _mm256_and_ps(T->c, abs));
-        T->bv = PAIRS(bv + b0);
-    }
-#undef PAIRS
-}
-
-/* row i's tail into its lanes 0 and 1, by rgroup's FMAs (its other lanes get + 0) */
-INLINE void tail_add(int type, const el_tails *T, int i, int NT, __m256 *acc, int BOUND, __m256 *bacc) {
-    const __m256i idx = _mm256_set1_epi64x(((int64_t)(2 * i + 1) << 32) | (2 * i));
-    const __m256 keep = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, 0, 0, 0, 0, 0, 0));
-    __m256 c = _mm256_and_ps(_mm256_permutevar8x32_ps(T->c, idx), keep);
-    for (int j = 0; j < NT; j++) {
-        if (type != EL_Q8_0R) acc[j] = _mm256_fmadd_ps(c, T->smin[j], acc[j]);
-        acc[j] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(T->dot[j], idx),
-                                 _mm256_and_ps(_mm256_permutevar8x32_ps(T->dwda[j], idx), keep), acc[j]);
-    }
-    if (BOUND) *bacc = _mm256_fmadd_ps(_mm256_and_ps(_mm256_permutevar8x32_ps(T->wmax, idx), keep), T->bv, *bacc);
-}
-
 #define RS 16   /* rows per slab: the slab's weights stay in L1 while the token chunk passes over them */
 
 /* Y rows r0..r1-1 of act rows t..t+NT-1 for repacked W, rows in fours (one hsum4 each). Each unpacked weight pair
@@ -319,24 +250,13 @@ INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT, int B
         ds[j] = m->act_ds + (size_t)(t + j) * 2 * el_ds_blocks(nb);
     }
     const uint8_t *row = m->W + (size_t)r0 * rb;
-    const int tail = nb % RG;
     __m256 acc[TR][TT], bacc[TR];
     for (int r = r0; r < r1;) {
-        const int nr = r1 - r < TR ? 1 : TR, merged = nr == TR && (tail == 1 || tail == 2);
-        el_tails T;
-        if (merged) {   /* compile-time cases, like rrow's tails */
-            if (tail == 1) tails4(type, row, rb, nb, 1, a, ds, NT, BOUND, m->bound_v, &T);
-            else tails4(type, row, rb, nb, 2, a, ds, NT, BOUND, m->bound_v, &T);
-        }
+        const int nr = r1 - r < TR ? 1 : TR;
         for (int i = 0; i < nr; i++, row += rb) {
             for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();
             bacc[i] = _mm256_setzero_ps();
-            if (merged) {
-                for (int b = 0; b + RG <= nb; b += RG) rgroup(type, row, nb, b, RG, a, ds, NT, acc[i], BOUND, m->bound_v, bacc + i);
-                tail_add(type, &T, i, NT, acc[i], BOUND, bacc + i);
-            } else {
-                rrow(type, row, nb, a, ds, NT, acc[i], BOUND, m->bound_v, bacc + i);
-            }
+            rrow(type, row, nb, a, ds, NT, acc[i], BOUND, m->bound_v, bacc + i);
             if (BOUND && t == 0) m->bound[r + i] = hsum(bacc[i]);
         }
         if (nr == TR) tile_store(m, r, t, TR, NT, acc, NULL, NULL);
