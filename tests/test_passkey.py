@@ -77,3 +77,11 @@ def test_infinipot_samples_from_the_same_logits_as_full(model_path, tok):
         assert getattr(cache, "compactions", 0) == 0
     for a, b in zip(last["full"], last["infinipot"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_novelty_is_minus_log_softmax_bit_for_bit():
+    from edgellm.runtime.model import _log_softmax, _surprise
+    rng = np.random.default_rng(3)
+    lg = (rng.standard_normal((32, 4096)) * 6).astype(np.float32)
+    nxt = rng.integers(0, 4096, 32)
+    np.testing.assert_array_equal(_surprise(lg, nxt), -_log_softmax(lg)[np.arange(32), nxt])

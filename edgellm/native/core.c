@@ -471,12 +471,14 @@ void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float
 /* cos / sin of every (token, frequency) pair: cs[(i * half + j) * 2 + {0, 1}] */
 static float *rope_table(int n, int rope_dim, const int32_t *pos, float freq_base) {
     int half = rope_dim / 2;
-    float *cs = malloc(sizeof(float) * 2 * half * (size_t)n);
+    float *cs = malloc(sizeof(float) * 2 * half * (size_t)n + sizeof(double) * half);
     if (!cs) return NULL;
+    double *freq = (double *)(cs + 2 * half * (size_t)n);   /* once per call, not per position (CR-RoPE: 3K rows) */
+    for (int j = 0; j < half; j++) freq[j] = pow((double)freq_base, -2.0 * j / rope_dim);
     for (int i = 0; i < n; i++)
         /* angles in double: positions reach 1e5+ and f32 would lose the small frequencies' phase */
         for (int j = 0; j < half; j++) {
-            double a = (double)pos[i] * pow((double)freq_base, -2.0 * j / rope_dim);
+            double a = (double)pos[i] * freq[j];
             cs[((size_t)i * half + j) * 2] = (float)cos(a);
             cs[((size_t)i * half + j) * 2 + 1] = (float)sin(a);
         }
