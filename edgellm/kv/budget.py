@@ -47,7 +47,7 @@ class BudgetKVCache(KVCache):
         self.pos_shift = 0          # next_pos - len: tokens evicted without re-positioning
         self.compactions = 0
         self._probe_len = None      # pot size while a catalyst prompt runs on top of it
-        self.prev_logprobs = None   # log-probs after the last token, for the next token's novelty
+        self.prev_logits = None   # logits after the last token, for the next token's novelty
         need = self.policy.needs
         self.history = [np.zeros((H, cap)) for _ in range(L)] if "history_mass" in need else None
         self.seen_by = [np.zeros((H, cap)) for _ in range(L)] if "history_mass" in need else None

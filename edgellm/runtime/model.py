@@ -28,13 +28,8 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def _surprise(lg: np.ndarray, nxt: np.ndarray) -> np.ndarray:
-    """-_log_softmax(lg)[r, nxt[r]] for each row r, bit for bit, in one scratch array instead of three."""
+    """-log softmax(lg)[r, nxt[r]] for each row r (float32, max-shifted), in one scratch array."""
     e = lg - lg.max(-1, keepdims=True)
     picked = e[np.arange(len(nxt)), nxt]
     return np.log(np.exp(e, out=e).sum(-1)) - picked
@@ -115,13 +110,13 @@ class Model:
         generation samples from, so it is the refined product every policy gets."""
         n = part.size
         nov = np.zeros(n, np.float32)
-        if cache.prev_logprobs is not None:
-            nov[0] = -cache.prev_logprobs[part[0]]
+        if cache.prev_logits is not None:
+            nov[0] = _surprise(cache.prev_logits[None], part[:1])[0]
         for r0 in range(0, n - 1, NOVELTY_ROWS):
             rows = min(NOVELTY_ROWS, n - 1 - r0)
             lg = self.backend.logits(x[r0:r0 + rows], rows, precise=False)
             nov[r0 + 1:r0 + 1 + rows] = _surprise(lg, part[r0 + 1:r0 + 1 + rows])
         last = self.backend.next_logits(x[n - 1:])[0]
-        cache.prev_logprobs = _log_softmax(last[None])[0]
+        cache.prev_logits = last
         cache.record_novelty(nov)
         return last
