@@ -107,26 +107,36 @@ def _stream(cache, n, rng, pos0=0):
     return k, v
 
 
-@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
 @pytest.mark.parametrize("reposition", [False, True])
-def test_compaction_keeps_exactly_the_selected_entries(dtype, reposition):
+@pytest.mark.parametrize("n", [96, 80])   # 80: the last block is a part-filled f16 tail beside quantized ones
+def test_compaction_keeps_exactly_the_selected_entries(dtype, reposition, n):
     rng = np.random.default_rng(3)
-    idx = np.sort(np.stack([rng.choice(96, 32, replace=False) for _ in range(H)]), axis=1)
+    idx = np.sort(np.stack([rng.choice(n, 32, replace=False) for _ in range(H)]), axis=1)
     cache = BudgetKVCache(1, NH, H, D, budget=96, keep=32, policy=FixedPolicy(idx, reposition), rope=ROPE,
                           kv_dtype=dtype, block_size=32)
-    k, v = _stream(cache, 96, rng)   # keys as stored: already rotated at positions 0..95
+    k, v = _stream(cache, n, rng)   # keys as stored: already rotated at positions 0..n-1
     cache.compact()
     assert len(cache) == 32
-    assert cache.next_pos == (32 if reposition else 96)
+    assert cache.next_pos == (32 if reposition else n)
     got_k, got_v, pos = cache.dequantized(0)
     assert list(pos) == list(range(32))
-    tol = 2e-3 if dtype == "f16" else 4e-2
+    tol = {"f16": 2e-3, "q8_0": 4e-2, "q4_0": 0.6}[dtype]
     for h in range(H):
         want_k = k[idx[h], h]
         if reposition:  # CR-RoPE: each survivor re-rotated from its old position to its rank
             want_k = rope(want_k[:, None], np.arange(32) - idx[h], D, 10000.0, False)[:, 0]
         np.testing.assert_allclose(got_k[h], want_k, atol=tol)
         np.testing.assert_allclose(got_v[h], v[idx[h], h], atol=tol)
+
+
+def test_compaction_refuses_an_entry_past_the_cache():
+    idx = np.tile(np.arange(31, -1, -1), (H, 1))
+    idx[1, 0] = 40   # only 40 entries streamed in
+    cache = BudgetKVCache(1, NH, H, D, budget=96, keep=32, policy=FixedPolicy(idx, True), rope=ROPE, block_size=32)
+    _stream(cache, 40, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="outside"):
+        cache.compact()
 
 
 def test_positions_never_exceed_the_budget_with_cr_rope():

@@ -126,9 +126,10 @@ class BudgetKVCache(KVCache):
     def compact(self) -> None:
         """Every layer keeps the policy's `keep` entries per KV head."""
         before = self.next_pos
+        angles = self._cr_rope_angles(before) if self.policy.reposition else None
         for layer in range(self.n_layer):
             idx = self.policy.select(self._scores(layer), self.keep)
-            self._rebuild(layer, idx)
+            self._rebuild(layer, idx, angles)
         self.pos_shift = 0 if self.policy.reposition else before - self.keep
         self.compactions += 1
         self.obs = [None] * self.n_layer
@@ -159,14 +160,28 @@ class BudgetKVCache(KVCache):
                          self.head_dim, scale, descs, n_blocks, _fp(out), _fp(lse))
         return self._mass(layer, q, q_pos, lse, scale, False)
 
-    def _rebuild(self, layer: int, idx: np.ndarray) -> None:
-        k, v, pos = self.dequantized(layer)
-        take = lambda a: np.take_along_axis(a, idx[..., None], axis=1)  # noqa: E731  [H, keep, D]
-        k, v = np.ascontiguousarray(take(k)), np.ascontiguousarray(take(v))
-        if self.policy.reposition:  # CR-RoPE: rotate each survivor from its position to its rank
-            delta = np.ascontiguousarray(np.arange(self.keep, dtype=np.int32)[None, :] - pos[idx], np.int32)
-            lib.el_rope(_fp(k), k.shape[0] * k.shape[1], 1, self.head_dim, self.rope.dim,
-                        ffi.cast("int32_t *", delta.ctypes.data), self.rope.base, self.rope.neox)
+    def _cr_rope_angles(self, n_pos: int):
+        """RoPE's cos / sin for every move CR-RoPE can make, from a position < n_pos to a rank < keep: one table
+        for all layers, (table, first delta)."""
+        deltas = np.arange(1 - n_pos, self.keep, dtype=np.int32)
+        cs = np.empty((len(deltas), self.rope.dim), np.float32)
+        lib.el_rope_cos_sin(ffi.cast("int32_t *", deltas.ctypes.data), len(deltas), self.rope.dim, self.rope.base, _fp(cs))
+        return cs, int(deltas[0])
+
+    def _rebuild(self, layer: int, idx: np.ndarray, angles) -> None:
+        H, hd, keep = self.n_head_kv, self.head_dim, self.keep
+        idx32 = np.ascontiguousarray(idx, np.int32)
+        if idx32.shape != (H, keep):
+            raise ValueError(f"policy selected {idx32.shape} entries, expected {(H, keep)}")
+        k, v = np.empty((keep, H, hd), np.float32), np.empty((keep, H, hd), np.float32)
+        # one C call (threaded): dequantize the survivors and, for CR-RoPE, rotate each from its position to its rank
+        cs, d0 = angles if angles is not None else (None, 0)
+        descs, n_blocks = self.descriptors(layer)
+        if lib.el_kv_gather(descs, n_blocks, H, hd, int(self.rotated), ffi.cast("int32_t *", idx32.ctypes.data), keep,
+                            self.rope.dim, int(self.rope.neox), ffi.NULL if cs is None else _fp(cs), d0,
+                            0 if cs is None else len(cs), _fp(k), _fp(v)):
+            raise ValueError(f"compaction of layer {layer}: a selected entry lies outside its {self.n_tokens[layer]} entries"
+                             f" or past position {-d0}")
         for arrs in (self.history, self.seen_by, self.novelty, self.origin):
             if arrs is not None:
                 a = arrs[layer]
@@ -175,7 +190,7 @@ class BudgetKVCache(KVCache):
         self.blocks[layer], self.n_tokens[layer] = [], 0
         # positions 0..keep-1 also order survivors for the causal mask; new tokens come after them
         self._rebuilding = True
-        self.append(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2), np.arange(self.keep, dtype=np.int32))
+        self.append(layer, k, v, np.arange(keep, dtype=np.int32))
         self._rebuilding = False
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -468,20 +468,31 @@ void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float
     }
 }
 
+#define GATHER_MAX_HD 512   /* head (and rope) dims el_kv_gather and el_rope_cos_sin take */
+
+/* RoPE's frequencies base^(-2j / rope_dim), j < rope_dim / 2: once per call, not per position (CR-RoPE: 3K rows) */
+static void rope_freqs(int rope_dim, float freq_base, double *freq) {
+    for (int j = 0; j < rope_dim / 2; j++) freq[j] = pow((double)freq_base, -2.0 * j / rope_dim);
+}
+
+/* cos / sin of one position's angles: cs[2j], cs[2j + 1]. Angles in double: positions reach 1e5+ and f32 would lose
+ * the small frequencies' phase */
+static void rope_angles(int32_t pos, const double *freq, int half, float *cs) {
+    for (int j = 0; j < half; j++) {
+        double a = (double)pos * freq[j];
+        cs[2 * j] = (float)cos(a);
+        cs[2 * j + 1] = (float)sin(a);
+    }
+}
+
 /* cos / sin of every (token, frequency) pair: cs[(i * half + j) * 2 + {0, 1}] */
 static float *rope_table(int n, int rope_dim, const int32_t *pos, float freq_base) {
     int half = rope_dim / 2;
     float *cs = malloc(sizeof(float) * 2 * half * (size_t)n + sizeof(double) * half);
     if (!cs) return NULL;
-    double *freq = (double *)(cs + 2 * half * (size_t)n);   /* once per call, not per position (CR-RoPE: 3K rows) */
-    for (int j = 0; j < half; j++) freq[j] = pow((double)freq_base, -2.0 * j / rope_dim);
-    for (int i = 0; i < n; i++)
-        /* angles in double: positions reach 1e5+ and f32 would lose the small frequencies' phase */
-        for (int j = 0; j < half; j++) {
-            double a = (double)pos[i] * freq[j];
-            cs[((size_t)i * half + j) * 2] = (float)cos(a);
-            cs[((size_t)i * half + j) * 2 + 1] = (float)sin(a);
-        }
+    double *freq = (double *)(cs + 2 * half * (size_t)n);
+    rope_freqs(rope_dim, freq_base, freq);
+    for (int i = 0; i < n; i++) rope_angles(pos[i], freq, half, cs + (size_t)i * half * 2);
     return cs;
 }
 
@@ -499,6 +510,13 @@ static void rope_apply(float *x, int n, int n_heads, int head_dim, int rope_dim,
             }
         }
     }
+}
+
+void el_rope_cos_sin(const int32_t *pos, int n, int rope_dim, float freq_base, float *cs) {
+    if (rope_dim <= 0 || rope_dim % 2 || rope_dim > GATHER_MAX_HD) return;
+    double freq[GATHER_MAX_HD / 2];
+    rope_freqs(rope_dim, freq_base, freq);
+    for (int i = 0; i < n; i++) rope_angles(pos[i], freq, rope_dim / 2, cs + (size_t)i * rope_dim);
 }
 
 void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox) {
@@ -573,6 +591,87 @@ void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int
     }
     memcpy(pos16 + row0, pos, sizeof(int32_t) * n);
     if (buf != stack) free(buf);
+}
+
+/* ---------------- KV gather (compaction) ---------------- */
+
+typedef struct {
+    const el_kvblock *blocks;
+    const long *start;   /* number of each block's first entry; start[n_blocks] = entries in all */
+    int n_blocks, n_kv_head, hd, rotated, keep, rope_dim, neox;
+    const int32_t *idx;
+    const float *cs;     /* cos / sin per delta d0, d0 + 1, ... (el_rope_cos_sin) */
+    int d0, nd;
+    float *k, *v;
+} gather_ctx;
+
+/* The block holding entry j: the last one whose first entry is <= j (blocks are few: a binary search) */
+static int block_of(const long *start, int n_blocks, long j) {
+    int lo = 0, hi = n_blocks - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (start[mid] <= j) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+static void gather_task(void *p, int ith, int nth) {
+    const gather_ctx *c = p;
+    const int hd = c->hd, H = c->n_kv_head;
+    const long items = (long)H * c->keep, per = (items + nth - 1) / nth;
+    const float norm = 1.0f / sqrtf((float)hd);
+    for (long t = ith * per; t < items && t < (ith + 1) * per; t++) {
+        const int g = (int)(t / c->keep), i = (int)(t % c->keep);
+        const long j = c->idx[t];
+        const el_kvblock *B = &c->blocks[block_of(c->start, c->n_blocks, j)];
+        const int r = (int)(j - c->start[B - c->blocks]);
+        const size_t rb = el_row_bytes(B->dtype, hd), off = ((size_t)g * B->cap + r) * rb;
+        float *ko = c->k + ((size_t)i * H + g) * hd, *vo = c->v + ((size_t)i * H + g) * hd;
+        el_dequantize_row((const char *)B->k + off, ko, hd, B->dtype);
+        el_dequantize_row((const char *)B->v + off, vo, hd, B->dtype);
+        if (c->rotated) {   /* back to the model's basis: H is its own inverse */
+            hadamard_rows(ko, 1, hd, norm);
+            hadamard_rows(vo, 1, hd, norm);
+        }
+        if (c->cs)   /* CR-RoPE: from the entry's position to its rank (the delta was range-checked) */
+            rope_apply(ko, 1, 1, hd, c->rope_dim, c->cs + (size_t)(i - B->pos[r] - c->d0) * c->rope_dim, c->neox);
+    }
+}
+
+/* every index inside the blocks, every delta inside the table: 0, else -1 */
+static int gather_check(const gather_ctx *c, long entries) {
+    for (long t = 0; t < (long)c->n_kv_head * c->keep; t++) {
+        if (c->idx[t] < 0 || c->idx[t] >= entries) return -1;
+        if (!c->cs) continue;
+        const el_kvblock *B = &c->blocks[block_of(c->start, c->n_blocks, c->idx[t])];
+        long d = (long)(t % c->keep) - B->pos[c->idx[t] - c->start[B - c->blocks]];
+        if (d < c->d0 || d >= (long)c->d0 + c->nd) return -1;
+    }
+    return 0;
+}
+
+int el_kv_gather(const el_kvblock *blocks, int n_blocks, int n_kv_head, int hd, int rotated, const int32_t *idx,
+                 int keep, int rope_dim, int neox, const float *cs, int d0, int nd, float *k, float *v) {
+    if (n_blocks <= 0 || n_kv_head <= 0 || hd <= 0 || hd > GATHER_MAX_HD || keep < 0 ||
+        (cs && (rope_dim <= 0 || rope_dim > hd || rope_dim % 2)) || (rotated && (hd & (hd - 1))))
+        return -1;
+    long *start = malloc(sizeof(long) * (n_blocks + 1));
+    if (!start) return -1;
+    start[0] = 0;
+    int rc = 0;
+    for (int b = 0; b < n_blocks; b++) {
+        if (blocks[b].n < 0 || blocks[b].n > blocks[b].cap || !el_row_bytes(blocks[b].dtype, hd)) rc = -1;
+        start[b + 1] = start[b] + blocks[b].n;
+    }
+    gather_ctx c = {blocks, start, n_blocks, n_kv_head, hd, rotated, keep, rope_dim, neox, idx, cs, d0, nd, k, v};
+    if (rc == 0) rc = gather_check(&c, start[n_blocks]);
+    if (rc == 0) {
+        pthread_mutex_lock(&api_mu);
+        el_parallel(gather_task, &c);
+        pthread_mutex_unlock(&api_mu);
+    }
+    free(start);
+    return rc;
 }
 
 /* ---------------- repacked weights (layout: el_repack in kernels.h) ---------------- */

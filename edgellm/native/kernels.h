@@ -31,6 +31,9 @@ void el_matmul_hp(const void *W, int wtype, int rows, int cols, const float *X, 
 void el_get_rows(const void *W, int wtype, int cols, const int32_t *ids, int n, float *out);
 void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float *out);
 void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox);
+/* The angles el_rope turns by at each of n positions: cs[i * rope_dim + 2j] = cos, [.. + 2j + 1] = sin of
+ * pos[i] * freq_base^(-2j / rope_dim), j < rope_dim / 2 (rope_dim even, <= 512) */
+void el_rope_cos_sin(const int32_t *pos, int n, int rope_dim, float freq_base, float *cs);
 void el_silu_mul(float *gate, const float *up, long n);
 void el_softmax(float *x, int rows, int cols);
 /* In place: each of `rows` rows of `dim` (a power of 2) floats times the normalized Walsh-Hadamard matrix,
@@ -53,6 +56,14 @@ int el_attention_mass(const float *q, int n_q, const int32_t *q_pos, int n_head,
  * normalized Walsh-Hadamard transform first (as el_hadamard; hd a power of 2). The inputs are not modified. */
 void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int n_kv_head, int hd, int rotate,
                   void *k16, void *v16, int32_t *pos16, int row0, int cap);
+
+/* Compaction's gather: entries idx[g * keep + i] (numbered across the blocks in order; i < keep) of kv head g into
+ * k, v (f32 [keep][n_kv_head][hd]) in the model's basis (rotated: the cache stores Hadamard-rotated rows). cs given
+ * (CR-RoPE): each gathered key is re-rotated from its position p to its rank i, by the angles of delta i - p in
+ * cs[(i - p - d0) * rope_dim ...] (el_rope_cos_sin of deltas d0 .. d0 + nd - 1, one table for every layer).
+ * Returns 0, or -1 on bad arguments (an index past the blocks' entries, a delta outside the table) or no memory. */
+int el_kv_gather(const el_kvblock *blocks, int n_blocks, int n_kv_head, int hd, int rotated, const int32_t *idx,
+                 int keep, int rope_dim, int neox, const float *cs, int d0, int nd, float *k, float *v);
 
 /* Rewrite `rows` rows of `cols` quantized weights of `type` (Q4_0, Q4_1, Q8_0) in place into the layout the active
  * kernels read fastest (same bytes per row) and return its type (EL_Q4_0R, EL_Q4_1R, EL_Q8_0R); return `type` and
