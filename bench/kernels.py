@@ -11,6 +11,7 @@ from edgellm import native as N
 from edgellm.quant import GGMLType, quantize, row_bytes
 
 ffi, lib = N.ffi, N.lib
+COLD_BYTES = 96 << 20   # more than any L3 here (32 MiB): the GEMV reads from DRAM
 
 
 def timeit(fn, min_time=0.3):
@@ -33,7 +34,17 @@ def bench_matmul(t, rows, cols, n, rng):
     s = timeit(lambda: lib.el_matmul(pw, int(t), rows, cols, px, n, py, rows))
     gb = rows * row_bytes(t, cols) / s / 1e9
     gf = 2 * rows * cols * n / s / 1e9
-    print(f"  matmul {t.name:6s} {rows:6d}x{cols:<5d} n={n:<4d} {s * 1e6:10.1f} us  {gb:7.2f} GB/s  {gf:7.2f} GFLOP/s")
+    print(f"  matmul {t.name:6s} {rows:6d}x{cols:<5d} n={n:<4d} {s * 1e6:10.1f} us  {gb:7.2f} GB/s  {gf:7.2f} GFLOP/s"
+          + (f"  cold: {cold_gemv_gb_s(W, t, rows, cols, px, py):.2f} GB/s" if n == 1 else ""))
+
+
+def cold_gemv_gb_s(W, t, rows, cols, px, py, total_bytes=COLD_BYTES):
+    """GB/s of the same GEMV over copies of W that together exceed the last-level cache, as decode reads its weights
+    (each once per token, from DRAM)."""
+    copies = [W.copy() for _ in range(max(2, total_bytes // W.nbytes))]
+    ptrs = [ffi.from_buffer(c) for c in copies]
+    s = timeit(lambda: [lib.el_matmul(p, int(t), rows, cols, px, 1, py, rows) for p in ptrs]) / len(ptrs)
+    return rows * row_bytes(t, cols) / s / 1e9
 
 
 def bench_attention(t, n_keys, n_q, rng, block=64):
