@@ -257,8 +257,11 @@ INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT, int B
     for (int r = r0; r < r1;) {
         const int nr = r1 - r < TR ? 1 : TR;
         for (int i = 0; i < nr; i++, row += rb) {
-            if (NT == 1)
-                for (size_t off = 0; off < rb; off += 64) _mm_prefetch((const char *)row + PF_BYTES + off, _MM_HINT_T0);
+            if (NT == 1)   /* lines in pairs: half the loop overhead; the odd line past a row belongs to the next one */
+                for (const char *p = (const char *)row + PF_BYTES, *e = p + rb; p < e; p += 128) {
+                    _mm_prefetch(p, _MM_HINT_T0);
+                    _mm_prefetch(p + 64, _MM_HINT_T0);
+                }
             for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();
             bacc[i] = _mm256_setzero_ps();
             rrow(type, row, nb, a, ds, NT, acc[i], BOUND, m->bound_v, bacc + i);
