@@ -140,7 +140,11 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
             if (quant) {   /* both planes at once, then summed */
                 el_kern->kq(B->dtype, kh, rb, idx, cnt, q8, 2 * R, hd, c->scale, s);
-                for (int i = 0; i < R * EL_KT; i++) s[i] += s[R * EL_KT + i];
+                for (int r = 0; r < R; r++) {   /* only the tile's cnt keys are read from here on */
+                    float *restrict hi = s + r * EL_KT;
+                    const float *restrict lo = s + (size_t)(R + r) * EL_KT;
+                    for (int t = 0; t < cnt; t++) hi[t] += lo[t];
+                }
             } else {
                 el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
             }

@@ -419,12 +419,17 @@ INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const c
     for (int b = 0; b < hd / EL_QK; b++) {
         __m256i w[2];
         float dk[2];
-        for (int j = 0; j < NK; j++) w[j] = load_w(type, kr[j] + b * bb), dk[j] = f16(*(const uint16_t *)(kr[j] + b * bb));
+        __m256 dkv[2];   /* the key scales broadcast once: dk * d_a as a vector product rounds as the scalar one */
+        for (int j = 0; j < NK; j++) {
+            w[j] = load_w(type, kr[j] + b * bb), dk[j] = f16(*(const uint16_t *)(kr[j] + b * bb));
+            dkv[j] = _mm256_set1_ps(dk[j]);
+        }
         for (int r = 0; r < NR; r++) {
             const el_block_q8a *a = (const el_block_q8a *)(q + r * q_stride) + b;
             __m256i av = _mm256_loadu_si256((const __m256i *)a->qs);
+            const __m256 dav = _mm256_set1_ps(a->d);
             for (int j = 0; j < NK; j++) {
-                acc[r * NK + j] = _mm256_fmadd_ps(dot_block(type, w[j], av), _mm256_set1_ps(dk[j] * a->d), acc[r * NK + j]);
+                acc[r * NK + j] = _mm256_fmadd_ps(dot_block(type, w[j], av), _mm256_mul_ps(dkv[j], dav), acc[r * NK + j]);
                 if (type == EL_Q4_0) cs[r * NK + j] -= 8.0f * dk[j] * a->s;
             }
         }
@@ -440,7 +445,8 @@ INLINE void kq_store(int type, const char *k, size_t rb, const int *idx, const c
     for (int i = NR * NK; i < 8; i++) acc[i] = _mm256_setzero_ps();
     _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));   /* one transpose-add for 8 dots */
     for (int r = 0; r < NR; r++)
-        for (int j = 0; j < NK; j++) s[(r0 + r) * EL_KT + t0 + j] = out[r * NK + j] + (type == EL_Q4_0 ? scale * cs[r * NK + j] : 0);
+        for (int j = 0; j < NK; j++)
+            s[(r0 + r) * EL_KT + t0 + j] = type == EL_Q4_0 ? out[r * NK + j] + scale * cs[r * NK + j] : out[r * NK + j];
 }
 
 #define KQ_ROWS(NK)                                                                   \
