@@ -1,6 +1,9 @@
 """Kernel micro-benchmarks: el_matmul GEMV/GEMM and el_attention at SmolLM2-135M shapes.
 
-python bench/kernels.py [--threads 1,2] [--scalar]
+python bench/kernels.py [--threads 1,2] [--scalar] [--decode-only] [--calls N]
+
+--calls N runs every case exactly N times instead of timing it: for instruction counts, e.g.
+valgrind --tool=callgrind --toggle-collect=el_attention python bench/kernels.py --threads 1 --decode-only --calls 200
 """
 import argparse
 import time
@@ -14,7 +17,14 @@ ffi, lib = N.ffi, N.lib
 COLD_BYTES = 96 << 20   # more than any L3 here (32 MiB): the GEMV reads from DRAM
 
 
+CALLS = None   # --calls: a fixed number of calls per case instead of timing
+
+
 def timeit(fn, min_time=0.3):
+    if CALLS:
+        for _ in range(CALLS):
+            fn()
+        return float("nan")
     fn()
     reps, t0 = 0, time.perf_counter()
     while True:
@@ -35,7 +45,7 @@ def bench_matmul(t, rows, cols, n, rng):
     gb = rows * row_bytes(t, cols) / s / 1e9
     gf = 2 * rows * cols * n / s / 1e9
     print(f"  matmul {t.name:6s} {rows:6d}x{cols:<5d} n={n:<4d} {s * 1e6:10.1f} us  {gb:7.2f} GB/s  {gf:7.2f} GFLOP/s"
-          + (f"  cold: {cold_gemv_gb_s(W, t, rows, cols, px, py):.2f} GB/s" if n == 1 else ""))
+          + (f"  cold: {cold_gemv_gb_s(W, t, rows, cols, px, py):.2f} GB/s" if n == 1 and not CALLS else ""))
 
 
 def cold_gemv_gb_s(W, t, rows, cols, px, py, total_bytes=COLD_BYTES):
@@ -77,7 +87,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--scalar", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="one-token cases only (GEMV, decode attention)")
+    ap.add_argument("--calls", type=int, help="run each case exactly this many times (no timing)")
     args = ap.parse_args()
+    global CALLS
+    CALLS = args.calls
     if args.scalar:
         N.set_simd(0)
     rng = np.random.default_rng(0)
@@ -85,13 +99,13 @@ def main():
     for nth in map(int, args.threads.split(",")):
         N.set_threads(nth)
         print(f"threads={nth}")
-        for n in (1, 512):
+        for n in (1,) if args.decode_only else (1, 512):
             for t, rows, cols in [(GGMLType.Q4_1, 1536, 576), (GGMLType.Q4_1, 576, 1536), (GGMLType.Q8_0, 49152, 576)]:
                 bench_matmul(t, rows, cols, n, rng)
         for t in (GGMLType.F16, GGMLType.Q8_0):
             for n_keys in (512, 4096):
                 bench_attention(t, n_keys, 1, rng)
-        for t in (GGMLType.F16, GGMLType.Q8_0):
+        for t in () if args.decode_only else (GGMLType.F16, GGMLType.Q8_0):
             for n_keys in (512, 4096):   # a prefill chunk of 512 queries at the end of the context
                 bench_attention(t, n_keys, 512, rng)
 
