@@ -43,6 +43,19 @@ def rope(x: np.ndarray, pos, rope_dim: int, freq_base: float, neox: bool) -> np.
     return y.astype(np.float32)
 
 
+def kv_gather(k: np.ndarray, v: np.ndarray, pos, idx: np.ndarray, rope_dim: int = 0, freq_base: float = 10000.0,
+              neox: bool = False):
+    """el_kv_gather: k, v [n_kv_head, n, hd] (model basis) and their positions -> survivors idx [n_kv_head, keep] as
+    [keep, n_kv_head, hd]; rope_dim > 0 re-rotates each kept key from its position to its rank (CR-RoPE)."""
+    heads, keep = idx.shape
+    ko = np.stack([k[h, idx[h]] for h in range(heads)], axis=1)
+    vo = np.stack([v[h, idx[h]] for h in range(heads)], axis=1)
+    if rope_dim:
+        for h in range(heads):
+            ko[:, h] = rope(ko[:, h][:, None], np.arange(keep) - np.asarray(pos)[idx[h]], rope_dim, freq_base, neox)[:, 0]
+    return ko, vo
+
+
 def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     g64 = g.astype(np.float64)
     return (g64 / (1 + np.exp(-g64)) * u).astype(np.float32)
