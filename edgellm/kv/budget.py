@@ -181,7 +181,7 @@ class BudgetKVCache(KVCache):
                             self.rope.dim, int(self.rope.neox), ffi.NULL if cs is None else _fp(cs), d0,
                             0 if cs is None else len(cs), _fp(k), _fp(v)):
             raise ValueError(f"compaction of layer {layer}: a selected entry lies outside its {self.n_tokens[layer]} entries"
-                             f" or past position {-d0}")
+                             " or its position outside the CR-RoPE angle table")
         for arrs in (self.history, self.seen_by, self.novelty, self.origin):
             if arrs is not None:
                 a = arrs[layer]

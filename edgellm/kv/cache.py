@@ -191,7 +191,7 @@ class KVCache(GrowingCache):
     # -- reading -----------------------------------------------------------------------------
     def dequantized(self, layer: int):
         """A float32 copy of one layer's entries, in the model's basis: K, V [n_head_kv, n, head_dim], pos [n].
-        For maintenance (compaction, tests) only: attention never reads a dequantized copy."""
+        For tests and inspection only: attention and compaction (el_kv_gather) read the blocks in place."""
         ks, vs, ps = [], [], []
         for b in self.blocks[layer]:
             ks.append(self._to_f32(b.k, b.dtype)[:, :b.n])

@@ -470,29 +470,27 @@ void el_rmsnorm(const float *x, const float *w, int n, int dim, float eps, float
 
 #define GATHER_MAX_HD 512   /* head (and rope) dims el_kv_gather and el_rope_cos_sin take */
 
-/* RoPE's frequencies base^(-2j / rope_dim), j < rope_dim / 2: once per call, not per position (CR-RoPE: 3K rows) */
-static void rope_freqs(int rope_dim, float freq_base, double *freq) {
-    for (int j = 0; j < rope_dim / 2; j++) freq[j] = pow((double)freq_base, -2.0 * j / rope_dim);
+/* cos / sin of every (position, frequency) pair: cs[i * rope_dim + 2j], cs[i * rope_dim + 2j + 1] for the angle
+ * pos[i] * base^(-2j / rope_dim). The frequencies go in `freq` (rope_dim / 2 doubles) once per call, not per position
+ * (CR-RoPE turns 3K rows per layer); angles in double: positions reach 1e5+ and f32 would lose the small frequencies'
+ * phase */
+static void cos_sin_fill(const int32_t *pos, int n, int rope_dim, float freq_base, double *freq, float *cs) {
+    const int half = rope_dim / 2;
+    for (int j = 0; j < half; j++) freq[j] = pow((double)freq_base, -2.0 * j / rope_dim);
+    for (int i = 0; i < n; i++, cs += 2 * half)
+        for (int j = 0; j < half; j++) {
+            double a = (double)pos[i] * freq[j];
+            cs[2 * j] = (float)cos(a);
+            cs[2 * j + 1] = (float)sin(a);
+        }
 }
 
-/* cos / sin of one position's angles: cs[2j], cs[2j + 1]. Angles in double: positions reach 1e5+ and f32 would lose
- * the small frequencies' phase */
-static void rope_angles(int32_t pos, const double *freq, int half, float *cs) {
-    for (int j = 0; j < half; j++) {
-        double a = (double)pos * freq[j];
-        cs[2 * j] = (float)cos(a);
-        cs[2 * j + 1] = (float)sin(a);
-    }
-}
-
-/* cos / sin of every (token, frequency) pair: cs[(i * half + j) * 2 + {0, 1}] */
+/* el_rope's table (cos_sin_fill), with its frequencies' scratch after it */
 static float *rope_table(int n, int rope_dim, const int32_t *pos, float freq_base) {
     int half = rope_dim / 2;
     float *cs = malloc(sizeof(float) * 2 * half * (size_t)n + sizeof(double) * half);
     if (!cs) return NULL;
-    double *freq = (double *)(cs + 2 * half * (size_t)n);
-    rope_freqs(rope_dim, freq_base, freq);
-    for (int i = 0; i < n; i++) rope_angles(pos[i], freq, half, cs + (size_t)i * half * 2);
+    cos_sin_fill(pos, n, rope_dim, freq_base, (double *)(cs + 2 * half * (size_t)n), cs);
     return cs;
 }
 
@@ -515,8 +513,7 @@ static void rope_apply(float *x, int n, int n_heads, int head_dim, int rope_dim,
 void el_rope_cos_sin(const int32_t *pos, int n, int rope_dim, float freq_base, float *cs) {
     if (rope_dim <= 0 || rope_dim % 2 || rope_dim > GATHER_MAX_HD) return;
     double freq[GATHER_MAX_HD / 2];
-    rope_freqs(rope_dim, freq_base, freq);
-    for (int i = 0; i < n; i++) rope_angles(pos[i], freq, rope_dim / 2, cs + (size_t)i * rope_dim);
+    cos_sin_fill(pos, n, rope_dim, freq_base, freq, cs);
 }
 
 void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox) {
@@ -615,6 +612,13 @@ static int block_of(const long *start, int n_blocks, long j) {
     return lo;
 }
 
+/* The block holding entry j, and j's row in it */
+static const el_kvblock *gather_locate(const gather_ctx *c, long j, int *row) {
+    int b = block_of(c->start, c->n_blocks, j);
+    *row = (int)(j - c->start[b]);
+    return &c->blocks[b];
+}
+
 static void gather_task(void *p, int ith, int nth) {
     const gather_ctx *c = p;
     const int hd = c->hd, H = c->n_kv_head;
@@ -622,9 +626,8 @@ static void gather_task(void *p, int ith, int nth) {
     const float norm = 1.0f / sqrtf((float)hd);
     for (long t = ith * per; t < items && t < (ith + 1) * per; t++) {
         const int g = (int)(t / c->keep), i = (int)(t % c->keep);
-        const long j = c->idx[t];
-        const el_kvblock *B = &c->blocks[block_of(c->start, c->n_blocks, j)];
-        const int r = (int)(j - c->start[B - c->blocks]);
+        int r;
+        const el_kvblock *B = gather_locate(c, c->idx[t], &r);
         const size_t rb = el_row_bytes(B->dtype, hd), off = ((size_t)g * B->cap + r) * rb;
         float *ko = c->k + ((size_t)i * H + g) * hd, *vo = c->v + ((size_t)i * H + g) * hd;
         el_dequantize_row((const char *)B->k + off, ko, hd, B->dtype);
@@ -643,8 +646,9 @@ static int gather_check(const gather_ctx *c, long entries) {
     for (long t = 0; t < (long)c->n_kv_head * c->keep; t++) {
         if (c->idx[t] < 0 || c->idx[t] >= entries) return -1;
         if (!c->cs) continue;
-        const el_kvblock *B = &c->blocks[block_of(c->start, c->n_blocks, c->idx[t])];
-        long d = (long)(t % c->keep) - B->pos[c->idx[t] - c->start[B - c->blocks]];
+        int r;
+        const el_kvblock *B = gather_locate(c, c->idx[t], &r);
+        long d = (long)(t % c->keep) - B->pos[r];
         if (d < c->d0 || d >= (long)c->d0 + c->nd) return -1;
     }
     return 0;
