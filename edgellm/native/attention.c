@@ -138,7 +138,9 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
             if (pmin > qmax) continue;   /* no query of the tile sees any of these keys */
             int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
-            if (quant) {   /* both planes at once, then summed */
+            if (quant && el_kern->kq2) {
+                el_kern->kq2(B->dtype, kh, rb, idx, cnt, q8, R, hd, c->scale, s);
+            } else if (quant) {   /* both planes at once, then summed */
                 el_kern->kq(B->dtype, kh, rb, idx, cnt, q8, 2 * R, hd, c->scale, s);
                 for (int r = 0; r < R; r++) {   /* only the tile's cnt keys are read from here on */
                     float *restrict hi = s + r * EL_KT;

@@ -227,6 +227,11 @@ typedef struct {
     /* Optional (NULL: the portable loop): rows of x times the Walsh-Hadamard matrix times norm, dim a power of 2
      * >= 8; the same butterflies in the same order as the portable loop, so bit-identical results */
     void (*hadamard)(float *x, long rows, int dim, float norm);
+    /* Optional (NULL: kq over the 2 gs rows, then each hi row's scores plus its lo row's): quantized keys scored
+     * against queries in two 8-bit planes, q = gs rows of hi blocks then gs rows of lo blocks (el_quant_act2);
+     * s[h*EL_KT + t] = kq(hi_h)[t] + kq(lo_h)[t], bit for bit */
+    void (*kq2)(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
+                float *s);
 } el_kernels;
 
 /* out[r] = sum_b wmax_rb v[b] for rows r0..r1-1 of m's weights (wmax_rb: el_weight_l1_ratio's bound on |w| in block

@@ -397,16 +397,16 @@ INLINE __m256 hsum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* Scores of NR query rows x NK keys (compile-time): every key vector loaded serves NR rows and every query
- * vector NK keys. acc[r * NK + k] gets 8 lanes whose sum is q_r . k_k; cs[r * NK + k] the Q4_0 offsets. */
+/* Scores of NR query rows x NK keys (compile-time, NR * NK <= 8, NK <= 4): every key vector loaded serves NR rows and
+ * every query vector NK keys. acc[r * NK + k] gets 8 lanes whose sum is q_r . k_k; cs[r * NK + k] the Q4_0 offsets. */
 INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const char *q, size_t q_stride, int hd, int NR,
                      int NK, __m256 *acc, float *cs) {
-    const uint8_t *kr[2];
+    const uint8_t *kr[4];
     for (int j = 0; j < NK; j++) kr[j] = (const uint8_t *)k + idx[j] * rb;
     for (int i = 0; i < NR * NK; i++) acc[i] = _mm256_setzero_ps(), cs[i] = 0;
     if (type == EL_F16 || type == EL_F32) {
         for (int c = 0; c < hd; c += 8) {
-            __m256 kv[2];
+            __m256 kv[4];
             for (int j = 0; j < NK; j++) kv[j] = load8(type, kr[j], c);
             for (int r = 0; r < NR; r++) {
                 __m256 qv = _mm256_loadu_ps((const float *)(q + r * q_stride) + c);
@@ -417,9 +417,9 @@ INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const c
     }
     const size_t bb = block_bytes(type);
     for (int b = 0; b < hd / EL_QK; b++) {
-        __m256i w[2];
-        float dk[2];
-        __m256 dkv[2];   /* the key scales broadcast once: dk * d_a as a vector product rounds as the scalar one */
+        __m256i w[4];
+        float dk[4];
+        __m256 dkv[4];   /* the key scales broadcast once: dk * d_a as a vector product rounds as the scalar one */
         for (int j = 0; j < NK; j++) {
             w[j] = load_w(type, kr[j] + b * bb), dk[j] = f16(*(const uint16_t *)(kr[j] + b * bb));
             dkv[j] = _mm256_set1_ps(dk[j]);
@@ -483,11 +483,52 @@ static void kq_avx2(int type, const char *k, size_t rb, const int *idx, int cnt,
     }
 }
 
-/* values c..c+7 of a V row, dequantized */
-INLINE __m256 v8(int type, const uint8_t *row, int c) {
-    if (type == EL_F16 || type == EL_F32) return load8(type, row, c);
-    const uint8_t *blk = row + c / EL_QK * block_bytes(type);
-    int k = c % EL_QK / 8;
+/* s[t0 + j] = hi_j + lo_j for NK keys (compile-time, <= 4) of one query head, q its hi plane and q + lo_off its lo
+ * plane: the two rows of one kq_block, so every value is the one kq_store would give each plane */
+INLINE void kq2_store(int type, const char *k, size_t rb, const int *idx, const char *q, size_t lo_off, int hd,
+                      float scale, float *s, int NK) {
+    __m256 acc[8];
+    float cs[8] = {0}, out[8];
+    kq_block(type, k, rb, idx, q, lo_off, hd, 2, NK, acc, cs);
+    for (int i = 2 * NK; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    __m256 v = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
+    if (type == EL_Q4_0) v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_loadu_ps(cs)));
+    if (NK == 4) {   /* lanes 0-3: hi plane, 4-7: lo plane */
+        _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+        return;
+    }
+    _mm256_storeu_ps(out, v);
+    for (int j = 0; j < NK; j++) s[j] = out[j] + out[NK + j];
+}
+
+/* Two-plane scores (el_kernels.kq2) of quantized keys: per query head, keys in fours, so one transpose-add gives
+ * both planes of 4 scores and their sums leave as one vector */
+INLINE void kq2_tile(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd,
+                     float scale, float *s) {
+    const size_t q_stride = (size_t)(hd / EL_QK) * sizeof(el_block_q8a), lo_off = (size_t)gs * q_stride;
+    for (int h = 0; h < gs; h++) {
+        const char *qh = (const char *)q + h * q_stride;
+        float *sh = s + h * EL_KT;
+        int t = 0;
+        for (; t + 4 <= cnt; t += 4) kq2_store(type, k, rb, idx + t, qh, lo_off, hd, scale, sh + t, 4);
+        switch (cnt - t) {
+        case 3: kq2_store(type, k, rb, idx + t, qh, lo_off, hd, scale, sh + t, 3); break;
+        case 2: kq2_store(type, k, rb, idx + t, qh, lo_off, hd, scale, sh + t, 2); break;
+        case 1: kq2_store(type, k, rb, idx + t, qh, lo_off, hd, scale, sh + t, 1); break;
+        }
+    }
+}
+
+static void kq2_avx2(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd,
+                     float scale, float *s) {
+    switch (type) {
+    case EL_Q8_0: kq2_tile(EL_Q8_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    case EL_Q4_0: kq2_tile(EL_Q4_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    }
+}
+
+/* values 8k..8k+7 of a quantized block as floats, before its scale */
+INLINE __m256 qvals8(int type, const uint8_t *blk, int k) {
     __m128i q;
     if (type == EL_Q8_0) {
         q = _mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * k));
@@ -496,20 +537,34 @@ INLINE __m256 v8(int type, const uint8_t *row, int c) {
         if (k >= 2) x = _mm_srli_epi16(x, 4);
         q = _mm_sub_epi8(_mm_and_si128(x, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
     }
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(f16(*(const uint16_t *)blk)));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
 }
 
-/* NH heads x NC*8 output dims (both compile-time) stay in registers across the key tile: NH*NC independent
- * FMA chains hide the FMA latency */
+/* values c..c+7 of a V row, dequantized */
+INLINE __m256 v8(int type, const uint8_t *row, int c) {
+    if (type == EL_F16 || type == EL_F32) return load8(type, row, c);
+    const uint8_t *blk = row + c / EL_QK * block_bytes(type);
+    return _mm256_mul_ps(qvals8(type, blk, c % EL_QK / 8), _mm256_set1_ps(f16(*(const uint16_t *)blk)));
+}
+
+/* NH heads x NC*8 output dims (both compile-time, NH * NC <= 12) stay in registers across the key tile: NH*NC
+ * independent FMA chains hide the FMA latency, and each V row is dequantized once per NC*8 dims */
 INLINE void pv_heads(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int hd, float *o, int c, int NH,
                      int NC) {
-    __m256 acc[4][2];
+    __m256 acc[4][4];
+    const int g0 = NC == 4 ? 0 : c % EL_QK / 8;   /* first 8-value group of the block (c is a multiple of NC * 8) */
     for (int i = 0; i < NH; i++)
         for (int k = 0; k < NC; k++) acc[i][k] = _mm256_loadu_ps(o + (size_t)i * hd + c + 8 * k);
     for (int t = 0; t < cnt; t++) {
         const uint8_t *row = (const uint8_t *)v + idx[t] * rb;
-        __m256 x[2];
-        for (int k = 0; k < NC; k++) x[k] = v8(type, row, c + 8 * k);
+        __m256 x[4];
+        if (type == EL_F16 || type == EL_F32) {
+            for (int k = 0; k < NC; k++) x[k] = load8(type, row, c + 8 * k);
+        } else {   /* the NC groups lie in one block: its scale converted once */
+            const uint8_t *blk = row + c / EL_QK * block_bytes(type);
+            const __m256 d = _mm256_set1_ps(f16(*(const uint16_t *)blk));
+            for (int k = 0; k < NC; k++) x[k] = _mm256_mul_ps(qvals8(type, blk, g0 + k), d);
+        }
         for (int i = 0; i < NH; i++) {
             __m256 pi = _mm256_broadcast_ss(p + i * EL_KT + t);
             for (int k = 0; k < NC; k++) acc[i][k] = _mm256_fmadd_ps(pi, x[k], acc[i][k]);
@@ -519,27 +574,32 @@ INLINE void pv_heads(int type, const char *v, size_t rb, const int *idx, int cnt
         for (int k = 0; k < NC; k++) _mm256_storeu_ps(o + (size_t)i * hd + c + 8 * k, acc[i][k]);
 }
 
-#define PV_HEADS(NC)                                                                  \
-    switch (gs - h < 4 ? gs - h : 4) {                                                \
-    case 4: pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, 4, NC); break;             \
-    case 3: pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, 3, NC); break;             \
-    case 2: pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, 2, NC); break;             \
-    default: pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, 1, NC); break;            \
-    }
+#define PV(NH, NC) pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, NH, NC)
 
+/* up to 3 heads take 32 dims at a time (12 accumulators), 4 heads 16 */
 INLINE void pv_tile(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o) {
-    for (int c = 0; c < hd; c += hd % 16 ? 8 : 16)
-        for (int h = 0; h < gs; h += 4) {
-            const float *ph = p + h * EL_KT;
-            float *oh = o + (size_t)h * hd;
-            if (hd % 16) {
-                PV_HEADS(1)
-            } else {
-                PV_HEADS(2)
+    for (int h = 0; h < gs; h += 4) {
+        const float *ph = p + h * EL_KT;
+        float *oh = o + (size_t)h * hd;
+        const int nh = gs - h < 4 ? gs - h : 4, step = nh < 4 && hd % 32 == 0 ? 32 : hd % 16 == 0 ? 16 : 8;
+        for (int c = 0; c < hd; c += step) {
+            switch (nh * 100 + step) {   /* compile-time shapes */
+            case 432: case 416: PV(4, 2); break;
+            case 408: PV(4, 1); break;
+            case 332: PV(3, 4); break;
+            case 316: PV(3, 2); break;
+            case 308: PV(3, 1); break;
+            case 232: PV(2, 4); break;
+            case 216: PV(2, 2); break;
+            case 208: PV(2, 1); break;
+            case 132: PV(1, 4); break;
+            case 116: PV(1, 2); break;
+            default: PV(1, 1); break;
             }
         }
+    }
 }
-#undef PV_HEADS
+#undef PV
 
 static void pv_avx2(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o) {
     if (hd % 8) {
@@ -730,7 +790,7 @@ static void hadamard_avx2(float *x, long rows, int dim, float norm) {
 }
 
 const el_kernels el_kernels_avx2 = {
-    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2,
+    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2, kq2_avx2,
 };
 
 #pragma GCC pop_options
