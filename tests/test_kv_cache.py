@@ -4,7 +4,7 @@ import pytest
 
 from edgellm.kv.cache import KVCache
 from edgellm.native.reference import attention as ref_attention
-from edgellm.quant.blocks import GGMLType
+from edgellm.quant.blocks import GGMLType, quantize
 
 H, D, BS = 3, 64, 32
 
@@ -34,6 +34,22 @@ def test_blocks_quantized_once_when_full(dtype, tol):
     np.testing.assert_allclose(_stored(cache, "k"), np.concatenate([k1, k2]), atol=tol * 4, rtol=0)
     assert np.abs(_stored(cache, "v") - np.concatenate([v1, v2])).mean() < tol
     assert len(cache) == 90
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_full_block_is_the_reference_quantization_of_its_f16_rows(dtype):
+    """The one-time conversion (el_kv_quantize, which el_forward_layers' seal shares) is ggml's quantizer applied to
+    the f16 rows the tail held (head_dim 96: no rotation, so those rows are the inputs rounded to f16)."""
+    d, t = 96, GGMLType[dtype.upper()]
+    cache = KVCache(1, H, d, max_tokens=BS, kv_dtype=dtype, block_size=BS)
+    rng = np.random.default_rng(3)
+    k, v = (rng.standard_normal((BS, H, d)).astype(np.float32) * 4 for _ in range(2))
+    cache.append(0, k, v, np.arange(BS, dtype=np.int32))
+    blk = cache.blocks[0][0]
+    assert blk.dtype == t and not cache.rotated
+    for x, stored in ((k, blk.k), (v, blk.v)):
+        rows = x.transpose(1, 0, 2).astype(np.float16).astype(np.float32)   # [H, BS, d], as the block lays them out
+        np.testing.assert_array_equal(stored.ravel(), quantize(rows.ravel(), t))
 
 
 def test_bytes_per_token():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..native import ffi, lib
-from .cache import KVCache, _fp
+from .cache import NO_STEP, KVCache, _fp
 from .policies import LayerScores, Policy
 
 
@@ -98,7 +98,7 @@ class BudgetKVCache(KVCache):
     def step_blocks(self, n: int) -> int:
         # the one-call step skips attend's scoring hooks: only when no score is gathered per step
         if self._probe_len is not None or self.history is not None or "window_mass" in self.policy.needs:
-            return 0
+            return NO_STEP
         return super().step_blocks(n)
 
     def stepped(self, n: int) -> None:

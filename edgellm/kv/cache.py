@@ -21,6 +21,7 @@ import numpy as np
 from ..native import ffi, lib
 from ..quant.blocks import GGMLType, row_bytes
 
+NO_STEP = (0, ffi.NULL)   # step_blocks' refusal
 DTYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
 
 
@@ -69,6 +70,7 @@ class KVCache(GrowingCache):
     def reset(self) -> None:
         self.blocks: list[list[KVBlock]] = [[] for _ in range(self.n_layer)]
         self.n_tokens = [0] * self.n_layer
+        self._sealed = self._seal = None   # quantized arrays offered to el_forward_layers for the tails it fills
 
     def __len__(self) -> int:
         return self.n_tokens[-1]
@@ -133,35 +135,51 @@ class KVCache(GrowingCache):
             self._descs[layer][i].n = tail.n
 
     # -- one C step for every layer (el_forward_layers) ----------------------------------------
-    def step_blocks(self, n: int) -> int:
-        """How many blocks each layer has when n tokens can go through el_forward_layers (every layer's f16 tail
-        has room for them; fresh tails are made where needed), else 0 (the per-layer path takes them)."""
-        # a quantized cache's tail must not fill here: the per-layer path quantizes it before attending
-        room, counts = self.block_size - (self.dtype != GGMLType.F16), set(self.n_tokens)
-        if n > room or len(counts) != 1 or counts.pop() + n > self.max_tokens:
-            return 0
-        tails = [self._tail(layer) for layer in range(self.n_layer)]
-        return len(self.blocks[0]) if all(t.n + n <= room for t in tails) else 0
+    def step_blocks(self, n: int):
+        """(blocks per layer, seal table) when n tokens can go through el_forward_layers: every layer's f16 tail has
+        room for them (fresh tails are made where needed). The seal table is NULL unless the tokens fill the tails of
+        a quantized cache; then it holds the quantized arrays the step converts the full tails into before attending,
+        as the per-layer path does. (0, NULL): the per-layer path takes the tokens."""
+        counts = set(self.n_tokens)
+        if n > self.block_size or len(counts) != 1 or counts.pop() + n > self.max_tokens:
+            return NO_STEP
+        tails = [self._tail(layer) for layer in range(self.n_layer)]   # all equally full: the counts are equal
+        if tails[0].n + n > self.block_size:
+            return NO_STEP
+        fills = self.dtype != GGMLType.F16 and tails[0].n + n == self.block_size
+        return len(self.blocks[0]), self._seal_table() if fills else ffi.NULL
+
+    def _seal_table(self):
+        self._sealed = [self._quantized_arrays() for _ in range(self.n_layer)]
+        self._seal = ffi.new("el_kvblock[]", self.n_layer)
+        for d, (k, v) in zip(self._seal, self._sealed):
+            d.k, d.v, d.dtype = ffi.cast("void *", k.ctypes.data), ffi.cast("void *", v.ctypes.data), int(self.dtype)
+        return self._seal
 
     def stepped(self, n: int) -> None:
-        """el_forward_layers appended n tokens to every layer's tail (its descriptor holds the new count)."""
+        """el_forward_layers appended n tokens to every layer's tail (its descriptor holds the new count) and, where
+        they filled it, pointed the descriptor at the sealed arrays."""
         for layer in range(self.n_layer):
-            tail = self.blocks[layer][-1]
-            tail.n = self._descs[layer][len(self.blocks[layer]) - 1].n
-            self._grew(layer, tail)
+            i = len(self.blocks[layer]) - 1
+            tail, d = self.blocks[layer][i], self._descs[layer][i]
+            tail.n = d.n
+            if d.dtype != tail.dtype:
+                k, v = self._sealed[layer]
+                self.blocks[layer][i] = KVBlock(k, v, tail.pos, tail.n, self.dtype)
             self.n_tokens[layer] += n
+        self._sealed = self._seal = None
+
+    def _quantized_arrays(self):
+        shape = (self.n_head_kv, self.block_size, row_bytes(self.dtype, self.head_dim))
+        return np.empty(shape, np.uint8), np.empty(shape, np.uint8)
 
     def _quantize(self, blk: KVBlock) -> KVBlock:
-        """Convert a full f16 block to the cache dtype, once."""
-        shape = (self.n_head_kv, self.block_size, row_bytes(self.dtype, self.head_dim))
-
-        def conv(x16):
-            x = np.ascontiguousarray(x16, np.float32)
-            out = np.empty(shape, np.uint8)
-            lib.el_quantize_row(ffi.cast("float *", x.ctypes.data), ffi.cast("void *", out.ctypes.data),
-                                x.size, int(self.dtype))
-            return out
-        return KVBlock(conv(blk.k), conv(blk.v), blk.pos, blk.n, self.dtype)
+        """Convert a full f16 block to the cache dtype, once (the conversion el_forward_layers' seal makes)."""
+        k, v = self._quantized_arrays()
+        for src, dst in ((blk.k, k), (blk.v, v)):
+            lib.el_kv_quantize(ffi.cast("uint16_t *", src.ctypes.data), ffi.cast("void *", dst.ctypes.data), src.size,
+                               int(self.dtype))
+        return KVBlock(k, v, blk.pos, blk.n, self.dtype)
 
     def _describe(self, layer: int, i: int) -> None:
         blk, d = self.blocks[layer][i], self._descs[layer][i]

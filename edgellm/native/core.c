@@ -564,6 +564,17 @@ void el_softmax(float *x, int rows, int cols) {
 
 /* ---------------- KV append ---------------- */
 
+void el_kv_quantize(const uint16_t *x, void *dst, long n, int type) {
+    enum { CHUNK = 1024 };   /* whole blocks of 32 */
+    float buf[CHUNK];
+    const size_t out_bytes = el_row_bytes(type, CHUNK);
+    for (long i = 0; i < n; i += CHUNK) {
+        long m = n - i < CHUNK ? n - i : CHUNK;
+        for (long j = 0; j < m; j++) buf[j] = el_f16_to_f32(x[i + j]);
+        el_quantize_row(buf, (char *)dst + (size_t)(i / CHUNK) * out_bytes, m, type);
+    }
+}
+
 void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int n_kv_head, int hd, int rotate,
                   void *k16, void *v16, int32_t *pos16, int row0, int cap) {
     if (n <= 0 || hd <= 0 || row0 < 0 || row0 + n > cap) return;

@@ -51,6 +51,9 @@ void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int
 int el_attention_mass(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
                       const el_kvblock *blocks, int n_blocks, const float *lse, int reduce_max, float *out);
 
+/* n f16 values (a multiple of 32 for the block types) quantized to `type`: el_quantize_row of their f32 values */
+void el_kv_quantize(const uint16_t *x, void *dst, long n, int type);
+
 /* Append n tokens of K and V (f32 [n][n_kv_head][hd]) and their positions to a block: rows row0 .. row0 + n - 1 of
  * its f16 arrays k16, v16 ([n_kv_head][cap][hd]) and of pos16 ([cap]). rotate: each head vector goes through the
  * normalized Walsh-Hadamard transform first (as el_hadamard; hd a power of 2). The inputs are not modified. */
@@ -134,9 +137,11 @@ typedef struct {
 /* n tokens at positions pos through every layer, x [n][dim] in place, each layer's K/V appended to its tail block
  * descs[l][n_blocks - 1] (f16, and rotated first when `rotate`, as KVCache stores them) and attention over its
  * n_blocks blocks (q rotated in and the output back when `rotate`). Exactly the per-layer calls of the Python
- * backend. Returns -1 and changes nothing unless every layer's tail is f16 with room for n more tokens. */
+ * backend. seal: NULL, or per layer where a tail that these tokens fill is quantized to (k, v arrays
+ * [n_kv_head][cap][row] and dtype) before attention reads it; the tail's descriptor then points there.
+ * Returns -1 and changes nothing unless every layer's tail is f16 with room for n more tokens. */
 int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
-                      float *x, const el_buffers *b);
+                      float *x, const el_buffers *b, const el_kvblock *seal);
 
 /* ---- internal ---- */
 #define EL_QK 32

@@ -11,8 +11,16 @@ static int tails_have_room(el_kvblock *const *descs, int n_layer, int n_blocks, 
     return 1;
 }
 
+/* A full f16 tail becomes the quantized block `to` (KVCache._quantize's conversion) */
+static void seal_tail(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd) {
+    const long values = (long)n_kv_head * tail->cap * hd;
+    el_kv_quantize(tail->k, (void *)to->k, values, to->dtype);
+    el_kv_quantize(tail->v, (void *)to->v, values, to->dtype);
+    tail->k = to->k, tail->v = to->v, tail->dtype = to->dtype;
+}
+
 int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
-                      float *x, const el_buffers *b) {
+                      float *x, const el_buffers *b, const el_kvblock *seal) {
     if (n <= 0 || n_blocks <= 0 || !tails_have_room(descs, m->n_layer, n_blocks, n)) return -1;
     const int H = m->n_head, G = m->n_kv_head, hd = m->head_dim;
     for (int l = 0; l < m->n_layer; l++) {
@@ -24,6 +32,7 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
         el_kv_append(b->k, b->v, pos, n, G, hd, rotate, (void *)tail->k, (void *)tail->v, (int32_t *)tail->pos, tail->n,
                      tail->cap);
         tail->n += n;
+        if (seal && tail->n == tail->cap) seal_tail(tail, &seal[l], G, hd);
         if (rotate) el_hadamard(b->q, (long)n * H, hd);
         el_attention(b->q, n, pos, H, G, hd, m->scale, descs[l], n_blocks, b->att, b->lse);
         if (rotate) el_hadamard(b->att, (long)n * H, hd);

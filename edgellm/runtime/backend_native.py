@@ -91,11 +91,11 @@ class NativeBackend:
         """Every layer in one C call (el_forward_layers) when the cache can take the tokens that way; False when
         the caller must go layer by layer."""
         n = x.shape[0]
-        n_blocks = cache.step_blocks(n)
+        n_blocks, seal = cache.step_blocks(n)
         if not n_blocks:
             return False
         if lib.el_forward_layers(self._model, cache.desc_table, n_blocks, cache.rotated,
-                                 ffi.cast("int32_t *", pos.ctypes.data), n, self.p["x"], self._bufs):
+                                 ffi.cast("int32_t *", pos.ctypes.data), n, self.p["x"], self._bufs, seal):
             raise RuntimeError("el_forward_layers refused a step the cache had checked")
         cache.stepped(n)
         return True
