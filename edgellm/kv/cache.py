@@ -143,10 +143,15 @@ class KVCache(GrowingCache):
         counts = set(self.n_tokens)
         if n > self.block_size or len(counts) != 1 or counts.pop() + n > self.max_tokens:
             return NO_STEP
-        tails = [self._tail(layer) for layer in range(self.n_layer)]   # all equally full: the counts are equal
-        if tails[0].n + n > self.block_size:
+        # the layers' blocks fill alike (equal counts): layer 0's tail stands for all (el_forward_layers checks each)
+        last = self.blocks[0][-1] if self.blocks[0] else None
+        if last is None or last.dtype != GGMLType.F16 or last.n == self.block_size:   # every layer needs a new tail
+            for layer in range(self.n_layer):
+                self._tail(layer)
+            last = self.blocks[0][-1]
+        if last.n + n > self.block_size:
             return NO_STEP
-        fills = self.dtype != GGMLType.F16 and tails[0].n + n == self.block_size
+        fills = self.dtype != GGMLType.F16 and last.n + n == self.block_size
         return len(self.blocks[0]), self._seal_table() if fills else ffi.NULL
 
     def _seal_table(self):
@@ -159,14 +164,14 @@ class KVCache(GrowingCache):
     def stepped(self, n: int) -> None:
         """el_forward_layers appended n tokens to every layer's tail (its descriptor holds the new count) and, where
         they filled it, pointed the descriptor at the sealed arrays."""
-        for layer in range(self.n_layer):
-            i = len(self.blocks[layer]) - 1
-            tail, d = self.blocks[layer][i], self._descs[layer][i]
-            tail.n = d.n
-            if d.dtype != tail.dtype:
-                k, v = self._sealed[layer]
-                self.blocks[layer][i] = KVBlock(k, v, tail.pos, tail.n, self.dtype)
-            self.n_tokens[layer] += n
+        count, sealed = self._descs[0][len(self.blocks[0]) - 1].n, self._sealed   # alike in every layer
+        for layer, blocks in enumerate(self.blocks):
+            tail = blocks[-1]
+            tail.n = count
+            if sealed is not None:
+                k, v = sealed[layer]
+                blocks[-1] = KVBlock(k, v, tail.pos, count, self.dtype)
+        self.n_tokens = [t + n for t in self.n_tokens]
         self._sealed = self._seal = None
 
     def _quantized_arrays(self):

@@ -12,7 +12,7 @@ from .weights import Weights
 
 
 def _fptr(a: np.ndarray):
-    return ffi.cast("float *", a.ctypes.data)
+    return ffi.from_buffer("float[]", a)   # ~6x cheaper than a.ctypes.data; refuses a non-contiguous array
 
 
 def _weight(t):
@@ -84,7 +84,7 @@ class NativeBackend:
         n = ids.size
         self._buffers(n)
         e = self.embd
-        lib.el_get_rows(e.w, e.type, e.cols, ffi.cast("int32_t *", ids.ctypes.data), n, self.p["x"])
+        lib.el_get_rows(e.w, e.type, e.cols, ffi.from_buffer("int32_t[]", ids), n, self.p["x"])
         return self.x[:n]
 
     def step(self, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> bool:
@@ -95,7 +95,7 @@ class NativeBackend:
         if not n_blocks:
             return False
         if lib.el_forward_layers(self._model, cache.desc_table, n_blocks, cache.rotated,
-                                 ffi.cast("int32_t *", pos.ctypes.data), n, self.p["x"], self._bufs, seal):
+                                 ffi.from_buffer("int32_t[]", pos), n, self.p["x"], self._bufs, seal):
             raise RuntimeError("el_forward_layers refused a step the cache had checked")
         cache.stepped(n)
         return True
@@ -132,7 +132,7 @@ class NativeBackend:
                 raise MemoryError("el_weight_l1_ratio: out of memory")
             self._out_rho = rho
         out = np.empty((1, o.rows), np.float32)
-        rho = ffi.cast("uint8_t *", self._out_rho.ctypes.data) if self._out_rho is not None else ffi.NULL
+        rho = ffi.from_buffer("uint8_t[]", self._out_rho) if self._out_rho is not None else ffi.NULL
         if lib.el_logits_refine(o, rho, _fptr(h), _fptr(out)) < 0:
             raise MemoryError("el_logits_refine: out of memory")
         return out
