@@ -368,3 +368,21 @@ def test_fused_layer_steps_equal_unfused(simd, threads, t, n):
                         _fp(hf), _fp(gf), _fp(uf))
     np.testing.assert_array_equal(xf, x)
     np.testing.assert_array_equal(gf, g)
+
+
+def test_f16_rows_convert_exactly(simd):
+    """Every f16 bit pattern: the f16 -> f32 conversion (F16C in the AVX2 table) equals numpy's; NaN stays NaN."""
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    got, ref = N.dequantize_row(h, GGMLType.F16, h.size), h.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+    assert np.isnan(got[nan]).all()
+
+
+def test_q8_0_rounds_halves_away_from_zero():
+    """ggml's roundf on exact halves (amax 127 makes the scale 1, so each value is its own quotient)."""
+    x = np.concatenate([[127.0], np.arange(-15.5, 15.5, 1.0)]).astype(np.float32)
+    q = N.quantize_row(x, GGMLType.Q8_0)
+    np.testing.assert_array_equal(q, quantize(x, GGMLType.Q8_0))
+    away = np.concatenate([[127], np.arange(-16, 0), np.arange(1, 16)])
+    np.testing.assert_array_equal(q[2:].view(np.int8), away)

@@ -366,7 +366,9 @@ void el_dequantize_row(const void *src, float *y, long n, int type) {
         return;
     }
     if (type == EL_F16) {
-        for (long i = 0; i < n; i++) y[i] = el_f16_to_f32(((const uint16_t *)src)[i]);
+        if (el_kern->f16_row) el_kern->f16_row(src, y, n);
+        else
+            for (long i = 0; i < n; i++) y[i] = el_f16_to_f32(((const uint16_t *)src)[i]);
         return;
     }
     if (el_is_repacked(type)) {   /* n: the whole row, whose length places the scales */
@@ -402,6 +404,13 @@ void el_dequantize_row(const void *src, float *y, long n, int type) {
 
 static inline float inverse(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
 
+/* roundf for |v| < 2^31 without the libm call, so the block loop vectorizes: v minus its truncation is exact */
+static inline int round_half_away(float v) {
+    const int t = (int)v;
+    const float f = v - (float)t;
+    return t + (f >= 0.5f) - (f <= -0.5f);
+}
+
 /* Round-to-nearest quantizers, bit exact with ggml's quantize_row_*_ref. */
 void el_quantize_row(const float *x, void *dst, long n, int type) {
     if (type == EL_F32) {
@@ -416,9 +425,9 @@ void el_quantize_row(const float *x, void *dst, long n, int type) {
         if (type == EL_Q8_0) {
             el_block_q8_0 *y = (el_block_q8_0 *)dst + b;
             float amax = 0;
-            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+            for (int j = 0; j < 32; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;   /* fmaxf, NaN aside */
             float d = amax / 127.0f, id = inverse(d);
-            for (int j = 0; j < 32; j++) y->qs[j] = (int8_t)roundf(x[j] * id);
+            for (int j = 0; j < 32; j++) y->qs[j] = (int8_t)round_half_away(x[j] * id);
             y->d = el_f32_to_f16(d);
         } else if (type == EL_Q4_0) {
             el_block_q4_0 *y = (el_block_q4_0 *)dst + b;
@@ -570,7 +579,7 @@ void el_kv_quantize(const uint16_t *x, void *dst, long n, int type) {
     const size_t out_bytes = el_row_bytes(type, CHUNK);
     for (long i = 0; i < n; i += CHUNK) {
         long m = n - i < CHUNK ? n - i : CHUNK;
-        for (long j = 0; j < m; j++) buf[j] = el_f16_to_f32(x[i + j]);
+        el_dequantize_row(x + i, buf, m, EL_F16);
         el_quantize_row(buf, (char *)dst + (size_t)(i / CHUNK) * out_bytes, m, type);
     }
 }

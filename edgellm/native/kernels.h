@@ -237,6 +237,8 @@ typedef struct {
      * s[h*EL_KT + t] = kq(hi_h)[t] + kq(lo_h)[t], bit for bit */
     void (*kq2)(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
                 float *s);
+    /* Optional (NULL: el_f16_to_f32 per value): n f16 values to f32, exactly */
+    void (*f16_row)(const uint16_t *x, float *y, long n);
 } el_kernels;
 
 /* out[r] = sum_b wmax_rb v[b] for rows r0..r1-1 of m's weights (wmax_rb: el_weight_l1_ratio's bound on |w| in block

@@ -789,8 +789,14 @@ static void hadamard_avx2(float *x, long rows, int dim, float norm) {
     }
 }
 
+static void f16_row_avx2(const uint16_t *x, float *y, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i))));
+    for (; i < n; i++) y[i] = f16(x[i]);
+}
+
 const el_kernels el_kernels_avx2 = {
-    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2, kq2_avx2,
+    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2, kq2_avx2, f16_row_avx2,
 };
 
 #pragma GCC pop_options
