@@ -71,6 +71,9 @@ class KVCache(GrowingCache):
         self.blocks: list[list[KVBlock]] = [[] for _ in range(self.n_layer)]
         self.n_tokens = [0] * self.n_layer
         self._sealed = self._seal = None   # quantized arrays offered to el_forward_layers for the tails it fills
+        # f16 arrays of tails since quantized, for the next tails: allocating a fresh pair per block while the
+        # quantized blocks fill the holes the old pairs leave fragments the heap (+7.7 MB peak RSS at 4096 tokens)
+        self._spare: list[tuple[np.ndarray, np.ndarray]] = []
 
     def __len__(self) -> int:
         return self.n_tokens[-1]
@@ -86,8 +89,8 @@ class KVCache(GrowingCache):
     # -- writing -----------------------------------------------------------------------------
     def _new_tail(self, layer: int) -> KVBlock:
         shape = (self.n_head_kv, self.block_size, self.head_dim)
-        blk = KVBlock(np.empty(shape, np.float16), np.empty(shape, np.float16),
-                      np.empty(self.block_size, np.int32), 0, GGMLType.F16)
+        k, v = self._spare.pop() if self._spare else (np.empty(shape, np.float16), np.empty(shape, np.float16))
+        blk = KVBlock(k, v, np.empty(self.block_size, np.int32), 0, GGMLType.F16)
         self.blocks[layer].append(blk)
         return blk
 
@@ -130,6 +133,7 @@ class KVCache(GrowingCache):
         i = len(self.blocks[layer]) - 1
         if tail.n == self.block_size and self.dtype != GGMLType.F16:
             self.blocks[layer][i] = self._quantize(tail)
+            self._spare.append((tail.k, tail.v))
             self._describe(layer, i)
         else:
             self._descs[layer][i].n = tail.n
@@ -171,6 +175,7 @@ class KVCache(GrowingCache):
             if sealed is not None:
                 k, v = sealed[layer]
                 blocks[-1] = KVBlock(k, v, tail.pos, count, self.dtype)
+                self._spare.append((tail.k, tail.v))
         self.n_tokens = [t + n for t in self.n_tokens]
         self._sealed = self._seal = None
 
