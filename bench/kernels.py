@@ -83,6 +83,15 @@ def bench_attention(t, n_keys, n_q, rng, block=64):
           f"  {gf:7.2f} GFLOP/s")
 
 
+def bench_kv_quantize(t, rng, n_kv=3, block=64, hd=64):
+    """A full f16 tail block (one layer's K or V) converted to the cache dtype, as each tail that fills is."""
+    x = rng.standard_normal(n_kv * block * hd).astype(np.float16)
+    out = np.empty(row_bytes(t, x.size), np.uint8)
+    px, po = ffi.from_buffer("uint16_t[]", x.view(np.uint16)), ffi.from_buffer(out)
+    s = timeit(lambda: lib.el_kv_quantize(px, po, x.size, int(t)))
+    print(f"  kv block f16 -> {t.name:4s} {x.size} values {s * 1e6:10.1f} us  {s * 1e9 / x.size:7.2f} ns/value")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="1,2")
@@ -108,6 +117,8 @@ def main():
         for t in () if args.decode_only else (GGMLType.F16, GGMLType.Q8_0):
             for n_keys in (512, 4096):   # a prefill chunk of 512 queries at the end of the context
                 bench_attention(t, n_keys, 512, rng)
+    for t in (GGMLType.Q8_0, GGMLType.Q4_0):   # serial: once per tail block filled, on the calling thread
+        bench_kv_quantize(t, rng)
 
 
 if __name__ == "__main__":
