@@ -114,6 +114,16 @@ def test_chunked_prefill_equals_single_chunk(model_path, parity_ref):
     np.testing.assert_allclose(many, one, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 7])
+def test_f16_cache_logits_do_not_depend_on_chunking(model_path, parity_ref, chunk):
+    """Decode-sized steps (1-2 tokens: attention keeps few rows as rows, keys in lanes) give the same logits, bit for
+    bit, as one prefill chunk (rows in lanes)."""
+    model = Model(model_path)
+    ids = parity_ref["ids"][0][:70]
+    one = model.forward(ids, model.new_cache(128), logits="all", chunk=512)
+    np.testing.assert_array_equal(model.forward(ids, model.new_cache(128), logits="all", chunk=chunk), one)
+
+
 def test_info(llm):
     info = llm.info()
     assert info["arch"] == "llama" and info["n_layer"] == 30 and info["context_length"] == 8192

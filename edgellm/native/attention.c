@@ -71,8 +71,9 @@ static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, i
     for (int r = 0; r < w; r++) m[r] = -INFINITY, lv[r] = 0, qpos[r] = r < R ? qp[r / gs] : INT32_MIN;
     for (int r = 0; r < R; r++)
         for (int d = 0; d < hd; d++) qt[(size_t)d * w + r] = qf[(size_t)r * hd + d];
+    /* one vector of rows (decode): the output stays as rows, in ot's memory (R * hd <= w * hd, zeroed above) */
     el_lanes L = {.hd = hd, .w = w, .scale = c->scale, .qt = qt, .qpos = qpos, .ot = ot, .m = m, .l = lv, .kf = kf,
-                  .vf = vf, .st = st};
+                  .vf = vf, .st = st, .orow = w == 8 ? ot : NULL, .rows = R};
     long base = 0;
     for (int bi = 0; bi < c->n_blocks && base < k1; base += c->blocks[bi].n, bi++) {
         const el_kvblock *B = &c->blocks[bi];
@@ -90,7 +91,7 @@ static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, i
     }
     for (int r = 0; r < R; r++) {
         mx[r] = m[r], l[r] = lv[r];
-        for (int d = 0; d < hd; d++) o[(size_t)r * hd + d] = ot[(size_t)d * w + r];
+        for (int d = 0; d < hd; d++) o[(size_t)r * hd + d] = L.orow ? L.orow[(size_t)r * hd + d] : ot[(size_t)d * w + r];
     }
 }
 

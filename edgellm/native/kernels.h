@@ -205,6 +205,10 @@ typedef struct {
     const int32_t *qpos;   /* [w] */
     float *ot, *m, *l;     /* [hd][w] unnormalized output; [w] running max and sum */
     float *kf, *vf, *st;   /* scratch: [EL_KT][hd] keys and values as f32, [EL_KT][w] scores */
+    /* NULL, or (w == 8: rows <= 8, e.g. decode) where the output is kept as rows [rows][hd] instead of in ot:
+     * K.Q then runs with keys in lanes and P.V with head dimensions in lanes, the same FMAs in the same order */
+    float *orow;
+    int rows;
 } el_lanes;
 
 /* One table of kernels per SIMD level; the active one is el_kern. */

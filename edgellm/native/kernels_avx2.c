@@ -675,16 +675,11 @@ INLINE void dequant_rows(int type, const char *x, size_t rb, int cnt, int hd, fl
         for (int c = 0; c < hd; c += 8) _mm256_storeu_ps(y + (size_t)t * hd + c, v8(type, (const uint8_t *)x + t * rb, c));
 }
 
-INLINE void lanes_tile(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos, int cnt,
-                       int partial, int NV) {
-    const int hd = L->hd, w = L->w, cnt4 = (cnt + 3) & ~3;
-    dequant_rows(type, k, rb, cnt, hd, L->kf);
-    memset(L->kf + (size_t)cnt * hd, 0, sizeof(float) * (cnt4 - cnt) * hd);   /* key groups of 4: zero rows pad them */
-    for (int t = 0; t < cnt4; t += 4) {
-        if (NV == 4) lanes_qk(L, t, 4, 2), lanes_qk(L, t + 2, 4, 2);   /* 4 x 4 accumulators would spill */
-        else lanes_qk(L, t, NV, 4);
-    }
-    for (int vv = 0; vv < NV; vv++) {   /* online softmax, 8 rows at a time */
+/* The online softmax of a tile's scores st[t][lanes], 8 rows at a time, then what was accumulated under the old
+ * maxima rescaled: ot, or (orow) each output row by its lane's factor */
+INLINE void lanes_softmax(const el_lanes *L, const int32_t *pos, int cnt, int partial, int NV) {
+    const int hd = L->hd, w = L->w;
+    for (int vv = 0; vv < NV; vv++) {
         __m256 mt = _mm256_set1_ps(-INFINITY);
         __m256i qp = _mm256_loadu_si256((const __m256i *)(L->qpos + 8 * vv));
         for (int t = 0; t < cnt; t++) {
@@ -709,17 +704,118 @@ INLINE void lanes_tile(const el_lanes *L, int type, const char *k, const char *v
         }
         _mm256_storeu_ps(L->l + 8 * vv, _mm256_fmadd_ps(_mm256_loadu_ps(L->l + 8 * vv), f, sum));
         _mm256_storeu_ps(L->m + 8 * vv, m_new);
+        if (L->orow) {   /* w == 8: one vector of rows */
+            float fr[8];
+            _mm256_storeu_ps(fr, f);
+            for (int r = 0; r < L->rows; r++)
+                for (int c = 0; c < hd; c += 8) {
+                    float *o = L->orow + (size_t)r * hd + c;
+                    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), _mm256_set1_ps(fr[r])));
+                }
+            continue;
+        }
         for (int c = 0; c < hd; c++) {   /* rescale what was accumulated under the old maxima */
             float *o = L->ot + (size_t)c * w + 8 * vv;
             _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), f));
         }
     }
+}
+
+INLINE void lanes_tile(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos, int cnt,
+                       int partial, int NV) {
+    const int hd = L->hd, cnt4 = (cnt + 3) & ~3;
+    dequant_rows(type, k, rb, cnt, hd, L->kf);
+    memset(L->kf + (size_t)cnt * hd, 0, sizeof(float) * (cnt4 - cnt) * hd);   /* key groups of 4: zero rows pad them */
+    for (int t = 0; t < cnt4; t += 4) {
+        if (NV == 4) lanes_qk(L, t, 4, 2), lanes_qk(L, t + 2, 4, 2);   /* 4 x 4 accumulators would spill */
+        else lanes_qk(L, t, NV, 4);
+    }
+    lanes_softmax(L, pos, cnt, partial, NV);
     dequant_rows(type, v, rb, cnt, hd, L->vf);
     for (int c = 0; c < hd; c += 4) {
         if (NV == 4) lanes_pv(L, cnt, c, 4, 2), lanes_pv(L, cnt, c + 2, 4, 2);
         else lanes_pv(L, cnt, c, NV, 4);
     }
 }
+
+/* in place: a[i] lane j <-> a[j] lane i */
+INLINE void transpose8(__m256 *a) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]), t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+    for (int i = 0; i < 8; i += 4)
+        for (int k = 0; k < 2; k++) {
+            u[i + 2 * k] = _mm256_shuffle_ps(t[i + k], t[i + k + 2], 0x44);
+            u[i + 2 * k + 1] = _mm256_shuffle_ps(t[i + k], t[i + k + 2], 0xEE);
+        }
+    for (int i = 0; i < 4; i++) {
+        a[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        a[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* orow[r0..r0+NR-1][c..c+8*NC-1] += sum_t v[t][c..] p[t][r] (NR, NC compile-time) */
+INLINE void rows_pv(const el_lanes *L, int type, const char *v, size_t rb, int cnt, int r0, int NR, int c, int NC) {
+    const int hd = L->hd;
+    __m256 acc[3][4];
+    for (int i = 0; i < NR; i++)
+        for (int q = 0; q < NC; q++) acc[i][q] = _mm256_loadu_ps(L->orow + (size_t)(r0 + i) * hd + c + 8 * q);
+    for (int t = 0; t < cnt; t++) {
+        __m256 x[4];
+        for (int q = 0; q < NC; q++) x[q] = load8(type, v + (size_t)t * rb, c + 8 * q);
+        for (int i = 0; i < NR; i++) {
+            const __m256 p = _mm256_broadcast_ss(L->st + (size_t)t * 8 + r0 + i);
+            for (int q = 0; q < NC; q++) acc[i][q] = _mm256_fmadd_ps(x[q], p, acc[i][q]);
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int q = 0; q < NC; q++) _mm256_storeu_ps(L->orow + (size_t)(r0 + i) * hd + c + 8 * q, acc[i][q]);
+}
+
+/* One vector of rows (L->orow): each row's score of a key is the chain fma(k[c], q[c], .) over c = 0, 1, ..., and
+ * each output value the chain fma(v[t][c], p[t], .) over the keys, as in lanes_qk / lanes_pv; only the lanes differ:
+ * keys (8 per vector) for K.Q, head dimensions for P.V, so no lane idles when there are only a few rows */
+INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos, int cnt,
+                      int partial, int R) {
+    const int hd = L->hd, cnt8 = (cnt + 7) & ~7;
+    float *kt = L->kf;   /* [hd][EL_KT]: keys in lanes */
+    for (int t0 = 0; t0 < cnt8; t0 += 8)
+        for (int c0 = 0; c0 < hd; c0 += 8) {
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = t0 + i < cnt ? load8(type, k + (size_t)(t0 + i) * rb, c0) : _mm256_setzero_ps();
+            transpose8(a);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (size_t)(c0 + i) * EL_KT + t0, a[i]);
+        }
+    for (int t0 = 0; t0 < cnt8; t0 += 8) {
+        __m256 acc[8], zero = _mm256_setzero_ps();
+        for (int r = 0; r < R; r++) acc[r] = zero;
+        for (int c = 0; c < hd; c++) {
+            const __m256 kv = _mm256_loadu_ps(kt + (size_t)c * EL_KT + t0);
+            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(kv, _mm256_broadcast_ss(L->qt + (size_t)c * 8 + r), acc[r]);
+        }
+        for (int r = R; r < 8; r++) acc[r] = zero;   /* padding lanes: zero queries score 0, as in lanes_qk */
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_mul_ps(acc[r], _mm256_set1_ps(L->scale));
+        transpose8(acc);   /* acc[j] = key t0 + j's scores of all 8 lanes */
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(L->st + (size_t)(t0 + j) * 8, acc[j]);
+    }
+    lanes_softmax(L, pos, cnt, partial, 1);
+    for (int r0 = 0; r0 < R; r0 += 3)   /* up to 3 rows x 32 dimensions: 12 accumulators */
+        for (int c = 0; c < hd; c += hd % 32 ? 8 : 32) {
+            if (hd % 32) rows_pv(L, type, v, rb, cnt, r0, R - r0 < 3 ? R - r0 : 3, c, 1);
+            else rows_pv(L, type, v, rb, cnt, r0, R - r0 < 3 ? R - r0 : 3, c, 4);
+        }
+}
+
+#define ROWS_R(T)                                                                    \
+    switch (L->rows) {                                                               \
+    case 1: rows_tile(L, T, k, v, rb, pos, cnt, partial, 1); break;                  \
+    case 2: rows_tile(L, T, k, v, rb, pos, cnt, partial, 2); break;                  \
+    case 3: rows_tile(L, T, k, v, rb, pos, cnt, partial, 3); break;                  \
+    case 4: rows_tile(L, T, k, v, rb, pos, cnt, partial, 4); break;                  \
+    case 5: rows_tile(L, T, k, v, rb, pos, cnt, partial, 5); break;                  \
+    case 6: rows_tile(L, T, k, v, rb, pos, cnt, partial, 6); break;                  \
+    case 7: rows_tile(L, T, k, v, rb, pos, cnt, partial, 7); break;                  \
+    default: rows_tile(L, T, k, v, rb, pos, cnt, partial, 8); break;                 \
+    }
 
 #define LANES_NV(T)                                                       \
     switch (L->w / 8) {                                                   \
@@ -732,10 +828,16 @@ INLINE void lanes_tile(const el_lanes *L, int type, const char *k, const char *v
 /* needs hd % 8 == 0 and w <= 32 (el_attention checks) */
 static void attend_lanes_avx2(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
                               int cnt, int partial) {
+    if (L->orow) {   /* the row count a compile-time case */
+        if (type == EL_F16) ROWS_R(EL_F16)
+        else ROWS_R(EL_F32)
+        return;
+    }
     if (type == EL_F16) LANES_NV(EL_F16)
     else LANES_NV(EL_F32)
 }
 #undef LANES_NV
+#undef ROWS_R
 
 static float exp_sum_avx2(float *x, int n, float sub) {
     __m256 vs = _mm256_set1_ps(sub), acc = _mm256_setzero_ps();
