@@ -95,6 +95,20 @@ static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, i
     }
 }
 
+void el_kq_planes(int type, const char *k, size_t rb, const int *idx, int cnt, const el_block_q8a *q8, int gs, int hd,
+                  float scale, float *s) {
+    if (el_kern->kq2) {
+        el_kern->kq2(type, k, rb, idx, cnt, q8, gs, hd, scale, s);
+        return;
+    }
+    el_kern->kq(type, k, rb, idx, cnt, q8, 2 * gs, hd, scale, s);   /* both planes at once, then summed */
+    for (int r = 0; r < gs; r++) {   /* only the tile's cnt keys are read from here on */
+        float *restrict hi = s + r * EL_KT;
+        const float *restrict lo = s + (size_t)(gs + r) * EL_KT;
+        for (int t = 0; t < cnt; t++) hi[t] += lo[t];
+    }
+}
+
 static void attend_unit(att_ctx *c, int u, float *ws) {
     const int gs = c->gs, hd = c->hd, nb = hd / EL_QK;
     /* largest query tiles first: under dynamic scheduling the last units taken are the cheap ones */
@@ -139,15 +153,8 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
             if (pmin > qmax) continue;   /* no query of the tile sees any of these keys */
             int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
-            if (quant && el_kern->kq2) {
-                el_kern->kq2(B->dtype, kh, rb, idx, cnt, q8, R, hd, c->scale, s);
-            } else if (quant) {   /* both planes at once, then summed */
-                el_kern->kq(B->dtype, kh, rb, idx, cnt, q8, 2 * R, hd, c->scale, s);
-                for (int r = 0; r < R; r++) {   /* only the tile's cnt keys are read from here on */
-                    float *restrict hi = s + r * EL_KT;
-                    const float *restrict lo = s + (size_t)(R + r) * EL_KT;
-                    for (int t = 0; t < cnt; t++) hi[t] += lo[t];
-                }
+            if (quant) {
+                el_kq_planes(B->dtype, kh, rb, idx, cnt, q8, R, hd, c->scale, s);
             } else {
                 el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
             }

@@ -249,6 +249,11 @@ typedef struct {
  * b; v padded with zeros to el_ds_blocks(nb)): el_mm.bound where a kernel has no faster way */
 void el_row_bounds(const el_mm *m, int r0, int r1, const float *v, float *out);
 
+/* Scores of cnt quantized keys against gs query rows given as two 8-bit planes (q8: gs hi rows, then gs lo rows):
+ * s[h*EL_KT + t] = kq(hi_h)[t] + kq(lo_h)[t], through el_kern->kq2 where the table has it (attention.c) */
+void el_kq_planes(int type, const char *k, size_t rb, const int *idx, int cnt, const el_block_q8a *q8, int gs, int hd,
+                  float scale, float *s);
+
 /* x (nb blocks of 32) as two 8-bit planes: hi = x, lo = x - dequant(hi); together ~16-bit precision */
 void el_quant_act2(const float *x, el_block_q8a *hi, el_block_q8a *lo, int nb);
 

@@ -35,8 +35,7 @@ static void mass_unit(mass_ctx *c, int g, int b) {
         for (int i = 0; i < c->n_q; i++) {
             size_t head0 = (size_t)i * c->n_head + (size_t)g * gs;
             if (quant) {
-                el_kern->kq(B->dtype, kh, rb, idx, cnt, c->q8 + 2 * head0 * nb, 2 * gs, hd, c->scale, s);
-                for (int k = 0; k < gs * EL_KT; k++) s[k] += s[gs * EL_KT + k];
+                el_kq_planes(B->dtype, kh, rb, idx, cnt, c->q8 + 2 * head0 * nb, gs, hd, c->scale, s);
             } else {
                 el_kern->kq(B->dtype, kh, rb, idx, cnt, c->q + head0 * hd, gs, hd, c->scale, s);
             }
