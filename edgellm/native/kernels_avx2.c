@@ -753,6 +753,30 @@ INLINE void transpose8(__m256 *a) {
     }
 }
 
+/* kt[c0 + i][t0 .. t0 + 7] = f16 keys t0.. (zeros past cnt), dimension c0 + i, i < 16: an 8 x 8 transpose of 16-bit
+ * values in each 128-bit half (dimensions c0.. in the low halves, c0 + 8.. in the high), then converted */
+INLINE void keys_f16x16(const char *k, size_t rb, int t0, int cnt, int c0, float *kt) {
+    const char *src = k + (size_t)t0 * rb + (size_t)c0 * 2;
+    float *dst = kt + (size_t)c0 * EL_KT + t0;
+    __m256i r[8], t[8], u[8];
+    if (t0 + 8 <= cnt)
+        for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(src + i * rb));
+    else
+        for (int i = 0; i < 8; i++) r[i] = t0 + i < cnt ? _mm256_loadu_si256((const __m256i *)(src + i * rb)) : _mm256_setzero_si256();
+    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_epi16(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_epi16(r[i], r[i + 1]);
+    for (int i = 0; i < 8; i += 4) {   /* u[i + j]: dimensions 2j, 2j + 1 of keys i .. i + 3 */
+        u[i] = _mm256_unpacklo_epi32(t[i], t[i + 2]), u[i + 1] = _mm256_unpackhi_epi32(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi32(t[i + 1], t[i + 3]), u[i + 3] = _mm256_unpackhi_epi32(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {   /* dimensions 2j, 2j + 1 (low halves) and 8 + 2j, 9 + 2j (high halves) */
+        const __m256i d0 = _mm256_unpacklo_epi64(u[j], u[j + 4]), d1 = _mm256_unpackhi_epi64(u[j], u[j + 4]);
+        _mm256_storeu_ps(dst + (2 * j) * EL_KT, _mm256_cvtph_ps(_mm256_castsi256_si128(d0)));
+        _mm256_storeu_ps(dst + (2 * j + 1) * EL_KT, _mm256_cvtph_ps(_mm256_castsi256_si128(d1)));
+        _mm256_storeu_ps(dst + (2 * j + 8) * EL_KT, _mm256_cvtph_ps(_mm256_extracti128_si256(d0, 1)));
+        _mm256_storeu_ps(dst + (2 * j + 9) * EL_KT, _mm256_cvtph_ps(_mm256_extracti128_si256(d1, 1)));
+    }
+}
+
 /* orow[r0..r0+NR-1][c..c+8*NC-1] += sum_t v[t][c..] p[t][r] (NR, NC compile-time) */
 INLINE void rows_pv(const el_lanes *L, int type, const char *v, size_t rb, int cnt, int r0, int NR, int c, int NC) {
     const int hd = L->hd;
@@ -778,13 +802,17 @@ INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v,
                       int partial, int R) {
     const int hd = L->hd, cnt8 = (cnt + 7) & ~7;
     float *kt = L->kf;   /* [hd][EL_KT]: keys in lanes */
-    for (int t0 = 0; t0 < cnt8; t0 += 8)
-        for (int c0 = 0; c0 < hd; c0 += 8) {
+    for (int t0 = 0; t0 < cnt8; t0 += 8) {
+        int c0 = 0;
+        if (type == EL_F16)   /* 16 dimensions at a time, transposed as f16 (half the shuffles per value) */
+            for (; c0 + 16 <= hd; c0 += 16) keys_f16x16(k, rb, t0, cnt, c0, kt);
+        for (; c0 < hd; c0 += 8) {
             __m256 a[8];
             for (int i = 0; i < 8; i++) a[i] = t0 + i < cnt ? load8(type, k + (size_t)(t0 + i) * rb, c0) : _mm256_setzero_ps();
             transpose8(a);
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (size_t)(c0 + i) * EL_KT + t0, a[i]);
         }
+    }
     for (int t0 = 0; t0 < cnt8; t0 += 8) {
         __m256 acc[8], zero = _mm256_setzero_ps();
         for (int r = 0; r < R; r++) acc[r] = zero;
