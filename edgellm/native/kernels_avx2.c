@@ -548,9 +548,10 @@ INLINE __m256 v8(int type, const uint8_t *row, int c) {
 }
 
 /* NH heads x NC*8 output dims (both compile-time, NH * NC <= 12) stay in registers across the key tile: NH*NC
- * independent FMA chains hide the FMA latency, and each V row is dequantized once per NC*8 dims */
-INLINE void pv_heads(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int hd, float *o, int c, int NH,
-                     int NC) {
+ * independent FMA chains hide the FMA latency, and each V row is dequantized once per NC*8 dims. Head i's weight of
+ * key t is p[i * ph + t * pt] */
+INLINE void pv_heads(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int ph, int pt, int hd,
+                     float *o, int c, int NH, int NC) {
     __m256 acc[4][4];
     const int g0 = NC == 4 ? 0 : c % EL_QK / 8;   /* first 8-value group of the block (c is a multiple of NC * 8) */
     for (int i = 0; i < NH; i++)
@@ -566,7 +567,7 @@ INLINE void pv_heads(int type, const char *v, size_t rb, const int *idx, int cnt
             for (int k = 0; k < NC; k++) x[k] = _mm256_mul_ps(qvals8(type, blk, g0 + k), d);
         }
         for (int i = 0; i < NH; i++) {
-            __m256 pi = _mm256_broadcast_ss(p + i * EL_KT + t);
+            __m256 pi = _mm256_broadcast_ss(p + i * ph + t * pt);
             for (int k = 0; k < NC; k++) acc[i][k] = _mm256_fmadd_ps(pi, x[k], acc[i][k]);
         }
     }
@@ -574,7 +575,7 @@ INLINE void pv_heads(int type, const char *v, size_t rb, const int *idx, int cnt
         for (int k = 0; k < NC; k++) _mm256_storeu_ps(o + (size_t)i * hd + c + 8 * k, acc[i][k]);
 }
 
-#define PV(NH, NC) pv_heads(type, v, rb, idx, cnt, ph, hd, oh, c, NH, NC)
+#define PV(NH, NC) pv_heads(type, v, rb, idx, cnt, ph, EL_KT, 1, hd, oh, c, NH, NC)
 
 /* up to 3 heads take 32 dims at a time (12 accumulators), 4 heads 16 */
 INLINE void pv_tile(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o) {
@@ -777,24 +778,6 @@ INLINE void keys_f16x16(const char *k, size_t rb, int t0, int cnt, int c0, float
     }
 }
 
-/* orow[r0..r0+NR-1][c..c+8*NC-1] += sum_t v[t][c..] p[t][r] (NR, NC compile-time) */
-INLINE void rows_pv(const el_lanes *L, int type, const char *v, size_t rb, int cnt, int r0, int NR, int c, int NC) {
-    const int hd = L->hd;
-    __m256 acc[3][4];
-    for (int i = 0; i < NR; i++)
-        for (int q = 0; q < NC; q++) acc[i][q] = _mm256_loadu_ps(L->orow + (size_t)(r0 + i) * hd + c + 8 * q);
-    for (int t = 0; t < cnt; t++) {
-        __m256 x[4];
-        for (int q = 0; q < NC; q++) x[q] = load8(type, v + (size_t)t * rb, c + 8 * q);
-        for (int i = 0; i < NR; i++) {
-            const __m256 p = _mm256_broadcast_ss(L->st + (size_t)t * 8 + r0 + i);
-            for (int q = 0; q < NC; q++) acc[i][q] = _mm256_fmadd_ps(x[q], p, acc[i][q]);
-        }
-    }
-    for (int i = 0; i < NR; i++)
-        for (int q = 0; q < NC; q++) _mm256_storeu_ps(L->orow + (size_t)(r0 + i) * hd + c + 8 * q, acc[i][q]);
-}
-
 /* One vector of rows (L->orow): each row's score of a key is the chain fma(k[c], q[c], .) over c = 0, 1, ..., and
  * each output value the chain fma(v[t][c], p[t], .) over the keys, as in lanes_qk / lanes_pv; only the lanes differ:
  * keys (8 per vector) for K.Q, head dimensions for P.V, so no lane idles when there are only a few rows */
@@ -826,10 +809,13 @@ INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v,
         for (int j = 0; j < 8; j++) _mm256_storeu_ps(L->st + (size_t)(t0 + j) * 8, acc[j]);
     }
     lanes_softmax(L, pos, cnt, partial, 1);
-    for (int r0 = 0; r0 < R; r0 += 3)   /* up to 3 rows x 32 dimensions: 12 accumulators */
+    int idx[EL_KT];   /* the tile's rows in order, as pv_heads reads V */
+    for (int t = 0; t < cnt; t++) idx[t] = t;
+    for (int r0 = 0; r0 < R; r0 += 3)   /* up to 3 rows x 32 dimensions: 12 accumulators; p[t][r] is st[t * 8 + r] */
         for (int c = 0; c < hd; c += hd % 32 ? 8 : 32) {
-            if (hd % 32) rows_pv(L, type, v, rb, cnt, r0, R - r0 < 3 ? R - r0 : 3, c, 1);
-            else rows_pv(L, type, v, rb, cnt, r0, R - r0 < 3 ? R - r0 : 3, c, 4);
+            float *o = L->orow + (size_t)r0 * hd;
+            if (hd % 32) pv_heads(type, v, rb, idx, cnt, L->st + r0, 1, 8, hd, o, c, R - r0 < 3 ? R - r0 : 3, 1);
+            else pv_heads(type, v, rb, idx, cnt, L->st + r0, 1, 8, hd, o, c, R - r0 < 3 ? R - r0 : 3, 4);
         }
 }
 
