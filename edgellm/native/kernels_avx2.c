@@ -778,13 +778,77 @@ INLINE void keys_f16x16(const char *k, size_t rb, int t0, int cnt, int c0, float
     }
 }
 
+/* sr[r][t] = scale * q_r . k_t (rows of EL_KT scores) for the G * 8 keys from t0 (kt: keys in lanes) and R rows:
+ * G * R independent chains fma(k[c], q[c], .) over c = 0, 1, ..., so their FMA latencies overlap */
+INLINE void rows_qk(const el_lanes *L, const float *kt, int t0, int R, int G, float *sr) {
+    __m256 acc[2][8];
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < R; r++) acc[g][r] = _mm256_setzero_ps();
+    for (int c = 0; c < L->hd; c++)
+        for (int r = 0; r < R; r++) {
+            const __m256 q = _mm256_broadcast_ss(L->qt + (size_t)c * 8 + r);
+            for (int g = 0; g < G; g++) acc[g][r] = _mm256_fmadd_ps(_mm256_loadu_ps(kt + (size_t)c * EL_KT + t0 + 8 * g), q, acc[g][r]);
+        }
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(sr + r * EL_KT + t0 + 8 * g, _mm256_mul_ps(acc[g][r], _mm256_set1_ps(L->scale)));
+}
+
+INLINE float hmax(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+
+/* lanes_softmax's online softmax for R rows whose scores are rows sr[r][t]: per row, 8 keys per exp instead of one
+ * vector of (mostly idle) row lanes per key. Every value is lanes_softmax's: max is exact in any order, exp8z is
+ * lane-wise, each row's sum runs over t = 0, 1, ... as there, and m, l, f are computed on the same row vectors */
+INLINE void rows_softmax(const el_lanes *L, const int32_t *pos, int cnt, int partial, int R, float *sr) {
+    const int cnt8 = (cnt + 7) & ~7;
+    int32_t pp[EL_KT];   /* positions; keys past cnt pad the last vector and are masked like later keys */
+    for (int t = 0; t < cnt8; t++) pp[t] = t < cnt ? pos[t] : INT32_MAX;
+    float mt[8], mu[8], sum[8], fr[8];
+    for (int r = 0; r < 8; r++) mt[r] = -INFINITY, sum[r] = 0;
+    for (int r = 0; r < R; r++) {
+        const __m256i qp = _mm256_set1_epi32(L->qpos[r]);
+        __m256 m = _mm256_set1_ps(-INFINITY);
+        for (int t0 = 0; t0 < cnt8; t0 += 8) {
+            __m256 x = _mm256_loadu_ps(sr + r * EL_KT + t0);
+            if (partial || cnt8 != cnt) {
+                __m256i later = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(pp + t0)), qp);
+                x = _mm256_blendv_ps(x, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(later));
+                _mm256_storeu_ps(sr + r * EL_KT + t0, x);
+            }
+            m = _mm256_max_ps(m, x);
+        }
+        mt[r] = hmax(m);
+    }
+    __m256 m_old = _mm256_loadu_ps(L->m), m_new = _mm256_max_ps(m_old, _mm256_loadu_ps(mt));
+    __m256 m_use = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
+    _mm256_storeu_ps(mu, m_use);
+    _mm256_storeu_ps(fr, exp8z(_mm256_sub_ps(m_old, m_use)));
+    for (int r = 0; r < R; r++) {
+        float *s = sr + r * EL_KT, acc = 0;
+        for (int t0 = 0; t0 < cnt8; t0 += 8) _mm256_storeu_ps(s + t0, exp8z(_mm256_sub_ps(_mm256_loadu_ps(s + t0), _mm256_set1_ps(mu[r]))));
+        for (int t = 0; t < cnt; t++) acc += s[t];
+        sum[r] = acc;
+    }
+    _mm256_storeu_ps(L->l, _mm256_fmadd_ps(_mm256_loadu_ps(L->l), _mm256_loadu_ps(fr), _mm256_loadu_ps(sum)));
+    _mm256_storeu_ps(L->m, m_new);
+    for (int r = 0; r < R; r++)   /* rescale what each row accumulated under its old maximum */
+        for (int c = 0; c < L->hd; c += 8) {
+            float *o = L->orow + (size_t)r * L->hd + c;
+            _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), _mm256_set1_ps(fr[r])));
+        }
+}
+
 /* One vector of rows (L->orow): each row's score of a key is the chain fma(k[c], q[c], .) over c = 0, 1, ..., and
- * each output value the chain fma(v[t][c], p[t], .) over the keys, as in lanes_qk / lanes_pv; only the lanes differ:
- * keys (8 per vector) for K.Q, head dimensions for P.V, so no lane idles when there are only a few rows */
+ * each output value the chain fma(v[t][c], p[t], .) over the keys, as in lanes_qk / lanes_pv, and the softmax gives
+ * lanes_softmax's values; only the lanes differ: keys (8 per vector) for K.Q and the softmax, head dimensions for
+ * P.V, so no lane idles when there are only a few rows */
 INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos, int cnt,
                       int partial, int R) {
     const int hd = L->hd, cnt8 = (cnt + 7) & ~7;
-    float *kt = L->kf;   /* [hd][EL_KT]: keys in lanes */
+    float *kt = L->kf, *sr = L->st;   /* [hd][EL_KT]: keys in lanes; [R][EL_KT] scores, then weights */
     for (int t0 = 0; t0 < cnt8; t0 += 8) {
         int c0 = 0;
         if (type == EL_F16)   /* 16 dimensions at a time, transposed as f16 (half the shuffles per value) */
@@ -796,26 +860,19 @@ INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v,
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (size_t)(c0 + i) * EL_KT + t0, a[i]);
         }
     }
-    for (int t0 = 0; t0 < cnt8; t0 += 8) {
-        __m256 acc[8], zero = _mm256_setzero_ps();
-        for (int r = 0; r < R; r++) acc[r] = zero;
-        for (int c = 0; c < hd; c++) {
-            const __m256 kv = _mm256_loadu_ps(kt + (size_t)c * EL_KT + t0);
-            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(kv, _mm256_broadcast_ss(L->qt + (size_t)c * 8 + r), acc[r]);
-        }
-        for (int r = R; r < 8; r++) acc[r] = zero;   /* padding lanes: zero queries score 0, as in lanes_qk */
-        for (int r = 0; r < 8; r++) acc[r] = _mm256_mul_ps(acc[r], _mm256_set1_ps(L->scale));
-        transpose8(acc);   /* acc[j] = key t0 + j's scores of all 8 lanes */
-        for (int j = 0; j < 8; j++) _mm256_storeu_ps(L->st + (size_t)(t0 + j) * 8, acc[j]);
-    }
-    lanes_softmax(L, pos, cnt, partial, 1);
+    int t0 = 0;
+    if (R <= 6)   /* two key vectors per pass (measured: more spill) */
+        for (; t0 + 16 <= cnt8; t0 += 16) rows_qk(L, kt, t0, R, 2, sr);
+    for (; t0 < cnt8; t0 += 8) rows_qk(L, kt, t0, R, 1, sr);
+    rows_softmax(L, pos, cnt, partial, R, sr);
     int idx[EL_KT];   /* the tile's rows in order, as pv_heads reads V */
     for (int t = 0; t < cnt; t++) idx[t] = t;
-    for (int r0 = 0; r0 < R; r0 += 3)   /* up to 3 rows x 32 dimensions: 12 accumulators; p[t][r] is st[t * 8 + r] */
+    for (int r0 = 0; r0 < R; r0 += 3)   /* up to 3 rows x 32 dimensions: 12 accumulators; p[t] of row r is sr[r][t] */
         for (int c = 0; c < hd; c += hd % 32 ? 8 : 32) {
             float *o = L->orow + (size_t)r0 * hd;
-            if (hd % 32) pv_heads(type, v, rb, idx, cnt, L->st + r0, 1, 8, hd, o, c, R - r0 < 3 ? R - r0 : 3, 1);
-            else pv_heads(type, v, rb, idx, cnt, L->st + r0, 1, 8, hd, o, c, R - r0 < 3 ? R - r0 : 3, 4);
+            const float *p = sr + r0 * EL_KT;
+            if (hd % 32) pv_heads(type, v, rb, idx, cnt, p, EL_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 1);
+            else pv_heads(type, v, rb, idx, cnt, p, EL_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 4);
         }
 }
 
