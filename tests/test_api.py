@@ -124,6 +124,21 @@ def test_f16_cache_logits_do_not_depend_on_chunking(model_path, parity_ref, chun
     np.testing.assert_array_equal(model.forward(ids, model.new_cache(128), logits="all", chunk=chunk), one)
 
 
+@pytest.mark.parametrize("kv_dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_quantized_cache_logits_do_not_depend_on_chunking(model_path, parity_ref, chunk, kv_dtype):
+    """After a sealed (quantized) block, tokens fed one by one or in chunks get the logits of one chunk, bit for bit:
+    every score and output value is one chain of operations whatever the unit's row count."""
+    model = Model(model_path)
+    ids = parity_ref["ids"][0][:84]
+
+    def rest(c):
+        cache = model.new_cache(128, kv_dtype)
+        model.forward(ids[:64], cache, logits="last")   # fills and seals the first block
+        return model.forward(ids[64:], cache, logits="all", chunk=c)
+    np.testing.assert_array_equal(rest(chunk), rest(512))
+
+
 def test_info(llm):
     info = llm.info()
     assert info["arch"] == "llama" and info["n_layer"] == 30 and info["context_length"] == 8192

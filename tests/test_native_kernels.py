@@ -144,9 +144,6 @@ def check_attention(q, q_pos, n_kv, blocks, tol=3e-6):
     ro, rl = R.attention(q, q_pos, n_kv, blocks, scale)
     np.testing.assert_allclose(o, ro, atol=tol, rtol=0)
     np.testing.assert_allclose(l, rl, atol=tol * 4, rtol=0)
-    # quantizing the query against quantized keys costs ~1e-2 vs exact attention
-    eo, _ = R.attention(q, q_pos, n_kv, blocks, scale, quantize_q=False)
-    assert np.abs(o - eo).max() < 0.05
     return o, l
 
 

@@ -52,11 +52,10 @@ static inline void pos_span(const int32_t *pos, int cnt, int32_t *pmin, int32_t 
 static size_t part_floats(const att_ctx *c) { return (size_t)max_rows(c) * (c->hd + 2); }
 
 static size_t workspace_floats(const att_ctx *c) {
-    size_t R = (size_t)max_rows(c), nb = (size_t)c->hd / EL_QK, w = (R + 7) / 8 * 8;
-    /* q rows, o, m, l, scores of both q planes, quantized q rows in two planes (el_block_q8a is 10 floats);
-     * el_lanes: qt, ot, kf, vf, st, m, l, qpos */
-    return (R * c->hd + 15) / 16 * 16 + part_floats(c) + 2 * R * EL_KT + 2 * R * nb * (sizeof(el_block_q8a) / sizeof(float)) + 16 +
-           2 * c->hd * w + 2 * EL_KT * c->hd + EL_KT * w + 3 * w + 16;
+    size_t R = (size_t)max_rows(c), w = (R + 7) / 8 * 8;
+    /* q rows, o, m, l, scores; el_lanes: qt, ot, kf, vf, st, m, l, qpos */
+    return (R * c->hd + 15) / 16 * 16 + part_floats(c) + R * EL_KT + 16 + 2 * c->hd * w + 2 * EL_KT * c->hd + EL_KT * w +
+           3 * w + 16;
 }
 
 /* Rows in vector lanes (prefill, F16/F32 keys): transpose the rows' queries in, run every visible key tile,
@@ -95,22 +94,8 @@ static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, i
     }
 }
 
-void el_kq_planes(int type, const char *k, size_t rb, const int *idx, int cnt, const el_block_q8a *q8, int gs, int hd,
-                  float scale, float *s) {
-    if (el_kern->kq2) {
-        el_kern->kq2(type, k, rb, idx, cnt, q8, gs, hd, scale, s);
-        return;
-    }
-    el_kern->kq(type, k, rb, idx, cnt, q8, 2 * gs, hd, scale, s);   /* both planes at once, then summed */
-    for (int r = 0; r < gs; r++) {   /* only the tile's cnt keys are read from here on */
-        float *restrict hi = s + r * EL_KT;
-        const float *restrict lo = s + (size_t)(gs + r) * EL_KT;
-        for (int t = 0; t < cnt; t++) hi[t] += lo[t];
-    }
-}
-
 static void attend_unit(att_ctx *c, int u, float *ws) {
-    const int gs = c->gs, hd = c->hd, nb = hd / EL_QK;
+    const int gs = c->gs, hd = c->hd;
     /* largest query tiles first: under dynamic scheduling the last units taken are the cheap ones */
     int chunk = u % c->nchunk, g = u / c->nchunk % c->n_kv, qtile = c->n_qt - 1 - u / c->nchunk / c->n_kv;
     int i0 = qtile * c->qt, nq = c->n_q - i0 < c->qt ? c->n_q - i0 : c->qt, R = nq * gs;
@@ -120,18 +105,13 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
     for (int i = 1; i < nq; i++) qmin = qp[i] < qmin ? qp[i] : qmin, qmax = qp[i] > qmax ? qp[i] : qmax;
 
     float *qf = ws, *o = qf + ((size_t)R * hd + 15) / 16 * 16, *mx = o + (size_t)R * hd, *l = mx + R, *s = l + R;
-    el_block_q8a *q8 = (el_block_q8a *)(s + (size_t)2 * R * EL_KT);   /* R high rows, then R residual rows */
     if (c->nchunk > 1) o = c->part + (size_t)u * part_floats(c), mx = o + (size_t)R * hd, l = mx + R;
     for (int i = 0; i < nq; i++)   /* row r = i * gs + h */
         memcpy(qf + (size_t)i * gs * hd, c->q + ((size_t)(i0 + i) * c->n_head + (size_t)g * gs) * hd, sizeof(float) * gs * hd);
-    /* quantized keys are scored by int8 dot products against the query in two 8-bit planes (~16-bit): one plane
-     * alone costs measurable agreement (q8_0 KV top-1 0.965 vs 0.976 in tests/test_parity.py) */
-    if (c->any_quant)
-        for (int r = 0; r < R; r++) el_quant_act2(qf + (size_t)r * hd, q8 + r * nb, q8 + (size_t)(R + r) * nb, nb);
     /* every F16/F32 unit takes the lanes path, whatever its row count: a row's result then does not depend on how
      * the prompt was chunked (decode equals prefill bit for bit), at some cost to f16 decode at long contexts */
     if (el_kern->attend_lanes && !c->any_quant && hd % 8 == 0) {
-        attend_lanes(c, g, k0, k1, qf, R, qp, qmin, qmax, (float *)(q8 + 2 * R * nb) + 16, o, mx, l);
+        attend_lanes(c, g, k0, k1, qf, R, qp, qmin, qmax, s + (size_t)R * EL_KT + 16, o, mx, l);
         goto done;
     }
     memset(o, 0, sizeof(float) * R * hd);
@@ -145,7 +125,6 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
         size_t rb;
         const char *kh, *vh;
         block_slice(B, g, hd, base, k0, k1, &j0, &j1, &rb, &kh, &vh);
-        const int quant = el_is_quant(B->dtype);
         for (long j = j0; j < j1; j += EL_KT) {
             int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
             int32_t pmin, pmax;
@@ -153,11 +132,7 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
             if (pmin > qmax) continue;   /* no query of the tile sees any of these keys */
             int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
-            if (quant) {
-                el_kq_planes(B->dtype, kh, rb, idx, cnt, q8, R, hd, c->scale, s);
-            } else {
-                el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
-            }
+            el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
             for (int r = 0; r < R; r++) {
                 float *sr = s + r * EL_KT, m_new = mx[r];
                 if (partial)

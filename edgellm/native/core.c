@@ -269,7 +269,8 @@ static void quant_task(void *p, int ith, int nth) {
     for (int t = ith; t < n; t += nth) el_kern->quant_act(c->x + (size_t)t * c->m->cols, c->q + (size_t)t * nb, nb);
 }
 
-void el_quant_act2(const float *x, el_block_q8a *hi, el_block_q8a *lo, int nb) {
+/* x (nb blocks of 32) as two 8-bit planes: hi = x, lo = x - dequant(hi); together ~16-bit precision */
+static void quant_act2(const float *x, el_block_q8a *hi, el_block_q8a *lo, int nb) {
     float r[EL_QK];
     el_kern->quant_act(x, hi, nb);
     for (int b = 0; b < nb; b++) {
@@ -284,7 +285,7 @@ static void quant2_task(void *p, int ith, int nth) {
     const int cols = c->m->cols, nb = cols / EL_QK, n = c->m->n / 2;
     for (int t = ith; t < n; t += nth) {
         el_block_q8a *hi = c->q + (size_t)2 * t * nb;
-        el_quant_act2(c->x + (size_t)t * cols, hi, hi + nb, nb);
+        quant_act2(c->x + (size_t)t * cols, hi, hi + nb, nb);
     }
 }
 

@@ -218,16 +218,17 @@ typedef struct {
     /* rows [r0, r1) of Y for all n tokens */
     void (*mm_rows)(const el_mm *m, int r0, int r1);
     /* Attention over a tile of cnt <= EL_KT keys (rows idx[t] of k / v, rb bytes apart) for the gs query heads
-     * of one kv head. kq: s[h*EL_KT + t] = scale * q_h . k_t, with q gs rows of hd f32 (F16/F32 keys) or of
-     * hd/32 el_block_q8a (quantized keys). pv: o[h*hd + c] += sum_t p[h*EL_KT + t] v_t[c]. */
-    void (*kq)(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale, float *s);
+     * of one kv head. kq: s[h*EL_KT + t] = scale * q_h . k_t, with q gs rows of hd f32 and k_t as f32 (quantized
+     * keys: each value d * q, rounded, as el_dequantize_row gives it). pv: o[h*hd + c] += sum_t p[h*EL_KT + t] v_t[c]. */
+    void (*kq)(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd, float scale, float *s);
     void (*pv)(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o);
-    /* x[i] = exp(x[i] - sub) (0 where that underflows, e.g. masked -inf scores); returns the sum */
+    /* x[i] = exp(x[i] - sub) (0 where that underflows, e.g. masked -inf scores); returns the sum. SIMD tables: one
+     * exp for every position and the sum per lane, so trailing zeros (masked keys) leave both unchanged */
     float (*exp_sum)(float *x, int n, float sub);
     void (*silu_mul)(float *gate, const float *up, long n);
     /* Optional (NULL: attention uses kq / pv): one key tile of a unit whose rows sit in vector lanes, see el_lanes.
      * Keys / values: cnt rows of k / v (F16 / F32), rb bytes apart, positions pos; partial: mask keys past a row's
-     * query. Quantized keys stay on kq, whose 8-bit query blocks the lanes would score differently. */
+     * query. Quantized caches stay on kq / pv: dequantizing their keys for the lanes costs more than it saves. */
     void (*attend_lanes)(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
                          int cnt, int partial);
     /* 1: mm_rows has kernels for el_repack's layouts, so el_repack rewrites weights (0: it leaves them as they are;
@@ -236,11 +237,6 @@ typedef struct {
     /* Optional (NULL: the portable loop): rows of x times the Walsh-Hadamard matrix times norm, dim a power of 2
      * >= 8; the same butterflies in the same order as the portable loop, so bit-identical results */
     void (*hadamard)(float *x, long rows, int dim, float norm);
-    /* Optional (NULL: kq over the 2 gs rows, then each hi row's scores plus its lo row's): quantized keys scored
-     * against queries in two 8-bit planes, q = gs rows of hi blocks then gs rows of lo blocks (el_quant_act2);
-     * s[h*EL_KT + t] = kq(hi_h)[t] + kq(lo_h)[t], bit for bit */
-    void (*kq2)(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
-                float *s);
     /* Optional (NULL: el_f16_to_f32 per value): n f16 values to f32, exactly */
     void (*f16_row)(const uint16_t *x, float *y, long n);
 } el_kernels;
@@ -248,14 +244,6 @@ typedef struct {
 /* out[r] = sum_b wmax_rb v[b] for rows r0..r1-1 of m's weights (wmax_rb: el_weight_l1_ratio's bound on |w| in block
  * b; v padded with zeros to el_ds_blocks(nb)): el_mm.bound where a kernel has no faster way */
 void el_row_bounds(const el_mm *m, int r0, int r1, const float *v, float *out);
-
-/* Scores of cnt quantized keys against gs query rows given as two 8-bit planes (q8: gs hi rows, then gs lo rows):
- * s[h*EL_KT + t] = kq(hi_h)[t] + kq(lo_h)[t], through el_kern->kq2 where the table has it (attention.c) */
-void el_kq_planes(int type, const char *k, size_t rb, const int *idx, int cnt, const el_block_q8a *q8, int gs, int hd,
-                  float scale, float *s);
-
-/* x (nb blocks of 32) as two 8-bit planes: hi = x, lo = x - dequant(hi); together ~16-bit precision */
-void el_quant_act2(const float *x, el_block_q8a *hi, el_block_q8a *lo, int nb);
 
 extern const el_kernels *el_kern;
 extern const el_kernels el_kernels_scalar;

@@ -390,143 +390,6 @@ static void mm_rows_avx2(const el_mm *m, int r0, int r1) {
 
 /* ---------------- attention tiles ---------------- */
 
-/* [sum a[0], ..., sum a[7]] */
-INLINE __m256 hsum8(const __m256 *a) {
-    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-/* Scores of NR query rows x NK keys (compile-time, NR * NK <= 8, NK <= 4): every key vector loaded serves NR rows and
- * every query vector NK keys. acc[r * NK + k] gets 8 lanes whose sum is q_r . k_k; cs[r * NK + k] the Q4_0 offsets. */
-INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const char *q, size_t q_stride, int hd, int NR,
-                     int NK, __m256 *acc, float *cs) {
-    const uint8_t *kr[4];
-    for (int j = 0; j < NK; j++) kr[j] = (const uint8_t *)k + idx[j] * rb;
-    for (int i = 0; i < NR * NK; i++) acc[i] = _mm256_setzero_ps(), cs[i] = 0;
-    if (type == EL_F16 || type == EL_F32) {
-        for (int c = 0; c < hd; c += 8) {
-            __m256 kv[4];
-            for (int j = 0; j < NK; j++) kv[j] = load8(type, kr[j], c);
-            for (int r = 0; r < NR; r++) {
-                __m256 qv = _mm256_loadu_ps((const float *)(q + r * q_stride) + c);
-                for (int j = 0; j < NK; j++) acc[r * NK + j] = _mm256_fmadd_ps(qv, kv[j], acc[r * NK + j]);
-            }
-        }
-        return;
-    }
-    const size_t bb = block_bytes(type);
-    for (int b = 0; b < hd / EL_QK; b++) {
-        __m256i w[4];
-        float dk[4];
-        __m256 dkv[4];   /* the key scales broadcast once: dk * d_a as a vector product rounds as the scalar one */
-        for (int j = 0; j < NK; j++) {
-            w[j] = load_w(type, kr[j] + b * bb), dk[j] = f16(*(const uint16_t *)(kr[j] + b * bb));
-            dkv[j] = _mm256_set1_ps(dk[j]);
-        }
-        for (int r = 0; r < NR; r++) {
-            const el_block_q8a *a = (const el_block_q8a *)(q + r * q_stride) + b;
-            __m256i av = _mm256_loadu_si256((const __m256i *)a->qs);
-            const __m256 dav = _mm256_set1_ps(a->d);
-            for (int j = 0; j < NK; j++) {
-                acc[r * NK + j] = _mm256_fmadd_ps(dot_block(type, w[j], av), _mm256_mul_ps(dkv[j], dav), acc[r * NK + j]);
-                if (type == EL_Q4_0) cs[r * NK + j] -= 8.0f * dk[j] * a->s;
-            }
-        }
-    }
-}
-
-/* s[r * EL_KT + t] = scale * (q_r . k_t) for rows r0.. (NR of them) and keys t0.. (NK of them) */
-INLINE void kq_store(int type, const char *k, size_t rb, const int *idx, const char *q, size_t q_stride, int hd, float scale,
-                     float *s, int r0, int t0, int NR, int NK) {
-    __m256 acc[8];
-    float cs[8], out[8];
-    kq_block(type, k, rb, idx + t0, q + r0 * q_stride, q_stride, hd, NR, NK, acc, cs);
-    for (int i = NR * NK; i < 8; i++) acc[i] = _mm256_setzero_ps();
-    _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));   /* one transpose-add for 8 dots */
-    for (int r = 0; r < NR; r++)
-        for (int j = 0; j < NK; j++)
-            s[(r0 + r) * EL_KT + t0 + j] = type == EL_Q4_0 ? out[r * NK + j] + scale * cs[r * NK + j] : out[r * NK + j];
-}
-
-#define KQ_ROWS(NK)                                                                   \
-    switch (gs - r < 4 ? gs - r : 4) {                                                \
-    case 4: kq_store(type, k, rb, idx, q, q_stride, hd, scale, s, r, t, 4, NK); break; \
-    case 3: kq_store(type, k, rb, idx, q, q_stride, hd, scale, s, r, t, 3, NK); break; \
-    case 2: kq_store(type, k, rb, idx, q, q_stride, hd, scale, s, r, t, 2, NK); break; \
-    default: kq_store(type, k, rb, idx, q, q_stride, hd, scale, s, r, t, 1, NK); break; \
-    }
-
-/* Rows in groups of 4 x keys in pairs: 8 accumulators, 4 + 2 vector loads per 8 FMAs */
-INLINE void kq_tile(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
-                    float *s) {
-    const size_t q_stride = type == EL_F16 || type == EL_F32 ? (size_t)hd * 4 : (size_t)(hd / EL_QK) * sizeof(el_block_q8a);
-    for (int r = 0; r < gs; r += 4) {
-        int t = 0;
-        for (; t + 2 <= cnt; t += 2) KQ_ROWS(2)
-        if (t < cnt) KQ_ROWS(1)
-    }
-}
-#undef KQ_ROWS
-
-static void kq_avx2(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
-                    float *s) {
-    if (hd % 8) {
-        el_kernels_scalar.kq(type, k, rb, idx, cnt, q, gs, hd, scale, s);
-        return;
-    }
-    switch (type) {
-    case EL_F16: kq_tile(EL_F16, k, rb, idx, cnt, q, gs, hd, scale, s); break;
-    case EL_F32: kq_tile(EL_F32, k, rb, idx, cnt, q, gs, hd, scale, s); break;
-    case EL_Q8_0: kq_tile(EL_Q8_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
-    case EL_Q4_0: kq_tile(EL_Q4_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
-    }
-}
-
-/* s[t0 + j] = hi_j + lo_j for NK keys (compile-time, <= 4) of one query head, q its hi plane and q + lo_off its lo
- * plane: the two rows of one kq_block, so every value is the one kq_store would give each plane */
-INLINE void kq2_store(int type, const char *k, size_t rb, const int *idx, const char *q, size_t lo_off, int hd,
-                      float scale, float *s, int NK) {
-    __m256 acc[8];
-    float cs[8] = {0}, out[8];
-    kq_block(type, k, rb, idx, q, lo_off, hd, 2, NK, acc, cs);
-    for (int i = 2 * NK; i < 8; i++) acc[i] = _mm256_setzero_ps();
-    __m256 v = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
-    if (type == EL_Q4_0) v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_loadu_ps(cs)));
-    if (NK == 4) {   /* lanes 0-3: hi plane, 4-7: lo plane */
-        _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
-        return;
-    }
-    _mm256_storeu_ps(out, v);
-    for (int j = 0; j < NK; j++) s[j] = out[j] + out[NK + j];
-}
-
-/* Two-plane scores (el_kernels.kq2) of quantized keys: per query head, keys in fours, so one transpose-add gives
- * both planes of 4 scores and their sums leave as one vector */
-INLINE void kq2_tile(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd,
-                     float scale, float *s) {
-    const size_t q_stride = (size_t)(hd / EL_QK) * sizeof(el_block_q8a), lo_off = (size_t)gs * q_stride;
-    for (int h = 0; h < gs; h++) {
-        const char *qh = (const char *)q + h * q_stride;
-        float *sh = s + h * EL_KT;
-        int t = 0;
-        for (; t + 4 <= cnt; t += 4) kq2_store(type, k, rb, idx + t, qh, lo_off, hd, scale, sh + t, 4);
-        switch (cnt - t) {
-        case 3: kq2_store(type, k, rb, idx + t, qh, lo_off, hd, scale, sh + t, 3); break;
-        case 2: kq2_store(type, k, rb, idx + t, qh, lo_off, hd, scale, sh + t, 2); break;
-        case 1: kq2_store(type, k, rb, idx + t, qh, lo_off, hd, scale, sh + t, 1); break;
-        }
-    }
-}
-
-static void kq2_avx2(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd,
-                     float scale, float *s) {
-    switch (type) {
-    case EL_Q8_0: kq2_tile(EL_Q8_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
-    case EL_Q4_0: kq2_tile(EL_Q4_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
-    }
-}
-
 /* values 8k..8k+7 of a quantized block as floats, before its scale */
 INLINE __m256 qvals8(int type, const uint8_t *blk, int k) {
     __m128i q;
@@ -545,6 +408,94 @@ INLINE __m256 v8(int type, const uint8_t *row, int c) {
     if (type == EL_F16 || type == EL_F32) return load8(type, row, c);
     const uint8_t *blk = row + c / EL_QK * block_bytes(type);
     return _mm256_mul_ps(qvals8(type, blk, c % EL_QK / 8), _mm256_set1_ps(f16(*(const uint16_t *)blk)));
+}
+
+/* [sum a[0], ..., sum a[7]] */
+INLINE __m256 hsum8(const __m256 *a) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* acc[r * NK + j] += q_r[c..c+7] * kv[j] (query rows hd floats apart) */
+INLINE void kq_dims(const float *q, int hd, int c, const __m256 *kv, int NR, int NK, __m256 *acc) {
+    for (int r = 0; r < NR; r++) {
+        __m256 qv = _mm256_loadu_ps(q + (size_t)r * hd + c);
+        for (int j = 0; j < NK; j++) acc[r * NK + j] = _mm256_fmadd_ps(qv, kv[j], acc[r * NK + j]);
+    }
+}
+
+/* Scores of NR query rows x NK keys (compile-time, NR * NK <= 8, NK <= 4): every key vector loaded (quantized:
+ * dequantized, the values v8 gives) serves NR rows and every query vector NK keys. acc[r * NK + k] gets 8 lanes
+ * whose sum is q_r . k_k. */
+INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const float *q, int hd, int NR, int NK,
+                     __m256 *acc) {
+    const uint8_t *kr[4];
+    for (int j = 0; j < NK; j++) kr[j] = (const uint8_t *)k + idx[j] * rb;
+    for (int i = 0; i < NR * NK; i++) acc[i] = _mm256_setzero_ps();
+    if (type == EL_F16 || type == EL_F32) {
+        for (int c = 0; c < hd; c += 8) {
+            __m256 kv[4];
+            for (int j = 0; j < NK; j++) kv[j] = load8(type, kr[j], c);
+            kq_dims(q, hd, c, kv, NR, NK, acc);
+        }
+        return;
+    }
+    const size_t bb = block_bytes(type);
+    for (int b = 0; b < hd / EL_QK; b++) {
+        __m256 d[4];   /* each key block's scale, converted once */
+        for (int j = 0; j < NK; j++) d[j] = _mm256_set1_ps(f16(*(const uint16_t *)(kr[j] + b * bb)));
+        for (int g = 0; g < EL_QK / 8; g++) {
+            __m256 kv[4];
+            for (int j = 0; j < NK; j++) kv[j] = _mm256_mul_ps(qvals8(type, kr[j] + b * bb, g), d[j]);
+            kq_dims(q, hd, b * EL_QK + 8 * g, kv, NR, NK, acc);
+        }
+    }
+}
+
+/* s[r * EL_KT + t] = scale * (q_r . k_t) for rows r0.. (NR of them) and keys t0.. (NK of them) */
+INLINE void kq_store(int type, const char *k, size_t rb, const int *idx, const float *q, int hd, float scale, float *s,
+                     int r0, int t0, int NR, int NK) {
+    __m256 acc[8];
+    float out[8];
+    kq_block(type, k, rb, idx + t0, q + (size_t)r0 * hd, hd, NR, NK, acc);
+    for (int i = NR * NK; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));   /* one transpose-add for 8 dots */
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < NK; j++) s[(r0 + r) * EL_KT + t0 + j] = out[r * NK + j];
+}
+
+#define KQ_ROWS(NK)                                                        \
+    switch (gs - r < 4 ? gs - r : 4) {                                     \
+    case 4: kq_store(type, k, rb, idx, q, hd, scale, s, r, t, 4, NK); break; \
+    case 3: kq_store(type, k, rb, idx, q, hd, scale, s, r, t, 3, NK); break; \
+    case 2: kq_store(type, k, rb, idx, q, hd, scale, s, r, t, 2, NK); break; \
+    default: kq_store(type, k, rb, idx, q, hd, scale, s, r, t, 1, NK); break; \
+    }
+
+/* Rows in groups of 4 x keys in pairs: 8 accumulators, 4 + 2 vector loads per 8 FMAs */
+INLINE void kq_tile(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd,
+                    float scale, float *s) {
+    for (int r = 0; r < gs; r += 4) {
+        int t = 0;
+        for (; t + 2 <= cnt; t += 2) KQ_ROWS(2)
+        if (t < cnt) KQ_ROWS(1)
+    }
+}
+#undef KQ_ROWS
+
+static void kq_avx2(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd, float scale,
+                    float *s) {
+    if (hd % 8) {
+        el_kernels_scalar.kq(type, k, rb, idx, cnt, q, gs, hd, scale, s);
+        return;
+    }
+    switch (type) {
+    case EL_F16: kq_tile(EL_F16, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    case EL_F32: kq_tile(EL_F32, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    case EL_Q8_0: kq_tile(EL_Q8_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    case EL_Q4_0: kq_tile(EL_Q4_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
+    }
 }
 
 /* NH heads x NC*8 output dims (both compile-time, NH * NC <= 12) stay in registers across the key tile: NH*NC
@@ -918,9 +869,15 @@ static float exp_sum_avx2(float *x, int n, float sub) {
         _mm256_storeu_ps(x + i, e);
         acc = _mm256_add_ps(acc, e);
     }
-    float s = hsum(acc);
-    for (; i < n; i++) s += x[i] = expf(x[i] - sub);
-    return s;
+    if (i < n) {   /* the tail as one vector padded with -inf: every value is exp8z's wherever it lies */
+        float t[8];
+        for (int j = 0; j < 8; j++) t[j] = i + j < n ? x[i + j] : -INFINITY;
+        __m256 e = exp8z(_mm256_sub_ps(_mm256_loadu_ps(t), vs));
+        _mm256_storeu_ps(t, e);
+        for (int j = 0; i + j < n; j++) x[i + j] = t[j];
+        acc = _mm256_add_ps(acc, e);
+    }
+    return hsum(acc);
 }
 
 static void silu_mul_avx2(float *g, const float *u, long n) {
@@ -969,7 +926,7 @@ static void f16_row_avx2(const uint16_t *x, float *y, long n) {
 }
 
 const el_kernels el_kernels_avx2 = {
-    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2, kq2_avx2, f16_row_avx2,
+    quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2, f16_row_avx2,
 };
 
 #pragma GCC pop_options

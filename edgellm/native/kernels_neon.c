@@ -5,7 +5,7 @@
  * (pragma below), so one build runs on both.
  *
  * The file includes itself once per table: the first pass holds what both share (activation quantization,
- * attention P.V, exp, silu and helpers), the part under EL_NEON_PASS is compiled twice with a different int8
+ * attention K.Q and P.V, exp, silu and helpers), the part under EL_NEON_PASS is compiled twice with a different int8
  * block dot (BLOCK_DOT) and name suffix (SFX). Results match kernels_scalar.c up to float summation order. */
 #if defined(__aarch64__)
 #ifndef EL_NEON_PASS
@@ -148,7 +148,7 @@ INLINE void tile_scales(int type, const el_mm *m, int r, int NR, int nb, float *
     }
 }
 
-/* ---------------- attention: P.V (no int8 dots, shared by both tables) ---------------- */
+/* ---------------- attention: K.Q and P.V (no int8 dots, shared by both tables) ---------------- */
 
 /* A V row as hd floats (hd % 16 == 0) */
 INLINE void v_row(int type, const uint8_t *row, int hd, float *out) {
@@ -202,6 +202,23 @@ static void pv_neon(int type, const char *v, size_t rb, const int *idx, int cnt,
     }
 }
 
+/* s[h * EL_KT + t] = scale * q_h . k_t, quantized keys dequantized first (every table scores f32 queries) */
+static void kq_neon(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd, float scale,
+                    float *s) {
+    if (hd % 16 || hd > 512) {
+        el_kernels_scalar.kq(type, k, rb, idx, cnt, q, gs, hd, scale, s);
+        return;
+    }
+    float row[512];
+    const int quant = el_is_quant(type);
+    for (int t = 0; t < cnt; t++) {
+        const uint8_t *key = (const uint8_t *)k + idx[t] * rb;
+        if (quant) v_row(type, key, hd, row);
+        for (int h = 0; h < gs; h++)
+            s[h * EL_KT + t] = scale * (quant ? fdot(EL_F32, row, q + (size_t)h * hd, hd) : fdot(type, key, q + (size_t)h * hd, hd));
+    }
+}
+
 /* ---------------- exp ---------------- */
 
 /* e^x = 2^n e^r, |r| <= ln2/2, Cephes expf polynomial (~1 ulp); inputs clamped so 2^n stays a normal float
@@ -235,9 +252,15 @@ static float exp_sum_neon(float *x, int n, float sub) {
         vst1q_f32(x + i, e);
         acc = vaddq_f32(acc, e);
     }
-    float s = vaddvq_f32(acc);
-    for (; i < n; i++) s += x[i] = expf(x[i] - sub);
-    return s;
+    if (i < n) {   /* the tail as one vector padded with -inf: every value is exp4z's wherever it lies */
+        float t[4];
+        for (int j = 0; j < 4; j++) t[j] = i + j < n ? x[i + j] : -INFINITY;
+        float32x4_t e = exp4z(vsubq_f32(vld1q_f32(t), vs));
+        vst1q_f32(t, e);
+        for (int j = 0; i + j < n; j++) x[i + j] = t[j];
+        acc = vaddq_f32(acc, e);
+    }
+    return vaddvq_f32(acc);
 }
 
 static void silu_mul_neon(float *g, const float *u, long n) {
@@ -279,7 +302,7 @@ const el_kernels el_kernels_neon = {
 };
 
 const el_kernels el_kernels_neon_dot = {
-    .quant_act = quant_act_neon, .mm_rows = mm_rows_neon_dot, .kq = kq_neon_dot, .pv = pv_neon,
+    .quant_act = quant_act_neon, .mm_rows = mm_rows_neon_dot, .kq = kq_neon, .pv = pv_neon,
     .exp_sum = exp_sum_neon, .silu_mul = silu_mul_neon,
 };
 
@@ -369,43 +392,6 @@ static void SFX(mm_rows)(const el_mm *m, int r0, int r1) {
     case EL_Q8_0: SFX(qmm_rows)(EL_Q8_0, m, r0, r1, sc); break;
     }
     if (m->bound) el_row_bounds(m, r0, r1, m->bound_v, m->bound);
-}
-
-/* q . k for one key row: q is hd floats (F16 / F32 keys) or hd/32 activation blocks (Q8_0 / Q4_0 keys) */
-INLINE float SFX(key_dot)(int type, const uint8_t *k, const void *q, int hd) {
-    if (type == EL_F16 || type == EL_F32) return fdot(type, k, q, hd);
-    const el_block_q8a *a = q;
-    const size_t bb = block_bytes(type);
-    float32x4_t acc = vdupq_n_f32(0);
-    float cs = 0;
-    for (int b = 0; b < hd / EL_QK; b++) {
-        const uint8_t *blk = k + b * bb;
-        int8x16_t w[2], x[2] = {vld1q_s8(a[b].qs), vld1q_s8(a[b].qs + 16)};
-        load_w(type, blk, w);
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(BLOCK_DOT(vdupq_n_s32(0), w, x)), rd_f16(blk) * a[b].d);
-        if (type == EL_Q4_0) cs += block_c(type, blk) * a[b].s;
-    }
-    return vaddvq_f32(acc) + cs;
-}
-
-INLINE void SFX(kq_tile)(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd,
-                         float scale, float *s) {
-    const size_t q_stride = type == EL_F16 || type == EL_F32 ? (size_t)hd * 4 : (size_t)(hd / EL_QK) * sizeof(el_block_q8a);
-    for (int h = 0; h < gs; h++) {
-        const char *qh = (const char *)q + h * q_stride;
-        for (int t = 0; t < cnt; t++) s[h * EL_KT + t] = scale * SFX(key_dot)(type, (const uint8_t *)k + idx[t] * rb, qh, hd);
-    }
-}
-
-static void SFX(kq)(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
-                    float *s) {
-    switch (type) {
-    case EL_F16: SFX(kq_tile)(EL_F16, k, rb, idx, cnt, q, gs, hd, scale, s); return;
-    case EL_F32: SFX(kq_tile)(EL_F32, k, rb, idx, cnt, q, gs, hd, scale, s); return;
-    case EL_Q8_0: SFX(kq_tile)(EL_Q8_0, k, rb, idx, cnt, q, gs, hd, scale, s); return;
-    case EL_Q4_0: SFX(kq_tile)(EL_Q4_0, k, rb, idx, cnt, q, gs, hd, scale, s); return;
-    default: el_kernels_scalar.kq(type, k, rb, idx, cnt, q, gs, hd, scale, s); return;
-    }
 }
 
 #endif /* EL_NEON_PASS */

@@ -78,11 +78,17 @@ static void mm_rows_scalar(const el_mm *m, int r0, int r1) {
     if (m->bound) el_row_bounds(m, r0, r1, m->bound_v, m->bound);
 }
 
-static void kq_scalar(int type, const char *k, size_t rb, const int *idx, int cnt, const void *q, int gs, int hd, float scale,
+static void kq_scalar(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd, float scale,
                       float *s) {
-    size_t q_stride = el_is_quant(type) ? (size_t)(hd / EL_QK) * sizeof(el_block_q8a) : (size_t)hd * 4;
-    for (int h = 0; h < gs; h++)
-        for (int t = 0; t < cnt; t++) s[h * EL_KT + t] = scale * dot_scalar(type, k + idx[t] * rb, (const char *)q + h * q_stride, hd);
+    float row[512];   /* hd <= 512, checked by el_attention */
+    for (int t = 0; t < cnt; t++) {
+        el_dequantize_row(k + idx[t] * rb, row, hd, type);   /* the key as f32, whatever its type */
+        for (int h = 0; h < gs; h++) {
+            double acc = 0;   /* the portable path sums exactly enough to serve as the SIMD tables' reference */
+            for (int c = 0; c < hd; c++) acc += (double)row[c] * q[(size_t)h * hd + c];
+            s[h * EL_KT + t] = scale * (float)acc;
+        }
+    }
 }
 
 static void pv_scalar(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o) {

@@ -76,28 +76,18 @@ def _kv_rows(arr: np.ndarray, dtype: GGMLType, n_kv: int, n: int, hd: int) -> np
     return dequantize(raw, dtype, n_kv * n * hd).reshape(n_kv, n, hd).astype(np.float64)
 
 
-def two_planes(x: np.ndarray) -> np.ndarray:
-    """x as the native code feeds it to int8 dot products in two planes: 8-bit x plus its 8-bit residual."""
-    hi = dequantize_activations(quantize_activations(x)).reshape(x.shape)
-    return hi + dequantize_activations(quantize_activations(x - hi)).reshape(x.shape)
-
-
-def attention_probs(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, quantize_q: bool = True):
+def attention_probs(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float):
     """Causal GQA softmax over blocks (k, v, pos, n, dtype) -> (p[n_q, n_head, n_keys] float64, V[n_kv, n_keys, hd],
-    lse[n_q, n_head]); keys numbered across the blocks in order. With quantize_q the query is scored against
-    quantized keys (Q8_0/Q4_0) in the two 8-bit planes the native kernel uses."""
+    lse[n_q, n_head]); keys numbered across the blocks in order, quantized ones dequantized."""
     n_q, n_head, hd = q.shape
     gs = n_head // n_kv_head
     keys, vals, kpos = [], [], []
-    qd = {}
+    qd = q.astype(np.float64).reshape(n_q, n_kv_head, gs, hd)
     for k, v, pos, n, dtype in blocks:
         t = GGMLType.parse(dtype)
         K, V = _kv_rows(k, t, n_kv_head, n, hd), _kv_rows(v, t, n_kv_head, n, hd)
-        quant = quantize_q and t in (GGMLType.Q8_0, GGMLType.Q4_0)
-        if quant not in qd:
-            qd[quant] = (two_planes(q) if quant else q).astype(np.float64)
         # scores against this block's keys: [n_q, n_head, n]
-        keys.append(np.einsum("qgkd,gnd->qgkn", qd[quant].reshape(n_q, n_kv_head, gs, hd), K).reshape(n_q, n_head, n))
+        keys.append(np.einsum("qgkd,gnd->qgkn", qd, K).reshape(n_q, n_head, n))
         vals.append(V)
         kpos.append(np.asarray(pos, np.int64).reshape(-1)[:n])
     s = np.concatenate(keys, -1) * scale if keys else np.zeros((n_q, n_head, 0))
@@ -115,10 +105,10 @@ def attention_probs(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, 
     return p, V, lse
 
 
-def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float, quantize_q: bool = True):
+def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks, scale: float):
     """Causal GQA attention over blocks (k, v, pos, n, dtype) -> (out[n_q, n_head, hd], lse[n_q, n_head])."""
     n_q, n_head, hd = q.shape
-    p, V, lse = attention_probs(q, q_pos, n_kv_head, blocks, scale, quantize_q)
+    p, V, lse = attention_probs(q, q_pos, n_kv_head, blocks, scale)
     out = np.einsum("qgkn,gnd->qgkd", p.reshape(n_q, n_kv_head, n_head // n_kv_head, -1), V).reshape(n_q, n_head, hd)
     return out.astype(np.float32), lse.astype(np.float32)
 

@@ -7,7 +7,6 @@
 
 typedef struct {
     const float *q;
-    const el_block_q8a *q8;   /* per query and kv head: gs high rows then gs residual rows, as el_attention quantizes */
     const int32_t *q_pos;
     int n_q, n_head, n_kv, hd, gs, reduce_max;
     float scale;
@@ -22,11 +21,11 @@ typedef struct {
 /* Keys of block b for kv head g, against every query */
 static void mass_unit(mass_ctx *c, int g, int b) {
     const el_kvblock *B = &c->blocks[b];
-    const int gs = c->gs, hd = c->hd, nb = hd / EL_QK, quant = el_is_quant(B->dtype);
+    const int gs = c->gs, hd = c->hd;
     const size_t rb = el_row_bytes(B->dtype, hd);
     const char *kh = (const char *)B->k + (size_t)g * B->cap * rb;
     float *out = c->out + (size_t)g * c->first[c->n_blocks] + c->first[b];
-    float s[EL_KT * 64];   /* both planes of up to 32 query heads */
+    float s[EL_KT * 32];   /* up to 32 query heads */
     int idx[EL_KT];
     for (int j = 0; j < B->n; j++) out[j] = 0;
     for (int j0 = 0; j0 < B->n; j0 += EL_KT) {
@@ -34,11 +33,7 @@ static void mass_unit(mass_ctx *c, int g, int b) {
         for (int t = 0; t < cnt; t++) idx[t] = j0 + t;
         for (int i = 0; i < c->n_q; i++) {
             size_t head0 = (size_t)i * c->n_head + (size_t)g * gs;
-            if (quant) {
-                el_kq_planes(B->dtype, kh, rb, idx, cnt, c->q8 + 2 * head0 * nb, gs, hd, c->scale, s);
-            } else {
-                el_kern->kq(B->dtype, kh, rb, idx, cnt, c->q + head0 * hd, gs, hd, c->scale, s);
-            }
+            el_kern->kq(B->dtype, kh, rb, idx, cnt, c->q + head0 * hd, gs, hd, c->scale, s);   /* as el_attention */
             for (int h = 0; h < gs; h++) {
                 float l = c->lse[head0 + h];
                 if (l == -INFINITY) continue;
@@ -63,25 +58,16 @@ int el_attention_mass(const float *q, int n_q, const int32_t *q_pos, int n_head,
                       const el_kvblock *blocks, int n_blocks, const float *lse, int reduce_max, float *out) {
     if (n_q <= 0 || n_kv_head <= 0 || n_head % n_kv_head || n_head / n_kv_head > 32 || hd <= 0 || hd % EL_QK) return -1;
     long *first = malloc(sizeof(long) * (n_blocks + 1));
-    el_block_q8a *q8 = malloc(sizeof(el_block_q8a) * (2 * (size_t)n_q * n_head * (hd / EL_QK) + 1));
-    if (!first || !q8) {
-        free(first), free(q8);
-        return -1;
-    }
+    if (!first) return -1;
     first[0] = 0;
     for (int b = 0; b < n_blocks; b++) first[b + 1] = first[b] + blocks[b].n;
-    const int nb = hd / EL_QK, gs = n_head / n_kv_head;
-    for (size_t r = 0; r < (size_t)n_q * n_head; r++) {   /* row r = head0 + h goes to block row 2 head0 + h (+ gs) */
-        el_block_q8a *hi = q8 + (2 * (r - r % gs) + r % gs) * nb;
-        el_quant_act2(q + r * hd, hi, hi + (size_t)gs * nb, nb);
-    }
-    mass_ctx c = {.q = q, .q8 = q8, .q_pos = q_pos, .n_q = n_q, .n_head = n_head, .n_kv = n_kv_head, .hd = hd,
+    mass_ctx c = {.q = q, .q_pos = q_pos, .n_q = n_q, .n_head = n_head, .n_kv = n_kv_head, .hd = hd,
                   .gs = n_head / n_kv_head, .reduce_max = reduce_max, .scale = scale, .blocks = blocks, .first = first,
                   .n_blocks = n_blocks, .lse = lse, .out = out};
     atomic_init(&c.next, 0);
     el_lock();
     el_parallel(mass_task, &c);
     el_unlock();
-    free(first), free(q8);
+    free(first);
     return 0;
 }
