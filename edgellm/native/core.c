@@ -495,8 +495,8 @@ static void cos_sin_fill(const int32_t *pos, int n, int rope_dim, float freq_bas
         }
 }
 
-/* el_rope's table (cos_sin_fill), with its frequencies' scratch after it */
-static float *rope_table(int n, int rope_dim, const int32_t *pos, float freq_base) {
+/* el_rope's table (cos_sin_fill), with its frequencies' scratch after it (the caller frees it) */
+float *el_rope_table(int n, int rope_dim, const int32_t *pos, float freq_base) {
     int half = rope_dim / 2;
     float *cs = malloc(sizeof(float) * 2 * half * (size_t)n + sizeof(double) * half);
     if (!cs) return NULL;
@@ -528,7 +528,7 @@ void el_rope_cos_sin(const int32_t *pos, int n, int rope_dim, float freq_base, f
 
 void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox) {
     if (rope_dim / 2 <= 0 || rope_dim > head_dim) return;
-    float *cs = rope_table(n, rope_dim, pos, freq_base);
+    float *cs = el_rope_table(n, rope_dim, pos, freq_base);
     if (!cs) return;
     rope_apply(x, n, n_heads, head_dim, rope_dim, cs, neox);
     free(cs);
@@ -957,18 +957,23 @@ void el_attn_in(const float *x, int n, int dim, const float *norm, float eps,
                 const int32_t *pos, int n_head, int n_kv_head, int head_dim, int rope_dim, float freq_base, int neox,
                 float *h, float *q, float *k, float *v) {
     if (n <= 0) return;
+    float *cs = rope_dim / 2 > 0 && rope_dim <= head_dim ? el_rope_table(n, rope_dim, pos, freq_base) : NULL;
+    el_attn_in_cs(x, n, dim, norm, eps, wq, wk, wv, cs, n_head, n_kv_head, head_dim, rope_dim, neox, h, q, k, v);
+    free(cs);
+}
+
+void el_attn_in_cs(const float *x, int n, int dim, const float *norm, float eps, el_weight *wq, el_weight *wk,
+                   el_weight *wv, const float *cs, int n_head, int n_kv_head, int head_dim, int rope_dim, int neox,
+                   float *h, float *q, float *k, float *v) {
     el_rmsnorm(x, norm, n, dim, eps, h);
     el_weight *W[3] = {wq, wk, wv};
     float *Y[3] = {q, k, v};
     el_lock();
     matmul_many(W, Y, 3, h, n);
     el_unlock();
-    if (rope_dim / 2 <= 0 || rope_dim > head_dim) return;
-    float *cs = rope_table(n, rope_dim, pos, freq_base);
     if (!cs) return;
     rope_apply(q, n, n_head, head_dim, rope_dim, cs, neox);
     rope_apply(k, n, n_kv_head, head_dim, rope_dim, cs, neox);
-    free(cs);
 }
 
 void el_attn_out_mlp(float *x, const float *att, int n, int dim, el_weight *wo, const float *norm, float eps,

@@ -139,11 +139,19 @@ typedef struct {
  * n_blocks blocks (q rotated in and the output back when `rotate`). Exactly the per-layer calls of the Python
  * backend. seal: NULL, or per layer where a tail that these tokens fill is quantized to (k, v arrays
  * [n_kv_head][cap][row] and dtype) before attention reads it; the tail's descriptor then points there.
- * Returns -1 and changes nothing unless every layer's tail is f16 with room for n more tokens. */
+ * Returns -1 and changes nothing unless every layer's tail is f16 with room for n more tokens (or out of memory). */
 int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
                       float *x, const el_buffers *b, const el_kvblock *seal);
 
 /* ---- internal ---- */
+
+/* el_attn_in with the RoPE table of its positions given (el_rope_table; NULL: no RoPE), so a step through every
+ * layer computes it once */
+void el_attn_in_cs(const float *x, int n, int dim, const float *norm, float eps, el_weight *wq, el_weight *wk,
+                   el_weight *wv, const float *cs, int n_head, int n_kv_head, int head_dim, int rope_dim, int neox,
+                   float *h, float *q, float *k, float *v);
+/* el_rope's cos / sin table of n positions (malloc'd, the caller frees; NULL: no memory) */
+float *el_rope_table(int n, int rope_dim, const int32_t *pos, float freq_base);
 #define EL_QK 32
 
 /* GGUF blocks; f16 fields kept as raw bits. */

@@ -3,6 +3,8 @@
  * minus ~30 Python round trips per token. */
 #include "kernels.h"
 
+#include <stdlib.h>
+
 static int tails_have_room(el_kvblock *const *descs, int n_layer, int n_blocks, int n) {
     for (int l = 0; l < n_layer; l++) {
         const el_kvblock *t = &descs[l][n_blocks - 1];
@@ -23,10 +25,12 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
                       float *x, const el_buffers *b, const el_kvblock *seal) {
     if (n <= 0 || n_blocks <= 0 || !tails_have_room(descs, m->n_layer, n_blocks, n)) return -1;
     const int H = m->n_head, G = m->n_kv_head, hd = m->head_dim;
+    float *cs = NULL;   /* the positions' RoPE table, once for every layer */
+    if (m->rope_dim / 2 > 0 && m->rope_dim <= hd && !(cs = el_rope_table(n, m->rope_dim, pos, m->rope_base))) return -1;
     for (int l = 0; l < m->n_layer; l++) {
         const el_layer_w *L = &m->layers[l];
-        el_attn_in(x, n, m->dim, L->attn_norm, m->eps, L->wq, L->wk, L->wv, pos, H, G, hd, m->rope_dim, m->rope_base,
-                   m->neox, b->h, b->q, b->k, b->v);
+        el_attn_in_cs(x, n, m->dim, L->attn_norm, m->eps, L->wq, L->wk, L->wv, cs, H, G, hd, m->rope_dim, m->neox, b->h,
+                      b->q, b->k, b->v);
         el_kvblock *tail = &descs[l][n_blocks - 1];
         /* the descriptor's arrays are the cache's own writable tail (KVCache keeps them f16 and current) */
         el_kv_append(b->k, b->v, pos, n, G, hd, rotate, (void *)tail->k, (void *)tail->v, (int32_t *)tail->pos, tail->n,
@@ -38,5 +42,6 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
         if (rotate) el_hadamard(b->att, (long)n * H, hd);
         el_attn_out_mlp(x, b->att, n, m->dim, L->wo, L->ffn_norm, m->eps, L->gate, L->up, L->down, b->h, b->g, b->u);
     }
+    free(cs);
     return 0;
 }

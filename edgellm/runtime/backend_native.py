@@ -96,7 +96,7 @@ class NativeBackend:
             return False
         if lib.el_forward_layers(self._model, cache.desc_table, n_blocks, cache.rotated,
                                  ffi.from_buffer("int32_t[]", pos), n, self.p["x"], self._bufs, seal):
-            raise RuntimeError("el_forward_layers refused a step the cache had checked")
+            raise RuntimeError("el_forward_layers refused a step the cache had checked (or ran out of memory)")
         cache.stepped(n)
         return True
 
