@@ -11,7 +11,6 @@
 #include <string.h>
 
 #define MAX_GROUP 32     /* query heads per kv head */
-#define MAX_HD 512
 #define TILE_ROWS 24     /* target rows per unit: enough reuse per K/V load, the row state stays in L1 */
 
 typedef struct {
@@ -201,7 +200,7 @@ static void merge_chunks(att_ctx *c) {
 
 void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
                   const el_kvblock *blocks, int n_blocks, float *out, float *lse) {
-    if (n_q <= 0 || n_kv_head <= 0 || n_head % n_kv_head || n_head / n_kv_head > MAX_GROUP || hd <= 0 || hd > MAX_HD) return;
+    if (n_q <= 0 || n_kv_head <= 0 || n_head % n_kv_head || n_head / n_kv_head > MAX_GROUP || hd <= 0 || hd > EL_MAX_HD) return;
     long total = 0;
     int any_quant = 0;
     for (int b = 0; b < n_blocks; b++) {

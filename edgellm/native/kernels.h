@@ -264,6 +264,7 @@ extern const el_kernels el_kernels_neon_dot;   /* level 11: + dotprod (Pi 5) */
 #endif
 
 #define EL_KT 32   /* keys per attention tile */
+#define EL_MAX_HD 512   /* head_dim el_attention / el_attention_mass take (the kernels' row buffers) */
 
 /* Scratch memory owned by the library, grown on demand; slot 0 is matmul activations, 1 attention.
  * Only used under the library lock (el_matmul / el_attention serialize). */

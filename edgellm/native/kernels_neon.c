@@ -185,11 +185,11 @@ INLINE void v_row(int type, const uint8_t *row, int hd, float *out) {
 }
 
 static void pv_neon(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o) {
-    if (hd % 16 || hd > 512) {
+    if (hd % 16 || hd > EL_MAX_HD) {
         el_kernels_scalar.pv(type, v, rb, idx, cnt, p, gs, hd, o);
         return;
     }
-    float row[512];
+    float row[EL_MAX_HD];
     for (int t = 0; t < cnt; t++) {
         v_row(type, (const uint8_t *)v + idx[t] * rb, hd, row);
         for (int h = 0; h < gs; h++) {
@@ -205,11 +205,11 @@ static void pv_neon(int type, const char *v, size_t rb, const int *idx, int cnt,
 /* s[h * EL_KT + t] = scale * q_h . k_t, quantized keys dequantized first (every table scores f32 queries) */
 static void kq_neon(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd, float scale,
                     float *s) {
-    if (hd % 16 || hd > 512) {
+    if (hd % 16 || hd > EL_MAX_HD) {
         el_kernels_scalar.kq(type, k, rb, idx, cnt, q, gs, hd, scale, s);
         return;
     }
-    float row[512];
+    float row[EL_MAX_HD];
     const int quant = el_is_quant(type);
     for (int t = 0; t < cnt; t++) {
         const uint8_t *key = (const uint8_t *)k + idx[t] * rb;

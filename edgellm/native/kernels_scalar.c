@@ -80,7 +80,7 @@ static void mm_rows_scalar(const el_mm *m, int r0, int r1) {
 
 static void kq_scalar(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd, float scale,
                       float *s) {
-    float row[512];   /* hd <= 512, checked by el_attention */
+    float row[EL_MAX_HD];   /* checked by el_attention / el_attention_mass */
     for (int t = 0; t < cnt; t++) {
         el_dequantize_row(k + idx[t] * rb, row, hd, type);   /* the key as f32, whatever its type */
         for (int h = 0; h < gs; h++) {
@@ -92,7 +92,7 @@ static void kq_scalar(int type, const char *k, size_t rb, const int *idx, int cn
 }
 
 static void pv_scalar(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o) {
-    float row[512];   /* hd <= 512, checked by el_attention */
+    float row[EL_MAX_HD];   /* checked by el_attention / el_attention_mass */
     for (int t = 0; t < cnt; t++) {
         el_dequantize_row(v + idx[t] * rb, row, hd, type);
         for (int h = 0; h < gs; h++)

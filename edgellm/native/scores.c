@@ -56,7 +56,8 @@ static void mass_task(void *p, int ith, int nth) {
 
 int el_attention_mass(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
                       const el_kvblock *blocks, int n_blocks, const float *lse, int reduce_max, float *out) {
-    if (n_q <= 0 || n_kv_head <= 0 || n_head % n_kv_head || n_head / n_kv_head > 32 || hd <= 0 || hd % EL_QK) return -1;
+    if (n_q <= 0 || n_kv_head <= 0 || n_head % n_kv_head || n_head / n_kv_head > 32 || hd <= 0 || hd > EL_MAX_HD || hd % EL_QK)
+        return -1;
     long *first = malloc(sizeof(long) * (n_blocks + 1));
     if (!first) return -1;
     first[0] = 0;
