@@ -57,6 +57,20 @@ def test_matmul_repacked(simd, threads, t, cols, n):
 
 
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", [64, 96, 576, 1536])   # tails of 2, 3 (odd: a Q4 block without a pair), 2, 0 blocks
+def test_gemv_equals_gemm_rows(simd, threads, t, cols):
+    """One token's product equals, bit for bit, that token's row of a many-token product (the GEMM kernel takes
+    tokens in pairs): decode gives the logits prefill gives. 45 rows: 4-row tiles and a rest."""
+    rng = np.random.default_rng(cols + 7 * int(t))
+    rows = 45
+    Wr, rt = repack_rows(random_weights(t, rows, cols, rng), t, cols), REPACKED[t]
+    X = rng.standard_normal((3, cols)).astype(np.float32) * rng.uniform(0.1, 10, cols).astype(np.float32)
+    many = N.matmul(Wr, rt, rows, cols, X)
+    for i in range(3):
+        np.testing.assert_array_equal(N.matmul(Wr, rt, rows, cols, X[i:i + 1])[0], many[i])
+
+
+@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
 def test_weight_prepare(simd, t):
     rng = np.random.default_rng(int(t))
     rows, cols = 20, 576
