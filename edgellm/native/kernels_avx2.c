@@ -403,13 +403,6 @@ INLINE __m256 qvals8(int type, const uint8_t *blk, int k) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
 }
 
-/* values c..c+7 of a V row, dequantized */
-INLINE __m256 v8(int type, const uint8_t *row, int c) {
-    if (type == EL_F16 || type == EL_F32) return load8(type, row, c);
-    const uint8_t *blk = row + c / EL_QK * block_bytes(type);
-    return _mm256_mul_ps(qvals8(type, blk, c % EL_QK / 8), _mm256_set1_ps(f16(*(const uint16_t *)blk)));
-}
-
 /* [sum a[0], ..., sum a[7]] */
 INLINE __m256 hsum8(const __m256 *a) {
     __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -621,10 +614,10 @@ INLINE void lanes_pv(const el_lanes *L, int cnt, int c, int NV, int NC) {
         for (int v = 0; v < NV; v++) _mm256_storeu_ps(L->ot + (size_t)(c + i) * w + 8 * v, acc[i][v]);
 }
 
-/* cnt rows of hd values, rb bytes apart -> f32 [cnt][hd] */
+/* cnt F16 / F32 rows of hd values, rb bytes apart -> f32 [cnt][hd] */
 INLINE void dequant_rows(int type, const char *x, size_t rb, int cnt, int hd, float *y) {
     for (int t = 0; t < cnt; t++)
-        for (int c = 0; c < hd; c += 8) _mm256_storeu_ps(y + (size_t)t * hd + c, v8(type, (const uint8_t *)x + t * rb, c));
+        for (int c = 0; c < hd; c += 8) _mm256_storeu_ps(y + (size_t)t * hd + c, load8(type, x + t * rb, c));
 }
 
 /* The online softmax of a tile's scores st[t][lanes], 8 rows at a time, then what was accumulated under the old
