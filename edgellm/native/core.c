@@ -527,7 +527,7 @@ void el_rope_cos_sin(const int32_t *pos, int n, int rope_dim, float freq_base, f
 }
 
 void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int32_t *pos, float freq_base, int neox) {
-    if (rope_dim / 2 <= 0 || rope_dim > head_dim) return;
+    if (!el_rope_applies(rope_dim, head_dim)) return;
     float *cs = el_rope_table(n, rope_dim, pos, freq_base);
     if (!cs) return;
     rope_apply(x, n, n_heads, head_dim, rope_dim, cs, neox);
@@ -957,7 +957,7 @@ void el_attn_in(const float *x, int n, int dim, const float *norm, float eps,
                 const int32_t *pos, int n_head, int n_kv_head, int head_dim, int rope_dim, float freq_base, int neox,
                 float *h, float *q, float *k, float *v) {
     if (n <= 0) return;
-    float *cs = rope_dim / 2 > 0 && rope_dim <= head_dim ? el_rope_table(n, rope_dim, pos, freq_base) : NULL;
+    float *cs = el_rope_applies(rope_dim, head_dim) ? el_rope_table(n, rope_dim, pos, freq_base) : NULL;
     el_attn_in_cs(x, n, dim, norm, eps, wq, wk, wv, cs, n_head, n_kv_head, head_dim, rope_dim, neox, h, q, k, v);
     free(cs);
 }

@@ -150,6 +150,8 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
 void el_attn_in_cs(const float *x, int n, int dim, const float *norm, float eps, el_weight *wq, el_weight *wk,
                    el_weight *wv, const float *cs, int n_head, int n_kv_head, int head_dim, int rope_dim, int neox,
                    float *h, float *q, float *k, float *v);
+/* Whether RoPE turns anything: el_rope, el_attn_in and a whole-model step skip it otherwise */
+static inline int el_rope_applies(int rope_dim, int head_dim) { return rope_dim / 2 > 0 && rope_dim <= head_dim; }
 /* el_rope's cos / sin table of n positions (malloc'd, the caller frees; NULL: no memory) */
 float *el_rope_table(int n, int rope_dim, const int32_t *pos, float freq_base);
 #define EL_QK 32

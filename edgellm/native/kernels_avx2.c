@@ -419,7 +419,7 @@ INLINE void kq_dims(const float *q, int hd, int c, const __m256 *kv, int NR, int
 }
 
 /* Scores of NR query rows x NK keys (compile-time, NR * NK <= 8, NK <= 4): every key vector loaded (quantized:
- * dequantized, the values v8 gives) serves NR rows and every query vector NK keys. acc[r * NK + k] gets 8 lanes
+ * dequantized, each value d * q as el_dequantize_row gives it) serves NR rows and every query vector NK keys. acc[r * NK + k] gets 8 lanes
  * whose sum is q_r . k_k. */
 INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const float *q, int hd, int NR, int NK,
                      __m256 *acc) {
@@ -620,8 +620,8 @@ INLINE void dequant_rows(int type, const char *x, size_t rb, int cnt, int hd, fl
         for (int c = 0; c < hd; c += 8) _mm256_storeu_ps(y + (size_t)t * hd + c, load8(type, x + t * rb, c));
 }
 
-/* The online softmax of a tile's scores st[t][lanes], 8 rows at a time, then what was accumulated under the old
- * maxima rescaled: ot, or (orow) each output row by its lane's factor */
+/* The online softmax of a tile's scores st[t][lanes], 8 rows at a time, then what ot accumulated under the old maxima
+ * rescaled (one vector of rows, L->orow, takes rows_softmax instead) */
 INLINE void lanes_softmax(const el_lanes *L, const int32_t *pos, int cnt, int partial, int NV) {
     const int hd = L->hd, w = L->w;
     for (int vv = 0; vv < NV; vv++) {
@@ -649,16 +649,6 @@ INLINE void lanes_softmax(const el_lanes *L, const int32_t *pos, int cnt, int pa
         }
         _mm256_storeu_ps(L->l + 8 * vv, _mm256_fmadd_ps(_mm256_loadu_ps(L->l + 8 * vv), f, sum));
         _mm256_storeu_ps(L->m + 8 * vv, m_new);
-        if (L->orow) {   /* w == 8: one vector of rows */
-            float fr[8];
-            _mm256_storeu_ps(fr, f);
-            for (int r = 0; r < L->rows; r++)
-                for (int c = 0; c < hd; c += 8) {
-                    float *o = L->orow + (size_t)r * hd + c;
-                    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), _mm256_set1_ps(fr[r])));
-                }
-            continue;
-        }
         for (int c = 0; c < hd; c++) {   /* rescale what was accumulated under the old maxima */
             float *o = L->ot + (size_t)c * w + 8 * vv;
             _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), f));

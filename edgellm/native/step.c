@@ -26,7 +26,7 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
     if (n <= 0 || n_blocks <= 0 || !tails_have_room(descs, m->n_layer, n_blocks, n)) return -1;
     const int H = m->n_head, G = m->n_kv_head, hd = m->head_dim;
     float *cs = NULL;   /* the positions' RoPE table, once for every layer */
-    if (m->rope_dim / 2 > 0 && m->rope_dim <= hd && !(cs = el_rope_table(n, m->rope_dim, pos, m->rope_base))) return -1;
+    if (el_rope_applies(m->rope_dim, hd) && !(cs = el_rope_table(n, m->rope_dim, pos, m->rope_base))) return -1;
     for (int l = 0; l < m->n_layer; l++) {
         const el_layer_w *L = &m->layers[l];
         el_attn_in_cs(x, n, m->dim, L->attn_norm, m->eps, L->wq, L->wk, L->wv, cs, H, G, hd, m->rope_dim, m->neox, b->h,
