@@ -48,11 +48,30 @@ static inline void pos_span(const int32_t *pos, int cnt, int32_t *pmin, int32_t 
     for (int t = 1; t < cnt; t++) *pmin = pos[t] < *pmin ? pos[t] : *pmin, *pmax = pos[t] > *pmax ? pos[t] : *pmax;
 }
 
+/* Kv head g's rows of the unit's tile after the one at row j of block bi (base: the block's first key number, j1: the
+ * unit's end in the block, k1: its last key + 1): bytes of K and of V (0: none), from *nk and *nv. The kernels prefetch
+ * them while the tile computes: a head's rows in a block are a few KB, too short a stream for the hardware prefetcher
+ * to run ahead of a cold cache (decode reads every layer's K/V from DRAM). */
+static size_t next_tile(const att_ctx *c, int g, int bi, long j, long j1, long base, long k1, const char **nk,
+                        const char **nv) {
+    long jn = j + EL_KT;
+    if (jn >= j1) {   /* the next block's first tile */
+        base += c->blocks[bi].n;
+        if (++bi >= c->n_blocks || base >= k1) return 0;
+        jn = 0, j1 = k1 - base < c->blocks[bi].n ? k1 - base : c->blocks[bi].n;
+    }
+    const el_kvblock *B = &c->blocks[bi];
+    const size_t rb = el_row_bytes(B->dtype, c->hd);
+    *nk = (const char *)B->k + ((size_t)g * B->cap + jn) * rb;
+    *nv = (const char *)B->v + ((size_t)g * B->cap + jn) * rb;
+    return (size_t)(j1 - jn < EL_KT ? j1 - jn : EL_KT) * rb;
+}
+
 static size_t part_floats(const att_ctx *c) { return (size_t)max_rows(c) * (c->hd + 2); }
 
 static size_t workspace_floats(const att_ctx *c) {
     size_t R = (size_t)max_rows(c), w = (R + 7) / 8 * 8;
-    /* q rows, o, m, l, scores; el_lanes: qt, ot, kf, vf, st, m, l, qpos */
+    /* q rows, o, m, l, scores; el_lanes: qt, ot, kf, vf, st, m, l, qpos (el_qtile: pd instead) */
     return (R * c->hd + 15) / 16 * 16 + part_floats(c) + R * EL_KT + 16 + 2 * c->hd * w + 2 * EL_KT * c->hd + EL_KT * w +
            3 * w + 16;
 }
@@ -116,6 +135,9 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
     memset(o, 0, sizeof(float) * R * hd);
     for (int r = 0; r < R; r++) mx[r] = -INFINITY, l[r] = 0;
 
+    /* quantized tiles: the table's fused kernel where it has one (pd in the lanes' part of the workspace) */
+    const el_qtile T = {.hd = hd, .rows = R, .gs = gs, .scale = c->scale, .q = qf, .qpos = qp, .o = o, .m = mx, .l = l,
+                        .s = s, .pd = s + (size_t)R * EL_KT + 16};
     int idx[EL_KT];
     long base = 0;
     for (int bi = 0; bi < c->n_blocks && base < k1; base += c->blocks[bi].n, bi++) {
@@ -128,9 +150,15 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
             int32_t pmin, pmax;
             pos_span(B->pos + j, cnt, &pmin, &pmax);
-            for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
             if (pmin > qmax) continue;   /* no query of the tile sees any of these keys */
             int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
+            if (el_kern->attend_quant && el_is_quant(B->dtype)) {
+                const char *nk = NULL, *nv = NULL;
+                size_t nbytes = next_tile(c, g, bi, j, j1, base, k1, &nk, &nv);
+                el_kern->attend_quant(&T, B->dtype, kh + j * rb, vh + j * rb, rb, B->pos + j, cnt, partial, nk, nv, nbytes);
+                continue;
+            }
+            for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
             el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
             for (int r = 0; r < R; r++) {
                 float *sr = s + r * EL_KT, m_new = mx[r];

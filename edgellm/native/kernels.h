@@ -221,6 +221,16 @@ typedef struct {
     int rows;
 } el_lanes;
 
+/* A unit's rows for el_kernels.attend_quant: row r is query r / gs, head r % gs of its kv head's group. */
+typedef struct {
+    int hd, rows, gs;
+    float scale;
+    const float *q;          /* [rows][hd] */
+    const int32_t *qpos;     /* [rows / gs] */
+    float *o, *m, *l;        /* [rows][hd] unnormalized output; [rows] running max and sum */
+    float *s, *pd;           /* scratch [rows][EL_KT] each: scores / weights, weights times a V block's scales */
+} el_qtile;
+
 /* One table of kernels per SIMD level; the active one is el_kern. */
 typedef struct {
     /* nb blocks of 32 floats -> activation blocks */
@@ -249,6 +259,12 @@ typedef struct {
     void (*hadamard)(float *x, long rows, int dim, float norm);
     /* Optional (NULL: el_f16_to_f32 per value): n f16 values to f32, exactly */
     void (*f16_row)(const uint16_t *x, float *y, long n);
+    /* Optional (NULL: attention uses kq / exp_sum / pv): one tile of cnt <= EL_KT quantized keys (Q8_0 / Q4_0, hd a
+     * multiple of EL_QK; rows of k / v rb bytes apart, positions pos) for all of T's rows, their online-softmax state
+     * updated in place. A row's arithmetic must not depend on the other rows (decode equals prefill bit for bit).
+     * next_k / next_v: next_bytes of the unit's next tile, prefetched while this one computes (next_bytes 0: none). */
+    void (*attend_quant)(const el_qtile *T, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
+                         int cnt, int partial, const char *next_k, const char *next_v, size_t next_bytes);
 } el_kernels;
 
 /* out[r] = sum_b wmax_rb v[b] for rows r0..r1-1 of m's weights (wmax_rb: el_weight_l1_ratio's bound on |w| in block

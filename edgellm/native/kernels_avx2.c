@@ -863,6 +863,148 @@ static float exp_sum_avx2(float *x, int n, float sub) {
     return hsum(acc);
 }
 
+/* ---------------- attention over quantized K/V tiles ---------------- */
+
+/* Row r's scores (masked past its query where partial) become its weights e^(s - m) in place; its state moves to the
+ * tile's maximum and l takes the weights' sum. A row that has seen no key yet gets weights 0. */
+INLINE void quant_softmax_row(const el_qtile *T, int r, const int32_t *pos, int cnt, int partial) {
+    float *s = T->s + (size_t)r * EL_KT, m_new = T->m[r];
+    if (partial)
+        for (int t = 0; t < cnt; t++)
+            if (pos[t] > T->qpos[r / T->gs]) s[t] = -INFINITY;
+    int t = 0;
+    if (cnt >= 8) {
+        __m256 mx = _mm256_loadu_ps(s);
+        for (t = 8; t + 8 <= cnt; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t));
+        m_new = fmaxf(m_new, hmax(mx));
+    }
+    for (; t < cnt; t++) m_new = s[t] > m_new ? s[t] : m_new;
+    if (m_new == -INFINITY) {
+        memset(s, 0, sizeof(float) * cnt);
+        return;
+    }
+    if (m_new > T->m[r]) {   /* rescale what was accumulated under the old maximum */
+        const __m256 f = _mm256_set1_ps(expf(T->m[r] - m_new));
+        float *o = T->o + (size_t)r * T->hd;
+        for (int c = 0; c < T->hd; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), f));
+        T->l[r] *= _mm256_cvtss_f32(f);
+        T->m[r] = m_new;
+    }
+    T->l[r] += exp_sum_avx2(s, cnt, m_new);
+}
+
+/* o rows i < NH (hd apart), dims 8 * g0 .. 8 * (g0 + NC) - 1 of V block b, += sum_t pd[i][t] v_t with v_t's values
+ * before their scale (pd holds weight times scale): NH * NC accumulators, each V vector converted once for NH rows */
+INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *pd, int b, int g0, float *o, int hd, int NH,
+                     int NC) {
+    const size_t bb = block_bytes(type);
+    __m256 acc[3][4];
+    for (int i = 0; i < NH; i++)
+        for (int k = 0; k < NC; k++) acc[i][k] = _mm256_loadu_ps(o + (size_t)i * hd + b * EL_QK + 8 * (g0 + k));
+    for (int t = 0; t < cnt; t++) {
+        const uint8_t *blk = (const uint8_t *)v + t * rb + b * bb;
+        __m256 w[3];
+        for (int i = 0; i < NH; i++) w[i] = _mm256_broadcast_ss(pd + i * EL_KT + t);
+        for (int k = 0; k < NC; k++) {
+            __m256 x = qvals8(type, blk, g0 + k);
+            for (int i = 0; i < NH; i++) acc[i][k] = _mm256_fmadd_ps(w[i], x, acc[i][k]);
+        }
+    }
+    for (int i = 0; i < NH; i++)
+        for (int k = 0; k < NC; k++) _mm256_storeu_ps(o + (size_t)i * hd + b * EL_QK + 8 * (g0 + k), acc[i][k]);
+}
+
+/* d[t] = the f16 scale at x + t * rb as a float for t < cnt, 0 up to the next multiple of 8 */
+INLINE void block_scales(const char *x, size_t rb, int cnt, float *d) {
+    int t = 0;
+    for (; t < cnt; t++) d[t] = f16(*(const uint16_t *)(x + t * rb));
+    for (; t & 7; t++) d[t] = 0.0f;
+}
+
+/* s[r][t..t+NK-1] = scale * q_r . k_t for NR rows (NR * NK <= 8), each key value dequantized as kq_block does (dk:
+ * the tile's key scales per block, EL_KT apart) */
+INLINE void quant_qk(int type, const char *k, size_t rb, int t, const float *dk, const float *q, int hd, __m256 scale,
+                     float *s, int NR, int NK) {
+    const size_t bb = block_bytes(type);
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < hd / EL_QK; b++) {
+        __m256 d[2];
+        for (int j = 0; j < NK; j++) d[j] = _mm256_broadcast_ss(dk + b * EL_KT + t + j);
+        for (int g = 0; g < EL_QK / 8; g++) {
+            __m256 kv[2];
+            for (int j = 0; j < NK; j++) kv[j] = _mm256_mul_ps(qvals8(type, (const uint8_t *)k + (t + j) * rb + b * bb, g), d[j]);
+            kq_dims(q, hd, b * EL_QK + 8 * g, kv, NR, NK, acc);
+        }
+    }
+    float out[8];
+    _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(acc), scale));
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < NK; j++) s[r * EL_KT + t + j] = out[r * NK + j];
+}
+
+/* Scores of rows r0..r0+NR-1 for the whole tile, keys in pairs; the next tile's lines are prefetched along the way
+ * (pf: its K and V, pf_lines of each, spread over the pairs) */
+INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const float *dk, const float *q, int hd, float scale,
+                          float *s, int NR, const char *pk, const char *pv, int pf_lines) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    const int per_pair = (2 * pf_lines + cnt - 1) / cnt;
+    int t = 0, line = 0;
+    for (; t + 2 <= cnt; t += 2) {
+        for (int i = 0; i < per_pair && line < pf_lines; i++, line++)
+            _mm_prefetch(pk + 64 * line, _MM_HINT_T0), _mm_prefetch(pv + 64 * line, _MM_HINT_T0);
+        quant_qk(type, k, rb, t, dk, q, hd, vs, s, NR, 2);
+    }
+    for (; line < pf_lines; line++) _mm_prefetch(pk + 64 * line, _MM_HINT_T0), _mm_prefetch(pv + 64 * line, _MM_HINT_T0);
+    if (t < cnt) quant_qk(type, k, rb, t, dk, q, hd, vs, s, NR, 1);
+}
+
+/* Rows in threes: a V block's 32 dims of three rows are 12 accumulators */
+INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const char *v, size_t rb, const int32_t *pos,
+                       int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
+    const int R = T->rows, cnt8 = (cnt + 7) & ~7;
+    const size_t bb = block_bytes(type);
+    float dk[EL_MAX_HD / EL_QK * EL_KT];
+    for (int b = 0; b < hd / EL_QK; b++) block_scales(k + b * bb, rb, cnt, dk + b * EL_KT);
+    for (int r = 0; r < R; r += 4) {
+        const float *q = T->q + (size_t)r * hd;
+        float *s = T->s + r * EL_KT;
+        const int lines = r == 0 ? (int)((nbytes + 63) / 64) : 0;   /* the first row group prefetches */
+        switch (R - r < 4 ? R - r : 4) {
+        case 4: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 4, nk, nv, lines); break;
+        case 3: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 3, nk, nv, lines); break;
+        case 2: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 2, nk, nv, lines); break;
+        default: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 1, nk, nv, lines); break;
+        }
+    }
+    for (int r = 0; r < R; r++) quant_softmax_row(T, r, pos, cnt, partial);
+    float dv[EL_KT];
+    for (int b = 0; b < hd / EL_QK; b++) {
+        block_scales(v + b * bb, rb, cnt, dv);
+        for (int r = 0; r < R; r++)   /* weights times this block's scales: the scale leaves the inner loop */
+            for (int t = 0; t < cnt8; t += 8)
+                _mm256_storeu_ps(T->pd + r * EL_KT + t, _mm256_mul_ps(_mm256_loadu_ps(T->s + r * EL_KT + t), _mm256_loadu_ps(dv + t)));
+        for (int r = 0; r < R; r += 3) {
+            const float *pd = T->pd + r * EL_KT;
+            float *o = T->o + (size_t)r * hd;
+            switch (R - r < 3 ? R - r : 3) {
+            case 3: quant_pv(type, v, rb, cnt, pd, b, 0, o, hd, 3, 4); break;
+            case 2: quant_pv(type, v, rb, cnt, pd, b, 0, o, hd, 2, 4); break;
+            default: quant_pv(type, v, rb, cnt, pd, b, 0, o, hd, 1, 4); break;
+            }
+        }
+    }
+}
+
+static void attend_quant_avx2(const el_qtile *T, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
+                              int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
+    /* head_dim 64 (SmolLM2, Llama 3.2 1B) as a constant: the block loops unroll */
+    if (type == EL_Q8_0) T->hd == 64 ? quant_tile(T, EL_Q8_0, 64, k, v, rb, pos, cnt, partial, nk, nv, nbytes)
+                                     : quant_tile(T, EL_Q8_0, T->hd, k, v, rb, pos, cnt, partial, nk, nv, nbytes);
+    else T->hd == 64 ? quant_tile(T, EL_Q4_0, 64, k, v, rb, pos, cnt, partial, nk, nv, nbytes)
+                     : quant_tile(T, EL_Q4_0, T->hd, k, v, rb, pos, cnt, partial, nk, nv, nbytes);
+}
+
 static void silu_mul_avx2(float *g, const float *u, long n) {
     const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
     long i = 0;
@@ -910,6 +1052,7 @@ static void f16_row_avx2(const uint16_t *x, float *y, long n) {
 
 const el_kernels el_kernels_avx2 = {
     quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2, f16_row_avx2,
+    attend_quant_avx2,
 };
 
 #pragma GCC pop_options
