@@ -42,12 +42,6 @@ static inline void block_slice(const el_kvblock *B, int g, int hd, long base, lo
     *vh = (const char *)B->v + (size_t)g * B->cap * *rb;
 }
 
-/* Smallest and largest position of a key tile: decides whether the tile is skipped, masked or fully visible */
-static inline void pos_span(const int32_t *pos, int cnt, int32_t *pmin, int32_t *pmax) {
-    *pmin = *pmax = pos[0];
-    for (int t = 1; t < cnt; t++) *pmin = pos[t] < *pmin ? pos[t] : *pmin, *pmax = pos[t] > *pmax ? pos[t] : *pmax;
-}
-
 /* Kv head g's rows of the unit's tile after the one at row j of block bi (base: the block's first key number, j1: the
  * unit's end in the block, k1: its last key + 1): bytes of K and of V (0: none), from *nk and *nv. The kernels prefetch
  * them while the tile computes: a head's rows in a block are a few KB, too short a stream for the hardware prefetcher
@@ -65,6 +59,12 @@ static size_t next_tile(const att_ctx *c, int g, int bi, long j, long j1, long b
     *nk = (const char *)B->k + ((size_t)g * B->cap + jn) * rb;
     *nv = (const char *)B->v + ((size_t)g * B->cap + jn) * rb;
     return (size_t)(j1 - jn < EL_KT ? j1 - jn : EL_KT) * rb;
+}
+
+/* Smallest and largest position of a key tile: decides whether the tile is skipped, masked or fully visible */
+static inline void pos_span(const int32_t *pos, int cnt, int32_t *pmin, int32_t *pmax) {
+    *pmin = *pmax = pos[0];
+    for (int t = 1; t < cnt; t++) *pmin = pos[t] < *pmin ? pos[t] : *pmin, *pmax = pos[t] > *pmax ? pos[t] : *pmax;
 }
 
 static size_t part_floats(const att_ctx *c) { return (size_t)max_rows(c) * (c->hd + 2); }
@@ -103,6 +103,7 @@ static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, i
             int32_t pmin, pmax;
             pos_span(B->pos + j, cnt, &pmin, &pmax);
             if (pmin > qmax) continue;
+            L.pf_lines = (int)((next_tile(c, g, bi, j, j1, base, k1, &L.pf_k, &L.pf_v) + 63) / 64);
             el_kern->attend_lanes(&L, B->dtype, kh + j * rb, vh + j * rb, rb, B->pos + j, cnt, pmax > qmin);
         }
     }

@@ -219,6 +219,9 @@ typedef struct {
      * K.Q then runs with keys in lanes and P.V with head dimensions in lanes, the same FMAs in the same order */
     float *orow;
     int rows;
+    /* the unit's next tile, prefetched during this one's K.Q (orow units): pf_lines cache lines of K and of V */
+    const char *pf_k, *pf_v;
+    int pf_lines;
 } el_lanes;
 
 /* A unit's rows for el_kernels.attend_quant: row r is query r / gs, head r % gs of its kv head's group. */

@@ -714,15 +714,18 @@ INLINE void keys_f16x16(const char *k, size_t rb, int t0, int cnt, int c0, float
 
 /* sr[r][t] = scale * q_r . k_t (rows of EL_KT scores) for the G * 8 keys from t0 (kt: keys in lanes) and R rows:
  * G * R independent chains fma(k[c], q[c], .) over c = 0, 1, ..., so their FMA latencies overlap */
-INLINE void rows_qk(const el_lanes *L, const float *kt, int t0, int R, int G, float *sr) {
+INLINE void rows_qk(const el_lanes *L, const float *kt, int t0, int R, int G, float *sr, int pf0, int pf1) {
     __m256 acc[2][8];
     for (int g = 0; g < G; g++)
         for (int r = 0; r < R; r++) acc[g][r] = _mm256_setzero_ps();
-    for (int c = 0; c < L->hd; c++)
+    for (int c = 0; c < L->hd; c++) {
+        if (pf0 + c < pf1)   /* lines pf0..pf1-1 of the next tile, one of K and one of V per dimension */
+            _mm_prefetch(L->pf_k + 64 * (pf0 + c), _MM_HINT_T0), _mm_prefetch(L->pf_v + 64 * (pf0 + c), _MM_HINT_T0);
         for (int r = 0; r < R; r++) {
             const __m256 q = _mm256_broadcast_ss(L->qt + (size_t)c * 8 + r);
             for (int g = 0; g < G; g++) acc[g][r] = _mm256_fmadd_ps(_mm256_loadu_ps(kt + (size_t)c * EL_KT + t0 + 8 * g), q, acc[g][r]);
         }
+    }
     for (int g = 0; g < G; g++)
         for (int r = 0; r < R; r++) _mm256_storeu_ps(sr + r * EL_KT + t0 + 8 * g, _mm256_mul_ps(acc[g][r], _mm256_set1_ps(L->scale)));
 }
@@ -794,10 +797,10 @@ INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v,
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (size_t)(c0 + i) * EL_KT + t0, a[i]);
         }
     }
-    int t0 = 0;
+    int t0 = 0, pf = 0;   /* the next tile's lines: the passes take hd of them each until all are prefetched */
     if (R <= 6)   /* two key vectors per pass (measured: more spill) */
-        for (; t0 + 16 <= cnt8; t0 += 16) rows_qk(L, kt, t0, R, 2, sr);
-    for (; t0 < cnt8; t0 += 8) rows_qk(L, kt, t0, R, 1, sr);
+        for (; t0 + 16 <= cnt8; t0 += 16, pf += hd) rows_qk(L, kt, t0, R, 2, sr, pf, L->pf_lines);
+    for (; t0 < cnt8; t0 += 8, pf += hd) rows_qk(L, kt, t0, R, 1, sr, pf, L->pf_lines);
     rows_softmax(L, pos, cnt, partial, R, sr);
     int idx[EL_KT];   /* the tile's rows in order, as pv_heads reads V */
     for (int t = 0; t < cnt; t++) idx[t] = t;
