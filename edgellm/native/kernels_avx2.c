@@ -917,11 +917,17 @@ INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *p
         for (int k = 0; k < NC; k++) _mm256_storeu_ps(o + (size_t)i * hd + b * EL_QK + 8 * (g0 + k), acc[i][k]);
 }
 
-/* d[t] = the f16 scale at x + t * rb as a float for t < cnt, 0 up to the next multiple of 8 */
+/* d[t] = the f16 scale at x + t * rb as a float for t < cnt, 0 up to the next multiple of 8 (32-bit gathers: a
+ * quantized block has bytes past its scale; the low halves are kept) */
 INLINE void block_scales(const char *x, size_t rb, int cnt, float *d) {
-    int t = 0;
-    for (; t < cnt; t++) d[t] = f16(*(const uint16_t *)(x + t * rb));
-    for (; t & 7; t++) d[t] = 0.0f;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), off = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)rb));
+    for (int t0 = 0; t0 < cnt; t0 += 8) {
+        const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt - t0), lane);
+        __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)(x + t0 * rb), off, in, 1);
+        g = _mm256_packus_epi32(_mm256_and_si256(g, _mm256_set1_epi32(0xFFFF)), _mm256_setzero_si256());
+        g = _mm256_permute4x64_epi64(g, 0x08);   /* the 128-bit lanes' low halves together */
+        _mm256_storeu_ps(d + t0, _mm256_cvtph_ps(_mm256_castsi256_si128(g)));
+    }
 }
 
 /* s[r][t..t+NK-1] = scale * q_r . k_t for NR rows (NR * NK <= 8), each key value dequantized as kq_block does (dk:
@@ -948,17 +954,19 @@ INLINE void quant_qk(int type, const char *k, size_t rb, int t, const float *dk,
 
 /* Scores of rows r0..r0+NR-1 for the whole tile, keys in pairs; the next tile's lines are prefetched along the way
  * (pf: its K and V, pf_lines of each, spread over the pairs) */
-INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const float *dk, const float *q, int hd, float scale,
-                          float *s, int NR, const char *pk, const char *pv, int pf_lines) {
+INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const float *dk, const float *q, int hd,
+                          float scale, float *s, int NR, const char *pk, const char *pv, size_t pf_bytes) {
     const __m256 vs = _mm256_set1_ps(scale);
-    const int per_pair = (2 * pf_lines + cnt - 1) / cnt;
-    int t = 0, line = 0;
-    for (; t + 2 <= cnt; t += 2) {
-        for (int i = 0; i < per_pair && line < pf_lines; i++, line++)
-            _mm_prefetch(pk + 64 * line, _MM_HINT_T0), _mm_prefetch(pv + 64 * line, _MM_HINT_T0);
+    size_t p = 0;   /* two lines of K and of V per pair of keys (a key's row: ~1 line of each) */
+    int t = 0;
+    for (; t + 2 <= cnt; t += 2, p += 128) {
+        if (p < pf_bytes) {
+            _mm_prefetch(pk + p, _MM_HINT_T0), _mm_prefetch(pv + p, _MM_HINT_T0);
+            _mm_prefetch(pk + p + 64, _MM_HINT_T0), _mm_prefetch(pv + p + 64, _MM_HINT_T0);
+        }
         quant_qk(type, k, rb, t, dk, q, hd, vs, s, NR, 2);
     }
-    for (; line < pf_lines; line++) _mm_prefetch(pk + 64 * line, _MM_HINT_T0), _mm_prefetch(pv + 64 * line, _MM_HINT_T0);
+    for (; p < pf_bytes; p += 64) _mm_prefetch(pk + p, _MM_HINT_T0), _mm_prefetch(pv + p, _MM_HINT_T0);
     if (t < cnt) quant_qk(type, k, rb, t, dk, q, hd, vs, s, NR, 1);
 }
 
@@ -972,12 +980,12 @@ INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const
     for (int r = 0; r < R; r += 4) {
         const float *q = T->q + (size_t)r * hd;
         float *s = T->s + r * EL_KT;
-        const int lines = r == 0 ? (int)((nbytes + 63) / 64) : 0;   /* the first row group prefetches */
+        const size_t pf = r == 0 ? nbytes : 0;   /* the first row group prefetches */
         switch (R - r < 4 ? R - r : 4) {
-        case 4: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 4, nk, nv, lines); break;
-        case 3: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 3, nk, nv, lines); break;
-        case 2: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 2, nk, nv, lines); break;
-        default: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 1, nk, nv, lines); break;
+        case 4: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 4, nk, nv, pf); break;
+        case 3: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 3, nk, nv, pf); break;
+        case 2: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 2, nk, nv, pf); break;
+        default: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 1, nk, nv, pf); break;
         }
     }
     for (int r = 0; r < R; r++) quant_softmax_row(T, r, pos, cnt, partial);
