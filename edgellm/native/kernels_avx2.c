@@ -143,10 +143,13 @@ INLINE __m256i join_halves(__m256i a, __m256i b) {
 
 INLINE __m256i act_qs(const el_block_q8a *a) { return _mm256_loadu_si256((const __m256i *)a->qs); }
 
-/* Integer dots of cnt <= RG consecutive blocks with NT activation rows a[j]: out[j] lane k = block k (0 past cnt).
+/* Integer dots of cnt <= RG blocks with NT activation rows a[j]: out[j] lane k = block k (0 past cnt). Blocks come in
+ * pairs: pair p's weights at qs + p * ws, its activation blocks a[j] + p * as and the one after (a row's consecutive
+ * blocks: ws = 2 blocks' bytes, as = 2; the same pair of several rows: ws = row bytes, as = 0).
  * Q4: two blocks per 32-byte load; the int16 sums of <= 8 products (<= 8 * 15 * 127) cannot overflow before madd
  * widens them. Q8: |w| . (a with w's sign), whose int16 pair sums (<= 2 * 128 * 127) are widened at once. */
-INLINE void group_dots(int type, const uint8_t *qs, const el_block_q8a *const *a, int NT, int cnt, __m256i *out) {
+INLINE void group_dots(int type, const uint8_t *qs, size_t ws, const el_block_q8a *const *a, int as, int NT, int cnt,
+                       __m256i *out) {
     const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256(), m4 = _mm256_set1_epi8(0x0F);
     __m256i h[TT][RG / 2];
     for (int p = 0; p < RG / 2; p++) {
@@ -154,22 +157,22 @@ INLINE void group_dots(int type, const uint8_t *qs, const el_block_q8a *const *a
             __m256i v[TT][2];
             for (int k = 0; k < 2; k++) {
                 const int b = 2 * p + k;
-                __m256i w = b < cnt ? _mm256_loadu_si256((const __m256i *)(qs + 32 * b)) : z, aw = _mm256_abs_epi8(w);
+                __m256i w = b < cnt ? _mm256_loadu_si256((const __m256i *)(qs + p * ws + 32 * k)) : z, aw = _mm256_abs_epi8(w);
                 for (int j = 0; j < NT; j++) {
-                    __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(act_qs(a[j] + b), w));
+                    __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(act_qs(a[j] + p * as + k), w));
                     v[j][k] = b < cnt ? _mm256_madd_epi16(p16, ones) : z;
                 }
             }
             for (int j = 0; j < NT; j++) h[j][p] = _mm256_hadd_epi32(v[j][0], v[j][1]);
         } else if (2 * p + 1 < cnt) {
-            __m256i x = _mm256_loadu_si256((const __m256i *)(qs + 32 * p));
+            __m256i x = _mm256_loadu_si256((const __m256i *)(qs + p * ws));
             __m256i w0 = _mm256_and_si256(x, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
             for (int j = 0; j < NT; j++)
-                h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, act_qs(a[j] + 2 * p)),
-                                            _mm256_maddubs_epi16(w1, act_qs(a[j] + 2 * p + 1)));
+                h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w0, act_qs(a[j] + p * as)),
+                                            _mm256_maddubs_epi16(w1, act_qs(a[j] + p * as + 1)));
         } else if (2 * p < cnt) {   /* odd last block of the row, in GGUF's nibble order */
-            __m256i w = nibbles16(qs + 32 * p);
-            for (int j = 0; j < NT; j++) h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w, act_qs(a[j] + 2 * p)), z);
+            __m256i w = nibbles16(qs + p * ws);
+            for (int j = 0; j < NT; j++) h[j][p] = _mm256_hadd_epi16(_mm256_maddubs_epi16(w, act_qs(a[j] + p * as)), z);
         } else {
             for (int j = 0; j < NT; j++) h[j][p] = z;
         }
@@ -207,7 +210,7 @@ INLINE void rgroup(int type, const uint8_t *row, int nb, int b, int cnt, const e
     const el_block_q8a *ab[TT];
     __m256i dots[TT];
     for (int j = 0; j < NT; j++) ab[j] = a[j] + b;
-    group_dots(type, row + b * qb, ab, NT, cnt, dots);
+    group_dots(type, row + b * qb, 2 * qb, ab, 2, NT, cnt, dots);
     __m256 dw = f16x8(d16, b, cnt, nb);
     __m256 c = type == EL_Q4_1R ? f16x8(d16 + nb, b, cnt, nb) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
     for (int j = 0; j < NT; j++) {   /* the c-term first: on the model's weights marginally closer to the exact sum */
@@ -225,15 +228,67 @@ INLINE void rgroup(int type, const uint8_t *row, int nb, int b, int cnt, const e
 #define TAIL(c) \
     case c: rgroup(type, row, nb, b, c, a, ds, NT, acc, BOUND, bv, bacc); break;
 
-/* acc[j] += one row's blocks with act rows j; the tail group's size is a constant of its case, so its loads and
- * reductions unroll like a full group's instead of branching per pair */
+/* acc[j] += one row's blocks with act rows j (its full groups only when full_only); the tail group's size is a
+ * constant of its case, so its loads and reductions unroll like a full group's instead of branching per pair */
 INLINE void rrow(int type, const uint8_t *row, int nb, const el_block_q8a *const *a, const float *const *ds, int NT,
-                 __m256 *acc, int BOUND, const float *bv, __m256 *bacc) {
+                 __m256 *acc, int BOUND, const float *bv, __m256 *bacc, int full_only) {
     int b = 0;
     for (; b + RG <= nb; b += RG) rgroup(type, row, nb, b, RG, a, ds, NT, acc, BOUND, bv, bacc);
-    switch (nb - b) { TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) }
+    if (!full_only) switch (nb - b) { TAIL(1) TAIL(2) TAIL(3) TAIL(4) TAIL(5) TAIL(6) TAIL(7) }
 }
 #undef TAIL
+
+/* [a0, a1, b0, b1, c0, c1, d0, d1]: lanes 0 and 1 of four vectors */
+INLINE __m256 lanes01(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 ab = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
+    const __m256 cd = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(c), _mm256_castps_pd(d)));
+    return _mm256_permute2f128_ps(ab, cd, 0x20);
+}
+
+/* lanes01's inverse: lanes 2i, 2i + 1 of g back into lanes 0, 1 of x[i] */
+INLINE void put_lanes01(__m256 g, __m256 *x0, __m256 *x1, __m256 *x2, __m256 *x3) {
+    const __m256 hi = _mm256_permute2f128_ps(g, g, 0x01);
+    *x0 = _mm256_blend_ps(*x0, g, 0x03);
+    *x1 = _mm256_blend_ps(*x1, _mm256_permute_ps(g, _MM_SHUFFLE(1, 0, 3, 2)), 0x03);
+    *x2 = _mm256_blend_ps(*x2, hi, 0x03);
+    *x3 = _mm256_blend_ps(*x3, _mm256_permute_ps(hi, _MM_SHUFFLE(1, 0, 3, 2)), 0x03);
+}
+
+/* The last two blocks of 4 rows (nb % RG == 2, e.g. 576 columns) as one group instead of a mostly empty tail group
+ * per row: lane 2i + u holds block nb - 2 + u of row i, and lanes 0, 1 of row i's accumulators (acc[i][j], bacc[i])
+ * take part in its FMAs and come back. Every value is what the row's own tail group gives (the same FMAs on the same
+ * lanes), so the result does not depend on how rows are grouped. */
+INLINE void tail_pairs(int type, const uint8_t *row0, size_t rb, int nb, const el_block_q8a *const *a,
+                       const float *const *ds, int NT, __m256 (*acc)[TT], int BOUND, const float *bv, __m256 *bacc) {
+    const size_t qb = type == EL_Q8_0R ? 32 : 16;
+    const el_block_q8a *ab[TT];
+    __m256i dots[TT];
+    for (int j = 0; j < NT; j++) ab[j] = a[j] + nb - 2;
+    group_dots(type, row0 + (nb - 2) * qb, rb, ab, 0, NT, RG, dots);
+    const uint8_t *d16 = row0 + nb * qb + 2 * (nb - 2);   /* row 0's last two scales; their mins follow 2 nb bytes on */
+    const __m256 dw = _mm256_cvtph_ps(_mm_setr_epi32(*(const int *)d16, *(const int *)(d16 + rb), *(const int *)(d16 + 2 * rb),
+                                                     *(const int *)(d16 + 3 * rb)));
+    __m256 c = _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+    if (type == EL_Q4_1R)
+        c = _mm256_cvtph_ps(_mm_setr_epi32(*(const int *)(d16 + 2 * nb), *(const int *)(d16 + 2 * nb + rb),
+                                           *(const int *)(d16 + 2 * nb + 2 * rb), *(const int *)(d16 + 2 * nb + 3 * rb)));
+    for (int j = 0; j < NT; j++) {   /* the last two blocks' act scales (and sums), once per row */
+        __m256 g = lanes01(acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
+        if (type != EL_Q8_0R)
+            g = _mm256_fmadd_ps(c, _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(ds[j] + el_ds_blocks(nb) + nb - 2))), g);
+        const __m256 da = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(ds[j] + nb - 2)));
+        g = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[j]), _mm256_mul_ps(dw, da), g);
+        put_lanes01(g, &acc[0][j], &acc[1][j], &acc[2][j], &acc[3][j]);
+    }
+    if (BOUND) {
+        const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 wmax = _mm256_mul_ps(_mm256_and_ps(dw, abs), _mm256_set1_ps(type == EL_Q8_0R ? 127 : type == EL_Q4_0R ? 8 : 15));
+        if (type == EL_Q4_1R) wmax = _mm256_add_ps(wmax, _mm256_and_ps(c, abs));
+        const __m256 g = _mm256_fmadd_ps(wmax, _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(bv + nb - 2))),
+                                         lanes01(bacc[0], bacc[1], bacc[2], bacc[3]));
+        put_lanes01(g, &bacc[0], &bacc[1], &bacc[2], &bacc[3]);
+    }
+}
 
 /* Decode reads each weight once from DRAM: software prefetch this far ahead of the row in use. The hardware prefetcher
  * alone left a cold GEMV at ~70% of the same GEMV on L2-resident weights; 4 KB ahead measured best of 2-8 KB on Zen 3 */
@@ -253,9 +308,10 @@ INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT, int B
         ds[j] = m->act_ds + (size_t)(t + j) * 2 * el_ds_blocks(nb);
     }
     const uint8_t *row = m->W + (size_t)r0 * rb;
+    const int pairs = nb % RG == 2 && nb > RG;   /* whole 4-row tiles take their rows' last two blocks together */
     __m256 acc[TR][TT], bacc[TR];
     for (int r = r0; r < r1;) {
-        const int nr = r1 - r < TR ? 1 : TR;
+        const int nr = r1 - r < TR ? 1 : TR, tail_pairs_here = pairs && nr == TR;
         for (int i = 0; i < nr; i++, row += rb) {
             if (NT == 1)   /* lines in pairs: half the loop overhead; the odd line past a row belongs to the next one */
                 for (const char *p = (const char *)row + PF_BYTES, *e = p + rb; p < e; p += 128) {
@@ -264,11 +320,12 @@ INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT, int B
                 }
             for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();
             bacc[i] = _mm256_setzero_ps();
-            rrow(type, row, nb, a, ds, NT, acc[i], BOUND, m->bound_v, bacc + i);
-            if (BOUND && t == 0) m->bound[r + i] = hsum(bacc[i]);
+            rrow(type, row, nb, a, ds, NT, acc[i], BOUND, m->bound_v, bacc + i, tail_pairs_here);
         }
-        if (nr == TR) tile_store(m, r, t, TR, NT, acc, NULL, NULL);
-        else tile_store(m, r, t, 1, NT, acc, NULL, NULL);
+        if (tail_pairs_here) tail_pairs(type, row - TR * rb, rb, nb, a, ds, NT, acc, BOUND, m->bound_v, bacc);
+        if (BOUND && t == 0)
+            for (int i = 0; i < nr; i++) m->bound[r + i] = hsum(bacc[i]);
+        tile_store(m, r, t, nr == TR ? TR : 1, NT, acc, NULL, NULL);
         r += nr;
     }
 }
