@@ -308,7 +308,7 @@ INLINE void rrows(int type, const el_mm *m, int r0, int r1, int t, int NT, int B
         ds[j] = m->act_ds + (size_t)(t + j) * 2 * el_ds_blocks(nb);
     }
     const uint8_t *row = m->W + (size_t)r0 * rb;
-    const int pairs = nb % RG == 2 && nb > RG;   /* whole 4-row tiles take their rows' last two blocks together */
+    const int pairs = nb % RG == 2;   /* whole 4-row tiles take their rows' last two blocks together */
     __m256 acc[TR][TT], bacc[TR];
     for (int r = r0; r < r1;) {
         const int nr = r1 - r < TR ? 1 : TR, tail_pairs_here = pairs && nr == TR;
