@@ -858,6 +858,50 @@ int el_weight_l1_ratio(el_weight *w, uint8_t *rho) {
     return atomic_load(&j.fail) ? -1 : 0;
 }
 
+/* el_logits_refine's passes over the rows after the 8-bit product, each thread over its own whole 4-row tiles (the
+ * tiles el_matmul_hp's work items are made of): the rows' bounds scaled and the largest lower bound, then the tiles
+ * whose upper bound reaches it recomputed from both planes. part[ith]: a thread's largest lower bound, then its
+ * count of rows recomputed. */
+typedef struct {
+    el_mm hp;
+    const uint8_t *rho;
+    float *bound, top, part[EL_MAX_THREADS];
+} refine_job;
+
+static void tile_range(int rows, int ith, int nth, int *r0, int *r1) {
+    const int tiles = (rows + 3) / 4;
+    *r0 = tiles * ith / nth * 4;
+    *r1 = tiles * (ith + 1) / nth * 4 < rows ? tiles * (ith + 1) / nth * 4 : rows;
+}
+
+static void lower_bounds_task(void *p, int ith, int nth) {
+    refine_job *j = p;
+    int r0, r1;
+    tile_range(j->hp.rows, ith, nth, &r0, &r1);
+    const float *y = j->hp.Y;
+    float top[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};   /* 4 chains: no loop-carried compare */
+    for (int r = r0; r < r1; r++) {
+        j->bound[r] *= (float)EL_QK / 255.0f * (1.0f + 0x1p-10f) * j->rho[r];
+        const float lo = y[r] - j->bound[r];
+        top[r & 3] = lo > top[r & 3] ? lo : top[r & 3];
+    }
+    const float a = top[0] > top[1] ? top[0] : top[1], b = top[2] > top[3] ? top[2] : top[3];
+    j->part[ith] = a > b ? a : b;
+}
+
+static void refine_task(void *p, int ith, int nth) {
+    refine_job *j = p;
+    int r0, r1, refined = 0;
+    tile_range(j->hp.rows, ith, nth, &r0, &r1);
+    for (int r = r0; r < r1; r += 4) {
+        const int e = r + 4 < r1 ? r + 4 : r1;
+        int hit = 0;
+        for (int i = r; i < e; i++) hit |= j->hp.Y[i] + j->bound[i] >= j->top;
+        if (hit) el_kern->mm_rows(&j->hp, r, e), refined += e - r;
+    }
+    j->part[ith] = (float)refined;
+}
+
 int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y) {
     const int rows = w->rows, cols = w->cols, type = w->type, nb = cols / EL_QK, nbp = el_ds_blocks(nb);
     if (!el_is_quant(type)) {   /* f32 activations: exact already */
@@ -882,19 +926,13 @@ int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y)
     job.chunk = mm_chunk(rows, rb, el_get_threads_locked());
     atomic_init(&job.next, 0);
     el_parallel(mm_task, &job);
-    float top = -INFINITY;   /* the largest lower bound */
-    for (int r = 0; r < rows; r++) {
-        bound[r] *= (float)EL_QK / 255.0f * (1.0f + 0x1p-10f) * rho[r];
-        if (y[r] - bound[r] > top) top = y[r] - bound[r];
-    }
-    el_mm hp = {w->w, rb, type, rows, cols, 2, rows, q, y, 2, ds};
+    refine_job rj = {.hp = {w->w, rb, type, rows, cols, 2, rows, q, y, 2, ds}, .rho = rho, .bound = bound};
+    el_parallel(lower_bounds_task, &rj);
+    rj.top = rj.part[0];
+    for (int i = 1; i < el_get_threads_locked(); i++) rj.top = rj.part[i] > rj.top ? rj.part[i] : rj.top;
+    el_parallel(refine_task, &rj);
     int refined = 0;
-    for (int r = 0; r < rows; r += 4) {   /* the 4-row tiles el_matmul_hp's work items are made of */
-        const int e = r + 4 < rows ? r + 4 : rows;
-        int hit = 0;
-        for (int i = r; i < e; i++) hit |= y[i] + bound[i] >= top;
-        if (hit) el_kern->mm_rows(&hp, r, e), refined += e - r;
-    }
+    for (int i = 0; i < el_get_threads_locked(); i++) refined += (int)rj.part[i];
     el_unlock();
     return refined;
 }
