@@ -22,7 +22,7 @@ typedef struct {
     int n_blocks, any_quant;
     int qt, n_qt;        /* queries per tile, tiles */
     long chunk_keys;     /* keys per chunk (a multiple of EL_KT, so tiles stay whole) */
-    int nchunk, n_units;
+    int nchunk, n_units, nth;
     atomic_int next;     /* units are taken dynamically: causal prefill units differ in cost */
     float *part;         /* nchunk > 1: per unit o[rows][hd] (unnormalized), m[rows], l[rows] */
     float *ws;           /* per-thread workspace */
@@ -42,23 +42,38 @@ static inline void block_slice(const el_kvblock *B, int g, int hd, long base, lo
     *vh = (const char *)B->v + (size_t)g * B->cap * *rb;
 }
 
-/* Kv head g's rows of the unit's tile after the one at row j of block bi (base: the block's first key number, j1: the
- * unit's end in the block, k1: its last key + 1): bytes of K and of V (0: none), from *nk and *nv. The kernels prefetch
- * them while the tile computes: a head's rows in a block are a few KB, too short a stream for the hardware prefetcher
- * to run ahead of a cold cache (decode reads every layer's K/V from DRAM). */
-static size_t next_tile(const att_ctx *c, int g, int bi, long j, long j1, long base, long k1, const char **nk,
-                        const char **nv) {
-    long jn = j + EL_KT;
-    if (jn >= j1) {   /* the next block's first tile */
-        base += c->blocks[bi].n;
-        if (++bi >= c->n_blocks || base >= k1) return 0;
-        jn = 0, j1 = k1 - base < c->blocks[bi].n ? k1 - base : c->blocks[bi].n;
-    }
-    const el_kvblock *B = &c->blocks[bi];
+/* Kv head g's rows jn.. of block B, up to j1 (one tile at most): bytes of K and of V, from *nk and *nv */
+static size_t tile_at(const att_ctx *c, int g, const el_kvblock *B, long jn, long j1, const char **nk, const char **nv) {
+    if (jn >= j1) return 0;
     const size_t rb = el_row_bytes(B->dtype, c->hd);
     *nk = (const char *)B->k + ((size_t)g * B->cap + jn) * rb;
     *nv = (const char *)B->v + ((size_t)g * B->cap + jn) * rb;
     return (size_t)(j1 - jn < EL_KT ? j1 - jn : EL_KT) * rb;
+}
+
+/* The first tile of unit v (0: none), as tile_at gives it */
+static size_t unit_first_tile(const att_ctx *c, int v, const char **nk, const char **nv) {
+    if (v >= c->n_units) return 0;
+    const long k0 = v % c->nchunk * c->chunk_keys, k1 = k0 + c->chunk_keys;
+    long base = 0;
+    for (int bi = 0; bi < c->n_blocks; base += c->blocks[bi].n, bi++) {
+        const el_kvblock *B = &c->blocks[bi];
+        if (k0 < base + B->n) return tile_at(c, v / c->nchunk % c->n_kv, B, k0 - base, k1 - base < B->n ? k1 - base : B->n, nk, nv);
+    }
+    return 0;
+}
+
+/* What the kernels prefetch while the tile at row j of block bi computes (unit u, kv head g; base: the block's first
+ * key number, j1: the unit's end in the block, k1: its last key + 1): the unit's next tile, or after its last one
+ * the first of unit u + threads (the one a thread takes next when units cost alike, as in decode). Bytes of K and of
+ * V (0: none), from *nk and *nv. A head's rows in a block are a few KB, too short a stream for the hardware
+ * prefetcher to run ahead of a cold cache (decode reads every layer's K/V from DRAM). */
+static size_t next_tile(const att_ctx *c, int u, int g, int bi, long j, long j1, long base, long k1, const char **nk,
+                        const char **nv) {
+    if (j + EL_KT < j1) return tile_at(c, g, &c->blocks[bi], j + EL_KT, j1, nk, nv);
+    base += c->blocks[bi].n;
+    if (++bi >= c->n_blocks || base >= k1) return unit_first_tile(c, u + c->nth, nk, nv);
+    return tile_at(c, g, &c->blocks[bi], 0, k1 - base < c->blocks[bi].n ? k1 - base : c->blocks[bi].n, nk, nv);
 }
 
 /* Smallest and largest position of a key tile: decides whether the tile is skipped, masked or fully visible */
@@ -78,7 +93,7 @@ static size_t workspace_floats(const att_ctx *c) {
 
 /* Rows in vector lanes (prefill, F16/F32 keys): transpose the rows' queries in, run every visible key tile,
  * transpose o back. */
-static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, int R, const int32_t *qp, int32_t qmin,
+static void attend_lanes(att_ctx *c, int u, int g, long k0, long k1, const float *qf, int R, const int32_t *qp, int32_t qmin,
                          int32_t qmax, float *lanes_ws, float *o, float *mx, float *l) {
     const int gs = c->gs, hd = c->hd, w = (R + 7) / 8 * 8;
     float *qt = lanes_ws, *ot = qt + (size_t)hd * w, *kf = ot + (size_t)hd * w;
@@ -103,7 +118,7 @@ static void attend_lanes(att_ctx *c, int g, long k0, long k1, const float *qf, i
             int32_t pmin, pmax;
             pos_span(B->pos + j, cnt, &pmin, &pmax);
             if (pmin > qmax) continue;
-            L.pf_lines = (int)((next_tile(c, g, bi, j, j1, base, k1, &L.pf_k, &L.pf_v) + 63) / 64);
+            L.pf_lines = (int)((next_tile(c, u, g, bi, j, j1, base, k1, &L.pf_k, &L.pf_v) + 63) / 64);
             el_kern->attend_lanes(&L, B->dtype, kh + j * rb, vh + j * rb, rb, B->pos + j, cnt, pmax > qmin);
         }
     }
@@ -130,7 +145,7 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
     /* every F16/F32 unit takes the lanes path, whatever its row count: a row's result then does not depend on how
      * the prompt was chunked (decode equals prefill bit for bit), at some cost to f16 decode at long contexts */
     if (el_kern->attend_lanes && !c->any_quant && hd % 8 == 0) {
-        attend_lanes(c, g, k0, k1, qf, R, qp, qmin, qmax, s + (size_t)R * EL_KT + 16, o, mx, l);
+        attend_lanes(c, u, g, k0, k1, qf, R, qp, qmin, qmax, s + (size_t)R * EL_KT + 16, o, mx, l);
         goto done;
     }
     memset(o, 0, sizeof(float) * R * hd);
@@ -155,7 +170,7 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
             if (el_kern->attend_quant && el_is_quant(B->dtype)) {
                 const char *nk = NULL, *nv = NULL;
-                size_t nbytes = next_tile(c, g, bi, j, j1, base, k1, &nk, &nv);
+                size_t nbytes = next_tile(c, u, g, bi, j, j1, base, k1, &nk, &nv);
                 el_kern->attend_quant(&T, B->dtype, kh + j * rb, vh + j * rb, rb, B->pos + j, cnt, partial, nk, nv, nbytes);
                 continue;
             }
@@ -239,7 +254,7 @@ void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int
     }
     el_lock();
     int nth = el_get_threads_locked();
-    att_ctx c = {.q = q, .q_pos = q_pos, .n_q = n_q, .n_head = n_head, .n_kv = n_kv_head, .hd = hd,
+    att_ctx c = {.nth = nth, .q = q, .q_pos = q_pos, .n_q = n_q, .n_head = n_head, .n_kv = n_kv_head, .hd = hd,
                  .gs = n_head / n_kv_head, .scale = scale, .blocks = blocks, .n_blocks = n_blocks, .any_quant = any_quant,
                  .out = out, .lse = lse};
     c.qt = TILE_ROWS / c.gs > 1 ? TILE_ROWS / c.gs : 1;
