@@ -251,7 +251,8 @@ typedef struct {
     void (*silu_mul)(float *gate, const float *up, long n);
     /* Optional (NULL: attention uses kq / pv): one key tile of a unit whose rows sit in vector lanes, see el_lanes.
      * Keys / values: cnt rows of k / v (F16 / F32), rb bytes apart, positions pos; partial: mask keys past a row's
-     * query. Quantized caches stay on kq / pv: dequantizing their keys for the lanes costs more than it saves. */
+     * query. Quantized caches take attend_quant (or kq / pv): dequantizing their keys for the lanes costs more than
+     * it saves. */
     void (*attend_lanes)(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
                          int cnt, int partial);
     /* 1: mm_rows has kernels for el_repack's layouts, so el_repack rewrites weights (0: it leaves them as they are;

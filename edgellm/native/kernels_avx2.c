@@ -953,25 +953,24 @@ INLINE void quant_softmax_row(const el_qtile *T, int r, const int32_t *pos, int 
     T->l[r] += exp_sum_avx2(s, cnt, m_new);
 }
 
-/* o rows i < NH (hd apart), dims 8 * g0 .. 8 * (g0 + NC) - 1 of V block b, += sum_t pd[i][t] v_t with v_t's values
- * before their scale (pd holds weight times scale): NH * NC accumulators, each V vector converted once for NH rows */
-INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *pd, int b, int g0, float *o, int hd, int NH,
-                     int NC) {
+/* o rows i < NH (hd apart), the 32 dims of V block b, += sum_t pd[i][t] v_t with v_t's values before their scale
+ * (pd holds weight times scale): 4 NH accumulators, each V vector converted once for NH rows */
+INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *pd, int b, float *o, int hd, int NH) {
     const size_t bb = block_bytes(type);
     __m256 acc[3][4];
     for (int i = 0; i < NH; i++)
-        for (int k = 0; k < NC; k++) acc[i][k] = _mm256_loadu_ps(o + (size_t)i * hd + b * EL_QK + 8 * (g0 + k));
+        for (int k = 0; k < 4; k++) acc[i][k] = _mm256_loadu_ps(o + (size_t)i * hd + b * EL_QK + 8 * k);
     for (int t = 0; t < cnt; t++) {
         const uint8_t *blk = (const uint8_t *)v + t * rb + b * bb;
         __m256 w[3];
         for (int i = 0; i < NH; i++) w[i] = _mm256_broadcast_ss(pd + i * EL_KT + t);
-        for (int k = 0; k < NC; k++) {
-            __m256 x = qvals8(type, blk, g0 + k);
+        for (int k = 0; k < 4; k++) {
+            __m256 x = qvals8(type, blk, k);
             for (int i = 0; i < NH; i++) acc[i][k] = _mm256_fmadd_ps(w[i], x, acc[i][k]);
         }
     }
     for (int i = 0; i < NH; i++)
-        for (int k = 0; k < NC; k++) _mm256_storeu_ps(o + (size_t)i * hd + b * EL_QK + 8 * (g0 + k), acc[i][k]);
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(o + (size_t)i * hd + b * EL_QK + 8 * k, acc[i][k]);
 }
 
 /* d[t] = the f16 scale at x + t * rb as a float for t < cnt, 0 up to the next multiple of 8 (32-bit gathers: a
@@ -1009,8 +1008,8 @@ INLINE void quant_qk(int type, const char *k, size_t rb, int t, const float *dk,
         for (int j = 0; j < NK; j++) s[r * EL_KT + t + j] = out[r * NK + j];
 }
 
-/* Scores of rows r0..r0+NR-1 for the whole tile, keys in pairs; the next tile's lines are prefetched along the way
- * (pf: its K and V, pf_lines of each, spread over the pairs) */
+/* Scores of NR rows for the whole tile, keys in pairs; pf_bytes of the next tile's K and V (from pk, pv) are prefetched
+ * along the way, spread over the pairs so the misses overlap the arithmetic instead of queueing at once */
 INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const float *dk, const float *q, int hd,
                           float scale, float *s, int NR, const char *pk, const char *pv, size_t pf_bytes) {
     const __m256 vs = _mm256_set1_ps(scale);
@@ -1027,7 +1026,8 @@ INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const flo
     if (t < cnt) quant_qk(type, k, rb, t, dk, q, hd, vs, s, NR, 1);
 }
 
-/* Rows in threes: a V block's 32 dims of three rows are 12 accumulators */
+/* K.Q with rows in fours (8 dots per hsum8), P.V with rows in threes (a V block's 32 dims of three rows: 12
+ * accumulators) */
 INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const char *v, size_t rb, const int32_t *pos,
                        int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
     const int R = T->rows, cnt8 = (cnt + 7) & ~7;
@@ -1056,9 +1056,9 @@ INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const
             const float *pd = T->pd + r * EL_KT;
             float *o = T->o + (size_t)r * hd;
             switch (R - r < 3 ? R - r : 3) {
-            case 3: quant_pv(type, v, rb, cnt, pd, b, 0, o, hd, 3, 4); break;
-            case 2: quant_pv(type, v, rb, cnt, pd, b, 0, o, hd, 2, 4); break;
-            default: quant_pv(type, v, rb, cnt, pd, b, 0, o, hd, 1, 4); break;
+            case 3: quant_pv(type, v, rb, cnt, pd, b, o, hd, 3); break;
+            case 2: quant_pv(type, v, rb, cnt, pd, b, o, hd, 2); break;
+            default: quant_pv(type, v, rb, cnt, pd, b, o, hd, 1); break;
             }
         }
     }
