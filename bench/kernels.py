@@ -83,6 +83,42 @@ def bench_attention(t, n_keys, n_q, rng, block=64):
           f"  {gf:7.2f} GFLOP/s")
 
 
+def bench_attention_cold(t, n_keys, rng, n_layer=30, block=64):
+    """Decode attention as a decode step meets it: one query over n_keys keys for each of n_layer layers' caches (each
+    block its own allocation, as the KV manager keeps them), after reading COLD_BYTES evicted them (as the weights do
+    between two visits of a layer's K/V). Per layer; `hot`: the same sweep with the caches in L3."""
+    n_head, n_kv, hd = 9, 3, 64
+    layers, keep = [], []
+    for _ in range(n_layer):
+        blk = ffi.new("el_kvblock[]", n_keys // block)
+        for b in range(n_keys // block):
+            k, v = (quantize(rng.standard_normal(n_kv * block * hd).astype(np.float32), t) for _ in range(2))
+            pos = np.arange(b * block, (b + 1) * block, dtype=np.int32)
+            keep += [k, v, pos]
+            blk[b].k, blk[b].v, blk[b].pos = ffi.from_buffer(k), ffi.from_buffer(v), ffi.from_buffer("int32_t[]", pos)
+            blk[b].n, blk[b].cap, blk[b].dtype = block, block, int(t)
+        layers.append(blk)
+    q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
+    out, lse = np.empty((1, n_head, hd), np.float32), np.empty((1, n_head), np.float32)
+    pq, po, pl = ffi.from_buffer("float[]", q), ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", lse)
+    pqp = ffi.from_buffer("int32_t[]", np.array([n_keys], np.int32))
+    junk = np.ones(COLD_BYTES // 4, np.float32)
+
+    def sweep():
+        t0 = time.perf_counter()
+        for blk in layers:
+            lib.el_attention(pq, 1, pqp, n_head, n_kv, hd, 0.125, blk, n_keys // block, po, pl)
+        return (time.perf_counter() - t0) / n_layer
+
+    hot = min(sweep() for _ in range(20))
+    cold = []
+    for _ in range(15):
+        junk.sum()
+        cold.append(sweep())
+    print(f"  attention {t.name:4s} keys={n_keys:<5d} n_q=1    cold {np.median(cold) * 1e6:8.1f} us/layer   "
+          f"hot {hot * 1e6:8.1f} us/layer ({n_layer} layers' K/V, blocks of {block})")
+
+
 def bench_kv_quantize(t, rng, n_kv=3, block=64, hd=64):
     """A full f16 tail block (one layer's K or V) converted to the cache dtype, as each tail that fills is."""
     x = rng.standard_normal(n_kv * block * hd).astype(np.float16)
@@ -114,6 +150,8 @@ def main():
         for t in (GGMLType.F16, GGMLType.Q8_0):
             for n_keys in (512, 4096):
                 bench_attention(t, n_keys, 1, rng)
+        for t in () if CALLS else (GGMLType.F16, GGMLType.Q8_0):
+            bench_attention_cold(t, 640, rng)
         for t in () if args.decode_only else (GGMLType.F16, GGMLType.Q8_0):
             for n_keys in (512, 4096):   # a prefill chunk of 512 queries at the end of the context
                 bench_attention(t, n_keys, 512, rng)
