@@ -865,12 +865,13 @@ int el_weight_l1_ratio(el_weight *w, uint8_t *rho) {
 
 /* el_logits_refine's passes over the rows after the 8-bit product, each thread over its own whole 4-row tiles (the
  * tiles el_matmul_hp's work items are made of): the rows' bounds scaled and the largest lower bound, then the tiles
- * whose upper bound reaches it recomputed from both planes. part[ith]: a thread's largest lower bound, then its
- * count of rows recomputed. */
+ * whose upper bound reaches it recomputed from both planes; per thread, its largest lower bound and its count of rows
+ * recomputed. */
 typedef struct {
     el_mm hp;
     const uint8_t *rho;
-    float *bound, top, part[EL_MAX_THREADS];
+    float *bound, top, lower[EL_MAX_THREADS];
+    int refined[EL_MAX_THREADS];
 } refine_job;
 
 static void tile_range(int rows, int ith, int nth, int *r0, int *r1) {
@@ -891,7 +892,7 @@ static void lower_bounds_task(void *p, int ith, int nth) {
         top[r & 3] = lo > top[r & 3] ? lo : top[r & 3];
     }
     const float a = top[0] > top[1] ? top[0] : top[1], b = top[2] > top[3] ? top[2] : top[3];
-    j->part[ith] = a > b ? a : b;
+    j->lower[ith] = a > b ? a : b;
 }
 
 static void refine_task(void *p, int ith, int nth) {
@@ -904,7 +905,7 @@ static void refine_task(void *p, int ith, int nth) {
         for (int i = r; i < e; i++) hit |= j->hp.Y[i] + j->bound[i] >= j->top;
         if (hit) el_kern->mm_rows(&j->hp, r, e), refined += e - r;
     }
-    j->part[ith] = (float)refined;
+    j->refined[ith] = refined;
 }
 
 int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y) {
@@ -933,11 +934,11 @@ int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y)
     el_parallel(mm_task, &job);
     refine_job rj = {.hp = {w->w, rb, type, rows, cols, 2, rows, q, y, 2, ds}, .rho = rho, .bound = bound};
     el_parallel(lower_bounds_task, &rj);
-    rj.top = rj.part[0];
-    for (int i = 1; i < el_get_threads_locked(); i++) rj.top = rj.part[i] > rj.top ? rj.part[i] : rj.top;
+    rj.top = rj.lower[0];
+    for (int i = 1; i < el_get_threads_locked(); i++) rj.top = rj.lower[i] > rj.top ? rj.lower[i] : rj.top;
     el_parallel(refine_task, &rj);
     int refined = 0;
-    for (int i = 0; i < el_get_threads_locked(); i++) refined += (int)rj.part[i];
+    for (int i = 0; i < el_get_threads_locked(); i++) refined += rj.refined[i];
     el_unlock();
     return refined;
 }
