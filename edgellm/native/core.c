@@ -311,30 +311,52 @@ static const el_block_q8a *quantize_x(const float *X, int n, int cols, int plane
     return qc.q;
 }
 
+/* Work items in contiguous runs, one per thread (run i: items i * per ...): a thread takes its own run in order, then
+ * what is left of the others', so a slow or descheduled thread's items go to the rest, while on an idle machine each
+ * thread's items are consecutive rows and its prefetch stream runs on from one item into the next. */
+typedef struct {
+    int items, per;
+    struct {
+        atomic_int next;
+        char pad[64 - sizeof(atomic_int)];   /* a cache line per run: the owner's takes do not bounce */
+    } run[EL_MAX_THREADS];
+} work_runs;
+
+static void runs_init(work_runs *w, int items, int nth) {
+    w->items = items, w->per = (items + nth - 1) / nth;
+    for (int i = 0; i < nth; i++) atomic_init(&w->run[i].next, 0);
+}
+
+/* The next item for thread ith, or -1 when every run is taken */
+static int runs_take(work_runs *w, int ith, int nth) {
+    for (int k = 0; k < nth; k++) {
+        const int o = ith + k < nth ? ith + k : ith + k - nth;
+        const int i = atomic_fetch_add_explicit(&w->run[o].next, 1, memory_order_relaxed);
+        if (i < w->per && o * w->per + i < w->items) return o * w->per + i;
+    }
+    return -1;
+}
+
 typedef struct {
     el_mm m;
     int chunk;          /* rows per work item, a multiple of 8 so tiles stay whole */
-    atomic_int next;    /* items are taken dynamically: with several per thread (GEMM), a descheduled thread does not
-                           stall the others */
+    work_runs runs;
 } mm_job;
 
 static void mm_task(void *p, int ith, int nth) {
     mm_job *j = p;
-    (void)ith, (void)nth;
-    for (;;) {
-        int r0 = atomic_fetch_add(&j->next, 1) * j->chunk;
-        if (r0 >= j->m.rows) return;
+    for (int it; (it = runs_take(&j->runs, ith, nth)) >= 0;) {
+        const int r0 = it * j->chunk;
         el_kern->mm_rows(&j->m, r0, r0 + j->chunk < j->m.rows ? r0 + j->chunk : j->m.rows);
     }
 }
 
-/* Rows per work item (a multiple of 8, so tiles stay whole). One token (decode GEMV): two items per thread, long
- * contiguous ranges whose prefetch streams seldom restart (2 threads, decode: 4 items each 5% slower, 8 each 12%),
- * and a thread descheduled by other load leaves its second item to the others. Many tokens: ~4 items per thread
- * balance the load, and an item's weights (<= 256 KiB) stay in L2 while every token chunk of the GEMM passes over
- * them. Each weight row is read by one thread either way. */
+/* Rows per work item (a multiple of 8, so tiles stay whole). One token (decode GEMV): ~4 items per thread, and a
+ * thread's run of items is one stream of rows (work_runs). Many tokens: ~4 items per thread, and an item's weights
+ * (<= 256 KiB) stay in L2 while every token chunk of the GEMM passes over them. Each weight row is read by one
+ * thread either way. */
 static int mm_chunk(int rows, size_t rb, int nth, int n) {
-    if (n == 1) return ((rows + 2 * nth - 1) / (2 * nth) + 7) & ~7;
+    if (n == 1) return ((rows + 4 * nth - 1) / (4 * nth) + 7) & ~7;
     int chunk = ((rows + 4 * nth - 1) / (4 * nth) + 7) & ~7;
     int l2_rows = (int)((256 << 10) / rb) & ~7;
     if (chunk > l2_rows) chunk = l2_rows;
@@ -350,7 +372,7 @@ static void matmul(const void *W, int wtype, int rows, int cols, const float *X,
     if (!el_is_quant(wtype)) planes = 1;   /* F16/F32 weights take f32 activations as they are */
     mm_job job = {.m = {W, rb, wtype, rows, cols, n * planes, ldy, X, Y, planes}};
     job.chunk = mm_chunk(rows, rb, nth, n);
-    atomic_init(&job.next, 0);
+    runs_init(&job.runs, (rows + job.chunk - 1) / job.chunk, nth);
     if (el_is_quant(wtype)) job.m.act = quantize_x(X, n, cols, planes, el_is_repacked(wtype), &job.m.act_ds);
     if (job.m.act) el_parallel(mm_task, &job);
     el_unlock();
@@ -930,7 +952,7 @@ int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y)
     for (int b = 0; b < nbp; b++) v[b] = b < nb ? 127.0f * (q[nb + b].d + eps * q[b].d) : 0.0f;
     mm_job job = {.m = {w->w, rb, type, rows, cols, 1, rows, q, y, 1, ds, v, bound}};   /* x's high plane, and bounds */
     job.chunk = mm_chunk(rows, rb, el_get_threads_locked(), 1);
-    atomic_init(&job.next, 0);
+    runs_init(&job.runs, (rows + job.chunk - 1) / job.chunk, el_get_threads_locked());
     el_parallel(mm_task, &job);
     refine_job rj = {.hp = {w->w, rb, type, rows, cols, 2, rows, q, y, 2, ds}, .rho = rho, .bound = bound};
     el_parallel(lower_bounds_task, &rj);
@@ -952,15 +974,12 @@ int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y)
 typedef struct {
     el_mm m[EL_MANY];
     int chunk[EL_MANY], first[EL_MANY + 1], count;
-    atomic_int next;
+    work_runs runs;   /* over the matrices' items in order */
 } mm_many_job;
 
 static void mm_many_task(void *p, int ith, int nth) {
     mm_many_job *j = p;
-    (void)ith, (void)nth;
-    for (;;) {
-        int it = atomic_fetch_add(&j->next, 1);
-        if (it >= j->first[j->count]) return;
+    for (int it; (it = runs_take(&j->runs, ith, nth)) >= 0;) {
         int k = 0;
         while (it >= j->first[k + 1]) k++;
         int r0 = (it - j->first[k]) * j->chunk[k], r1 = r0 + j->chunk[k] < j->m[k].rows ? r0 + j->chunk[k] : j->m[k].rows;
@@ -992,7 +1011,7 @@ static void matmul_many(el_weight *const *W, float *const *Y, int count, const f
         job.chunk[c] = mm_chunk(w->rows, rb, nth, n);
         job.first[c + 1] = job.first[c] + (w->rows + job.chunk[c] - 1) / job.chunk[c];
     }
-    atomic_init(&job.next, 0);
+    runs_init(&job.runs, job.first[job.count], nth);
     if (job.count) el_parallel(mm_many_task, &job);
 }
 
