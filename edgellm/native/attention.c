@@ -42,24 +42,25 @@ static inline void block_slice(const el_kvblock *B, int g, int hd, long base, lo
     *vh = (const char *)B->v + (size_t)g * B->cap * *rb;
 }
 
-/* Kv head g's rows jn.. of block B, up to j1 (one tile at most): bytes of K and of V, from *nk and *nv */
-static size_t tile_at(const att_ctx *c, int g, const el_kvblock *B, long jn, long j1, const char **nk, const char **nv) {
-    if (jn >= j1) return 0;
-    const size_t rb = el_row_bytes(B->dtype, c->hd);
-    *nk = (const char *)B->k + ((size_t)g * B->cap + jn) * rb;
-    *nv = (const char *)B->v + ((size_t)g * B->cap + jn) * rb;
-    return (size_t)(j1 - jn < EL_KT ? j1 - jn : EL_KT) * rb;
+/* Kv head g's rows of block B (first key number base) among the keys [from, to), one tile at most: bytes of K and of
+ * V (0: none), from *nk and *nv */
+static size_t tile_at(const att_ctx *c, int g, const el_kvblock *B, long base, long from, long to, const char **nk,
+                      const char **nv) {
+    long j0, j1;
+    size_t rb;
+    block_slice(B, g, c->hd, base, from, to, &j0, &j1, &rb, nk, nv);
+    if (j1 <= j0) return 0;
+    *nk += j0 * rb, *nv += j0 * rb;
+    return (size_t)(j1 - j0 < EL_KT ? j1 - j0 : EL_KT) * rb;
 }
 
 /* The first tile of unit v (0: none), as tile_at gives it */
 static size_t unit_first_tile(const att_ctx *c, int v, const char **nk, const char **nv) {
     if (v >= c->n_units) return 0;
-    const long k0 = v % c->nchunk * c->chunk_keys, k1 = k0 + c->chunk_keys;
+    const long k0 = v % c->nchunk * c->chunk_keys;
     long base = 0;
-    for (int bi = 0; bi < c->n_blocks; base += c->blocks[bi].n, bi++) {
-        const el_kvblock *B = &c->blocks[bi];
-        if (k0 < base + B->n) return tile_at(c, v / c->nchunk % c->n_kv, B, k0 - base, k1 - base < B->n ? k1 - base : B->n, nk, nv);
-    }
+    for (int bi = 0; bi < c->n_blocks; base += c->blocks[bi].n, bi++)
+        if (k0 < base + c->blocks[bi].n) return tile_at(c, v / c->nchunk % c->n_kv, &c->blocks[bi], base, k0, k0 + c->chunk_keys, nk, nv);
     return 0;
 }
 
@@ -70,10 +71,10 @@ static size_t unit_first_tile(const att_ctx *c, int v, const char **nk, const ch
  * prefetcher to run ahead of a cold cache (decode reads every layer's K/V from DRAM). */
 static size_t next_tile(const att_ctx *c, int u, int g, int bi, long j, long j1, long base, long k1, const char **nk,
                         const char **nv) {
-    if (j + EL_KT < j1) return tile_at(c, g, &c->blocks[bi], j + EL_KT, j1, nk, nv);
+    if (j + EL_KT < j1) return tile_at(c, g, &c->blocks[bi], base, base + j + EL_KT, k1, nk, nv);
     base += c->blocks[bi].n;
     if (++bi >= c->n_blocks || base >= k1) return unit_first_tile(c, u + c->nth, nk, nv);
-    return tile_at(c, g, &c->blocks[bi], 0, k1 - base < c->blocks[bi].n ? k1 - base : c->blocks[bi].n, nk, nv);
+    return tile_at(c, g, &c->blocks[bi], base, base, k1, nk, nv);
 }
 
 /* Smallest and largest position of a key tile: decides whether the tile is skipped, masked or fully visible */

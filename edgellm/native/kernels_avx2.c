@@ -986,33 +986,13 @@ INLINE void block_scales(const char *x, size_t rb, int cnt, float *d) {
     }
 }
 
-/* s[r][t..t+NK-1] = scale * q_r . k_t for NR rows (NR * NK <= 8), each key value dequantized as kq_block does (dk:
- * the tile's key scales per block, EL_KT apart) */
-INLINE void quant_qk(int type, const char *k, size_t rb, int t, const float *dk, const float *q, int hd, __m256 scale,
-                     float *s, int NR, int NK) {
-    const size_t bb = block_bytes(type);
-    __m256 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-    for (int b = 0; b < hd / EL_QK; b++) {
-        __m256 d[2];
-        for (int j = 0; j < NK; j++) d[j] = _mm256_broadcast_ss(dk + b * EL_KT + t + j);
-        for (int g = 0; g < EL_QK / 8; g++) {
-            __m256 kv[2];
-            for (int j = 0; j < NK; j++) kv[j] = _mm256_mul_ps(qvals8(type, (const uint8_t *)k + (t + j) * rb + b * bb, g), d[j]);
-            kq_dims(q, hd, b * EL_QK + 8 * g, kv, NR, NK, acc);
-        }
-    }
-    float out[8];
-    _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(acc), scale));
-    for (int r = 0; r < NR; r++)
-        for (int j = 0; j < NK; j++) s[r * EL_KT + t + j] = out[r * NK + j];
-}
-
-/* Scores of NR rows for the whole tile, keys in pairs; pf_bytes of the next tile's K and V (from pk, pv) are prefetched
- * along the way, spread over the pairs so the misses overlap the arithmetic instead of queueing at once */
-INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const float *dk, const float *q, int hd,
-                          float scale, float *s, int NR, const char *pk, const char *pv, size_t pf_bytes) {
-    const __m256 vs = _mm256_set1_ps(scale);
+/* Scores of NR rows for the whole tile, keys in pairs (kq_store's, the tile's rows consecutive); pf_bytes of the next
+ * tile's K and V (from pk, pv) are prefetched along the way, spread over the pairs so the misses overlap the
+ * arithmetic instead of queueing at once */
+INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const float *q, int hd, float scale, float *s,
+                          int NR, const char *pk, const char *pv, size_t pf_bytes) {
+    static const int iota[EL_KT] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
+                                    16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
     size_t p = 0;   /* two lines of K and of V per pair of keys (a key's row: ~1 line of each) */
     int t = 0;
     for (; t + 2 <= cnt; t += 2, p += 128) {
@@ -1020,10 +1000,10 @@ INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const flo
             _mm_prefetch(pk + p, _MM_HINT_T0), _mm_prefetch(pv + p, _MM_HINT_T0);
             _mm_prefetch(pk + p + 64, _MM_HINT_T0), _mm_prefetch(pv + p + 64, _MM_HINT_T0);
         }
-        quant_qk(type, k, rb, t, dk, q, hd, vs, s, NR, 2);
+        kq_store(type, k, rb, iota, q, hd, scale, s, 0, t, NR, 2);
     }
     for (; p < pf_bytes; p += 64) _mm_prefetch(pk + p, _MM_HINT_T0), _mm_prefetch(pv + p, _MM_HINT_T0);
-    if (t < cnt) quant_qk(type, k, rb, t, dk, q, hd, vs, s, NR, 1);
+    if (t < cnt) kq_store(type, k, rb, iota, q, hd, scale, s, 0, t, NR, 1);
 }
 
 /* K.Q with rows in fours (8 dots per hsum8), P.V with rows in threes (a V block's 32 dims of three rows: 12
@@ -1032,17 +1012,15 @@ INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const
                        int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
     const int R = T->rows, cnt8 = (cnt + 7) & ~7;
     const size_t bb = block_bytes(type);
-    float dk[EL_MAX_HD / EL_QK * EL_KT];
-    for (int b = 0; b < hd / EL_QK; b++) block_scales(k + b * bb, rb, cnt, dk + b * EL_KT);
     for (int r = 0; r < R; r += 4) {
         const float *q = T->q + (size_t)r * hd;
         float *s = T->s + r * EL_KT;
         const size_t pf = r == 0 ? nbytes : 0;   /* the first row group prefetches */
         switch (R - r < 4 ? R - r : 4) {
-        case 4: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 4, nk, nv, pf); break;
-        case 3: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 3, nk, nv, pf); break;
-        case 2: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 2, nk, nv, pf); break;
-        default: quant_qk_rows(type, k, rb, cnt, dk, q, hd, T->scale, s, 1, nk, nv, pf); break;
+        case 4: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 4, nk, nv, pf); break;
+        case 3: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 3, nk, nv, pf); break;
+        case 2: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 2, nk, nv, pf); break;
+        default: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 1, nk, nv, pf); break;
         }
     }
     for (int r = 0; r < R; r++) quant_softmax_row(T, r, pos, cnt, partial);
