@@ -129,6 +129,25 @@ static void attend_lanes(att_ctx *c, int u, int g, long k0, long k1, const float
     }
 }
 
+void el_softmax_row(float *s, int cnt, const int32_t *kpos, int32_t qpos, float *o, int hd, float *m, float *l) {
+    float m_new = *m;
+    if (qpos != INT32_MAX)
+        for (int t = 0; t < cnt; t++)
+            if (kpos[t] > qpos) s[t] = -INFINITY;
+    for (int t = 0; t < cnt; t++) m_new = s[t] > m_new ? s[t] : m_new;
+    if (m_new == -INFINITY) {   /* nothing visible to this row yet: it takes no part in P.V */
+        memset(s, 0, sizeof(float) * cnt);
+        return;
+    }
+    if (m_new > *m) {   /* rescale what was accumulated under the old maximum */
+        const float f = expf(*m - m_new);
+        for (int d = 0; d < hd; d++) o[d] *= f;
+        *l *= f;
+        *m = m_new;
+    }
+    *l += el_kern->exp_sum(s, cnt, m_new);   /* masked scores become exactly 0 */
+}
+
 static void attend_unit(att_ctx *c, int u, float *ws) {
     const int gs = c->gs, hd = c->hd;
     /* largest query tiles first: under dynamic scheduling the last units taken are the cheap ones */
@@ -177,24 +196,9 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             }
             for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
             el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
-            for (int r = 0; r < R; r++) {
-                float *sr = s + r * EL_KT, m_new = mx[r];
-                if (partial)
-                    for (int t = 0; t < cnt; t++)
-                        if (B->pos[j + t] > qp[r / gs]) sr[t] = -INFINITY;
-                for (int t = 0; t < cnt; t++) m_new = sr[t] > m_new ? sr[t] : m_new;
-                if (m_new == -INFINITY) {   /* nothing visible to this row yet: it takes no part in P.V */
-                    memset(sr, 0, sizeof(float) * cnt);
-                    continue;
-                }
-                if (m_new > mx[r]) {   /* rescale what was accumulated under the old maximum */
-                    float f = expf(mx[r] - m_new);
-                    for (int d = 0; d < hd; d++) o[(size_t)r * hd + d] *= f;
-                    l[r] *= f;
-                    mx[r] = m_new;
-                }
-                l[r] += el_kern->exp_sum(sr, cnt, m_new);   /* masked scores become exactly 0 */
-            }
+            for (int r = 0; r < R; r++)
+                el_softmax_row(s + r * EL_KT, cnt, B->pos + j, partial ? qp[r / gs] : INT32_MAX, o + (size_t)r * hd, hd,
+                               mx + r, l + r);
             el_kern->pv(B->dtype, vh, rb, idx, cnt, s, R, hd, o);
         }
     }

@@ -925,34 +925,6 @@ static float exp_sum_avx2(float *x, int n, float sub) {
 
 /* ---------------- attention over quantized K/V tiles ---------------- */
 
-/* Row r's scores (masked past its query where partial) become its weights e^(s - m) in place; its state moves to the
- * tile's maximum and l takes the weights' sum. A row that has seen no key yet gets weights 0. */
-INLINE void quant_softmax_row(const el_qtile *T, int r, const int32_t *pos, int cnt, int partial) {
-    float *s = T->s + (size_t)r * EL_KT, m_new = T->m[r];
-    if (partial)
-        for (int t = 0; t < cnt; t++)
-            if (pos[t] > T->qpos[r / T->gs]) s[t] = -INFINITY;
-    int t = 0;
-    if (cnt >= 8) {
-        __m256 mx = _mm256_loadu_ps(s);
-        for (t = 8; t + 8 <= cnt; t += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t));
-        m_new = fmaxf(m_new, hmax(mx));
-    }
-    for (; t < cnt; t++) m_new = s[t] > m_new ? s[t] : m_new;
-    if (m_new == -INFINITY) {
-        memset(s, 0, sizeof(float) * cnt);
-        return;
-    }
-    if (m_new > T->m[r]) {   /* rescale what was accumulated under the old maximum */
-        const __m256 f = _mm256_set1_ps(expf(T->m[r] - m_new));
-        float *o = T->o + (size_t)r * T->hd;
-        for (int c = 0; c < T->hd; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), f));
-        T->l[r] *= _mm256_cvtss_f32(f);
-        T->m[r] = m_new;
-    }
-    T->l[r] += exp_sum_avx2(s, cnt, m_new);
-}
-
 /* o rows i < NH (hd apart), the 32 dims of V block b, += sum_t pd[i][t] v_t with v_t's values before their scale
  * (pd holds weight times scale): 4 NH accumulators, each V vector converted once for NH rows */
 INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *pd, int b, float *o, int hd, int NH) {
@@ -1023,7 +995,9 @@ INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const
         default: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 1, nk, nv, pf); break;
         }
     }
-    for (int r = 0; r < R; r++) quant_softmax_row(T, r, pos, cnt, partial);
+    for (int r = 0; r < R; r++)
+        el_softmax_row(T->s + r * EL_KT, cnt, pos, partial ? T->qpos[r / T->gs] : INT32_MAX, T->o + (size_t)r * hd, hd,
+                       T->m + r, T->l + r);
     float dv[EL_KT];
     for (int b = 0; b < hd / EL_QK; b++) {
         block_scales(v + b * bb, rb, cnt, dv);
