@@ -4,9 +4,10 @@ product, bit for bit; a row left at 8 bits could not have been the largest by th
 import numpy as np
 import pytest
 from test_native_kernels import QTYPES, random_weights
+from test_repack import LAYOUT_TYPES, in_layout
 
 from edgellm import native as N
-from edgellm.quant import BLOCK_DTYPES, GGMLType, REPACKED, dequantize, repack_rows
+from edgellm.quant import BLOCK_DTYPES, INTERLEAVED, GGMLType, REPACKED, dequantize, interleave_rows, repack_rows
 from edgellm.quant.blocks import dequantize_activations, quantize_activations
 
 
@@ -43,16 +44,22 @@ def test_l1_ratio_matches_numpy(t):
     rho = N.l1_ratio(W, t, rows, cols)
     assert (rho >= 255 * ratio - 1e-9).all() and (rho <= 255 * ratio + 1).all()
     np.testing.assert_array_equal(N.l1_ratio(repack_rows(W, t, cols), REPACKED[t], rows, cols), rho)
+    if t in INTERLEAVED:   # the first 16 rows in the 8-row groups layout
+        Wg = interleave_rows(W.reshape(rows, -1)[:16], t, cols)
+        np.testing.assert_array_equal(N.l1_ratio(Wg, INTERLEAVED[t], 16, cols), rho[:16])
 
 
-@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("layout", ["gguf", "repacked"])
+@pytest.mark.parametrize("layout,t", [pytest.param("gguf", t, id=f"gguf-{t.name}") for t in QTYPES] + LAYOUT_TYPES)
 @pytest.mark.parametrize("rows", [203, 4096])   # a last tile of 3 rows; many rows near the top
 @pytest.mark.parametrize("cols", [288, 576])      # 9 and 18 blocks: 4-row tiles share one tail group of 1 / 2
 def test_refine_exact_where_it_matters(simd, threads, t, layout, rows, cols):
+    """Refined tiles are 4 rows in every layout (half a group of the groups layout, whose matrices have whole
+    groups: 203 rows go to 200 there)."""
     rng = np.random.default_rng(rows + cols + int(t))
     W = random_weights(t, rows, cols, rng)
-    Wt, wt = (repack_rows(W, t, cols), REPACKED[t]) if layout == "repacked" else (W, t)
+    if layout == "groups":
+        W, rows = np.ascontiguousarray(W.reshape(rows, -1)[:rows - rows % 8]).reshape(-1), rows - rows % 8
+    Wt, wt = in_layout(W, t, cols, layout) if layout != "gguf" else (W, t)
     rho = N.l1_ratio(Wt, wt, rows, cols)
     # bound on what the residual plane adds, from the dequantized weights (tighter than the C side's)
     wl1 = block_l1(W, t, rows, cols)

@@ -1,5 +1,6 @@
-"""el_repack's weight layout: the C repack against its numpy twin, the kernels on repacked weights against the
-references of the original weights (AVX2 and scalar tables, 1 and 2 threads), and the model's lazy repack."""
+"""el_repack's weight layouts (rows: Q4_0R / Q4_1R / Q8_0R; 8-row groups: Q4_0X / Q4_1X): the C repack against its
+numpy twin, the kernels on repacked weights against the references of the original weights (AVX2 and scalar tables,
+1 and 2 threads), and the model's lazy repack."""
 import json
 import os
 import subprocess
@@ -10,10 +11,20 @@ import pytest
 from test_native_kernels import QTYPES, check_matmul, random_weights
 
 from edgellm import native as N
-from edgellm.quant import REPACKED, dequantize, repack_rows, row_bytes, unpack_rows
+from edgellm.quant import INTERLEAVED, REPACKED, GGMLType, dequantize, interleave_rows, repack_rows, row_bytes, unpack_rows
 
 BEST = N.lib.el_simd_level()
 REPACKS = N.SIMD_NAMES[BEST] == "avx2"   # the tables with kernels for the layout (el_kernels.repacks)
+LAYOUTS = {"rows": (repack_rows, REPACKED), "groups": (interleave_rows, INTERLEAVED)}
+# (layout, GGUF type) pairs that exist: the groups layout takes Q4 only
+LAYOUT_TYPES = [pytest.param(lay, t, id=f"{lay}-{t.name}") for lay, (_, types) in LAYOUTS.items() for t in QTYPES
+                if t in types]
+
+
+def in_layout(W, t, cols, layout):
+    """(W in el_repack's layout `layout` by the numpy twin, its type)"""
+    twin, types = LAYOUTS[layout]
+    return twin(W, t, cols), types[t]
 
 
 @pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
@@ -41,29 +52,53 @@ def test_repack_matches_numpy_twin(simd, t, cols):
     np.testing.assert_array_equal(N.get_rows(twin, REPACKED[t], rows, cols, ids), N.get_rows(W, t, rows, cols, ids))
 
 
-@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", [32, 96, 576, 1536])
+def test_interleave_matches_numpy_twin(simd, t, cols):
+    """Whole groups of 8 rows: el_repack interleaves them (where it repacks at all), byte for byte as the twin."""
+    rng = np.random.default_rng(cols + int(t))
+    rows = 24
+    W = random_weights(t, rows, cols, rng)
+    twin = interleave_rows(W, t, cols)
+    assert twin.shape == W.shape and row_bytes(INTERLEAVED[t], cols) == row_bytes(t, cols)
+    np.testing.assert_array_equal(unpack_rows(twin, INTERLEAVED[t], cols), W)
+    Wr = W.copy()
+    rt = N.repack(Wr, t, rows, cols)
+    np.testing.assert_array_equal(Wr, twin if simd and REPACKS else W)
+    assert rt == (INTERLEAVED[t] if simd and REPACKS else t)
+    assert N.repack(twin.copy(), INTERLEAVED[t], rows, cols) == INTERLEAVED[t]   # already repacked: left alone
+    ids = [23, 0, 9, 9, 15]   # rows of several groups, at several places in a group
+    ref = dequantize(W, t, rows * cols).reshape(rows, cols)
+    np.testing.assert_array_equal(N.get_rows(twin, INTERLEAVED[t], rows, cols, ids), ref[ids])
+    with pytest.raises(ValueError, match="get_rows"):   # a row of the layout is not contiguous
+        N.dequantize_row(twin[0], INTERLEAVED[t], cols)
+    with pytest.raises(ValueError, match="groups of 8"):
+        interleave_rows(W[:20], t, cols)
+
+
+@pytest.mark.parametrize("layout,t", LAYOUT_TYPES)
 @pytest.mark.parametrize("cols", [64, 96, 288, 576, 1536])   # tails of 2, 3, 1, 2, 0 blocks
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65])
-def test_matmul_repacked(simd, threads, t, cols, n):
+def test_matmul_repacked(simd, threads, t, cols, n, layout):
     """Repacked by the numpy twin, so that the scalar table (which never repacks) runs its kernel for the layout too;
-    37 rows: a slab of 16 rows and a remainder that is not a multiple of 4."""
+    rows: 37 rows, a slab of 16 rows and a remainder that is not a multiple of 4; groups: 40 rows, 5 groups."""
     rng = np.random.default_rng(cols * 100 + n + int(t))
-    rows = 37
+    rows = 37 if layout == "rows" else 40
     W = random_weights(t, rows, cols, rng)
-    Wr, rt = repack_rows(W, t, cols), REPACKED[t]
+    Wr, rt = in_layout(W, t, cols, layout)
     X = rng.standard_normal((n, cols)).astype(np.float32)
     X[0, :32] = 0
     check_matmul(W, t, rows, cols, X, N.matmul(Wr, rt, rows, cols, X), N.matmul(Wr, rt, rows, cols, X, hp=True))
 
 
-@pytest.mark.parametrize("t", QTYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("layout,t", LAYOUT_TYPES)
 @pytest.mark.parametrize("cols", [64, 96, 576, 1536])   # tails of 2, 3 (odd: a Q4 block without a pair), 2, 0 blocks
-def test_gemv_equals_gemm_rows(simd, threads, t, cols):
+def test_gemv_equals_gemm_rows(simd, threads, t, cols, layout):
     """One token's product equals, bit for bit, that token's row of a many-token product (the GEMM kernel takes
-    tokens in pairs): decode gives the logits prefill gives. 45 rows: 4-row tiles and a rest."""
+    tokens in pairs): decode gives the logits prefill gives. rows: 45 rows, 4-row tiles and a rest; groups: 48."""
     rng = np.random.default_rng(cols + 7 * int(t))
-    rows = 45
-    Wr, rt = repack_rows(random_weights(t, rows, cols, rng), t, cols), REPACKED[t]
+    rows = 45 if layout == "rows" else 48
+    Wr, rt = in_layout(random_weights(t, rows, cols, rng), t, cols, layout)
     X = rng.standard_normal((3, cols)).astype(np.float32) * rng.uniform(0.1, 10, cols).astype(np.float32)
     many = N.matmul(Wr, rt, rows, cols, X)
     for i in range(3):
@@ -112,6 +147,6 @@ def test_model_repacks_on_first_use(model_path):
         before, after, disk_same, map_same, rss[force_scalar] = json.loads(out.splitlines()[-1])
         assert before == [3, 8]   # Q4_1 layers, Q8_0 output
         repacked = REPACKS and force_scalar == "0"
-        assert after == ([103, 108] if repacked else [3, 8])
+        assert after == ([108, 113] if repacked else [3, 8])   # Q8_0R output, Q4_1X layers (whole 8-row groups)
         assert disk_same and map_same == (not repacked)
     assert rss["0"] < 1.05 * rss["1"], rss

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgellm.quant.blocks import GGMLType, row_bytes
+from edgellm.quant.blocks import INTERLEAVED, GGMLType, row_bytes
 
 try:
     from ._kernels import ffi, lib
@@ -214,6 +214,8 @@ def quantize_row(x: np.ndarray, wtype) -> np.ndarray:
 
 def dequantize_row(raw: np.ndarray, wtype, n: int) -> np.ndarray:
     t = GGMLType.parse(wtype)
+    if t in INTERLEAVED.values():
+        raise ValueError(f"{t.name} rows are interleaved in groups of 8, not contiguous: use get_rows")
     raw = _bytes(raw, "raw", row_bytes(t, int(n)))
     y = np.empty(int(n), np.float32)
     lib.el_dequantize_row(_ptr(raw), _ptr(y, "float *"), int(n), int(t))

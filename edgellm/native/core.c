@@ -290,7 +290,7 @@ static void quant2_task(void *p, int ith, int nth) {
 }
 
 /* X (n rows of cols) as 8-bit blocks in scratch slot 0, two per row when planes == 2 (quant2_task), followed for
- * repacked weights (`ds`) by every activation row's scale planes (el_mm.act_ds, set in *act_ds). NULL: no memory. */
+ * row-repacked weights (`ds`, el_uses_act_ds) by every activation row's scale planes (el_mm.act_ds, set in *act_ds). NULL: no memory. */
 static const el_block_q8a *quantize_x(const float *X, int n, int cols, int planes, int ds, const float **act_ds) {
     const int nb = cols / EL_QK, nbp = el_ds_blocks(nb), rows = n * planes;
     const size_t qbytes = (size_t)rows * nb * sizeof(el_block_q8a);
@@ -373,7 +373,7 @@ static void matmul(const void *W, int wtype, int rows, int cols, const float *X,
     mm_job job = {.m = {W, rb, wtype, rows, cols, n * planes, ldy, X, Y, planes}};
     job.chunk = mm_chunk(rows, rb, nth, n);
     runs_init(&job.runs, (rows + job.chunk - 1) / job.chunk, nth);
-    if (el_is_quant(wtype)) job.m.act = quantize_x(X, n, cols, planes, el_is_repacked(wtype), &job.m.act_ds);
+    if (el_is_quant(wtype)) job.m.act = quantize_x(X, n, cols, planes, el_uses_act_ds(wtype), &job.m.act_ds);
     if (job.m.act) el_parallel(mm_task, &job);
     el_unlock();
 }
@@ -388,6 +388,19 @@ void el_matmul_hp(const void *W, int wtype, int rows, int cols, const float *X, 
 
 /* ---------------- conversions ---------------- */
 
+/* Row r of W (rows of rb bytes, n elements) as floats; repacked types block by block through their GGUF form */
+static void dequantize_at(const void *W, int type, size_t rb, long r, float *y, long n) {
+    if (!el_is_repacked(type)) {
+        el_dequantize_row((const uint8_t *)W + (size_t)r * rb, y, n, type);
+        return;
+    }
+    uint8_t blk[sizeof(el_block_q8_0)];
+    for (long b = 0; b < n / EL_QK; b++) {
+        el_unpack_block(W, type, rb, r, (int)(n / EL_QK), (int)b, blk);
+        el_dequantize_row(blk, y + b * EL_QK, EL_QK, el_base_type(type));
+    }
+}
+
 void el_dequantize_row(const void *src, float *y, long n, int type) {
     if (type == EL_F32) {
         memcpy(y, src, (size_t)n * 4);
@@ -400,11 +413,7 @@ void el_dequantize_row(const void *src, float *y, long n, int type) {
         return;
     }
     if (el_is_repacked(type)) {   /* n: the whole row, whose length places the scales */
-        uint8_t blk[sizeof(el_block_q8_0)];
-        for (long b = 0; b < n / EL_QK; b++) {
-            el_unpack_block(src, type, (int)(n / EL_QK), (int)b, blk);
-            el_dequantize_row(blk, y + b * EL_QK, EL_QK, el_base_type(type));
-        }
+        dequantize_at(src, type, el_row_bytes(type, n), 0, y, n);
         return;
     }
     for (long b = 0; b < n / EL_QK; b++, y += EL_QK) {
@@ -486,7 +495,7 @@ void el_quantize_row(const float *x, void *dst, long n, int type) {
 void el_get_rows(const void *W, int wtype, int cols, const int32_t *ids, int n, float *out) {
     size_t rb = el_row_bytes(wtype, cols);
     if (!rb || cols <= 0) return;
-    for (int i = 0; i < n; i++) el_dequantize_row((const uint8_t *)W + (size_t)ids[i] * rb, out + (size_t)i * cols, cols, wtype);
+    for (int i = 0; i < n; i++) dequantize_at(W, wtype, rb, ids[i], out + (size_t)i * cols, cols);
 }
 
 /* ---------------- element-wise kernels ---------------- */
@@ -740,16 +749,43 @@ static uint8_t *split_block(const uint8_t *row, int base, int nb, int b, uint8_t
     return r + (*shift < 0 ? (size_t)b * qb : (size_t)16 * (b & ~1));
 }
 
-void el_unpack_block(const uint8_t *row, int type, int nb, int b, uint8_t *blk) {
+/* The interleaved layout's (EL_Q4_0X / EL_Q4_1X) fields of row i of the 8-row group at g, block b: d and m (Q4_1;
+ * else NULL) set; returns the first of the row's 4 chunks of 4 bytes, 32 bytes apart */
+static uint8_t *x_block(const uint8_t *g, int base, int i, int b, uint8_t **d, uint8_t **m) {
+    uint8_t *q = (uint8_t *)g + 8 * el_row_bytes(base, EL_QK) * b;
+    *d = q + 128 + 2 * i;
+    *m = base == EL_Q4_1 ? q + 144 + 2 * i : NULL;
+    return q + 4 * i;
+}
+
+void el_unpack_block(const uint8_t *W, int type, size_t rb, long r, int nb, int b, uint8_t *blk) {
     const int base = el_base_type(type);
     uint8_t *d, *m, *qs = blk + (base == EL_Q4_1 ? 4 : 2);
-    int sh;
-    const uint8_t *p = split_block(row, base, nb, b, &d, &m, &sh);
+    if (el_is_interleaved(type)) {
+        const uint8_t *p = x_block(W + (size_t)(r & ~7L) * rb, base, (int)(r & 7), b, &d, &m);
+        for (int c = 0; c < 4; c++) memcpy(qs + 4 * c, p + 32 * c, 4);
+    } else {
+        int sh;
+        const uint8_t *p = split_block(W + (size_t)r * rb, base, nb, b, &d, &m, &sh);
+        if (sh < 0) memcpy(qs, p, base == EL_Q8_0 ? 32 : 16);
+        else
+            for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((p[j] >> sh & 15) | (p[j + 16] >> sh & 15) << 4);
+    }
     memcpy(blk, d, 2);
     if (m) memcpy(blk + 2, m, 2);
-    if (sh < 0) memcpy(qs, p, base == EL_Q8_0 ? 32 : 16);
-    else
-        for (int j = 0; j < 16; j++) qs[j] = (uint8_t)((p[j] >> sh & 15) | (p[j + 16] >> sh & 15) << 4);
+}
+
+/* 8 GGUF rows src -> the interleaved group dst (distinct buffers) */
+static void interleave_group(const uint8_t *src, uint8_t *dst, size_t rb, int base, int nb) {
+    const size_t bb = el_row_bytes(base, EL_QK), qo = base == EL_Q4_1 ? 4 : 2;
+    for (int i = 0; i < 8; i++)
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = src + i * rb + b * bb;
+            uint8_t *d, *m, *p = x_block(dst, base, i, b, &d, &m);
+            memcpy(d, blk, 2);
+            if (m) memcpy(m, blk + 2, 2);
+            for (int c = 0; c < 4; c++) memcpy(p + 32 * c, blk + qo + 4 * c, 4);
+        }
 }
 
 /* GGUF row src -> repacked row dst (distinct buffers) */
@@ -775,18 +811,20 @@ static void repack_row(const uint8_t *src, uint8_t *dst, int base, int nb) {
 }
 
 typedef struct {
-    uint8_t *W, *buf;   /* buf: one row per thread */
+    uint8_t *W, *buf;   /* buf: one unit (a row, or a group of 8 interleaved) per thread */
     size_t rb;
-    int base, rows, nb;
+    int base, units, nb, interleave;
 } repack_job;
 
 static void repack_task(void *p, int ith, int nth) {
     const repack_job *j = p;
-    uint8_t *buf = j->buf + (size_t)ith * j->rb;
-    for (long r = (long)j->rows * ith / nth; r < (long)j->rows * (ith + 1) / nth; r++) {
-        uint8_t *row = j->W + r * j->rb;
-        memcpy(buf, row, j->rb);
-        repack_row(buf, row, j->base, j->nb);
+    const size_t ub = j->rb * (j->interleave ? 8 : 1);
+    uint8_t *buf = j->buf + (size_t)ith * ub;
+    for (long u = (long)j->units * ith / nth; u < (long)j->units * (ith + 1) / nth; u++) {
+        uint8_t *unit = j->W + u * ub;
+        memcpy(buf, unit, ub);
+        if (j->interleave) interleave_group(buf, unit, j->rb, j->base, j->nb);
+        else repack_row(buf, unit, j->base, j->nb);
     }
 }
 
@@ -794,12 +832,13 @@ static void repack_task(void *p, int ith, int nth) {
 static int repack_locked(void *W, int type, int rows, int cols) {
     if (!el_kern->repacks || !el_is_quant(type) || el_is_repacked(type) || rows <= 0 || cols <= 0 || cols % EL_QK)
         return type;
-    repack_job j = {W, NULL, el_row_bytes(type, cols), type, rows, cols / EL_QK};
-    j.buf = malloc(j.rb * el_get_threads_locked());
+    const int interleave = type != EL_Q8_0 && rows % 8 == 0;
+    repack_job j = {W, NULL, el_row_bytes(type, cols), type, interleave ? rows / 8 : rows, cols / EL_QK, interleave};
+    j.buf = malloc(j.rb * (interleave ? 8 : 1) * el_get_threads_locked());
     if (!j.buf) return type;
     el_parallel(repack_task, &j);
     free(j.buf);
-    return type + (EL_Q4_0R - EL_Q4_0);
+    return type + (interleave ? EL_Q4_0X - EL_Q4_0 : EL_Q4_0R - EL_Q4_0);
 }
 
 int el_repack(void *W, int type, int rows, int cols) {
@@ -817,19 +856,19 @@ void el_weight_prepare(el_weight *w) {
 
 /* ---------------- output layer: 8-bit product, refined where it can matter ---------------- */
 
-/* The bound on |w| in block b of a row of nb blocks that the block's scales give (el_weight_l1_ratio) */
-static float block_wmax(const uint8_t *row, int type, int nb, int b) {
+/* The bound on |w| in block b of row r of W (rb bytes a row, nb blocks) that the block's scales give
+ * (el_weight_l1_ratio) */
+static float block_wmax(const uint8_t *W, size_t rb, long r, int type, int nb, int b) {
     const int base = el_base_type(type);
-    uint16_t d, m = 0;
-    if (el_is_repacked(type)) {   /* el_repack: all quantized bytes, then the nb scales d, then the nb mins m */
-        const uint8_t *s = row + (size_t)nb * (base == EL_Q8_0 ? 32 : 16);
-        memcpy(&d, s + 2 * b, 2);
-        if (base == EL_Q4_1) memcpy(&m, s + 2 * ((size_t)nb + b), 2);
-    } else {
-        const uint8_t *blk = row + (size_t)b * el_row_bytes(type, EL_QK);
-        memcpy(&d, blk, 2);
-        if (base == EL_Q4_1) memcpy(&m, blk + 2, 2);
+    uint8_t own[sizeof(el_block_q8_0)];
+    const uint8_t *blk = W + (size_t)r * rb + (size_t)b * el_row_bytes(type, EL_QK);
+    if (el_is_repacked(type)) {
+        el_unpack_block(W, type, rb, r, nb, b, own);
+        blk = own;
     }
+    uint16_t d, m = 0;
+    memcpy(&d, blk, 2);
+    if (base == EL_Q4_1) memcpy(&m, blk + 2, 2);
     const float ad = fabsf(el_f16_to_f32(d));
     return base == EL_Q8_0 ? 127 * ad : base == EL_Q4_0 ? 8 * ad : 15 * ad + fabsf(el_f16_to_f32(m));
 }
@@ -837,9 +876,8 @@ static float block_wmax(const uint8_t *row, int type, int nb, int b) {
 void el_row_bounds(const el_mm *m, int r0, int r1, const float *v, float *out) {
     const int nb = m->cols / EL_QK;
     for (int r = r0; r < r1; r++) {
-        const uint8_t *row = m->W + (size_t)r * m->row_bytes;
         float s = 0;
-        for (int b = 0; b < nb; b++) s += block_wmax(row, m->wtype, nb, b) * v[b];
+        for (int b = 0; b < nb; b++) s += block_wmax(m->W, m->row_bytes, r, m->wtype, nb, b) * v[b];
         out[r] = s;
     }
 }
@@ -860,11 +898,10 @@ static void l1_task(void *p, int ith, int nth) {
         return;
     }
     for (long r = (long)j->w->rows * ith / nth; r < (long)j->w->rows * (ith + 1) / nth; r++) {
-        const uint8_t *row = (const uint8_t *)j->w->w + r * rb;
-        el_dequantize_row(row, x, cols, type);
+        dequantize_at(j->w->w, type, rb, r, x, cols);
         float ratio = 0;
         for (int b = 0; b < nb; b++) {
-            float l1 = 0, wmax = block_wmax(row, type, nb, b);
+            float l1 = 0, wmax = block_wmax(j->w->w, rb, r, type, nb, b);
             for (int k = 0; k < EL_QK; k++) l1 += fabsf(x[b * EL_QK + k]);
             if (wmax > 0 && l1 / (EL_QK * wmax) > ratio) ratio = l1 / (EL_QK * wmax);
         }
@@ -940,7 +977,7 @@ int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y)
     el_lock();
     const size_t rb = el_row_bytes(type, cols);
     const float *ds = NULL;
-    const el_block_q8a *q = quantize_x(x, 1, cols, 2, el_is_repacked(type), &ds);   /* q[b]: high, q[nb + b]: residual */
+    const el_block_q8a *q = quantize_x(x, 1, cols, 2, el_uses_act_ds(type), &ds);   /* q[b]: high, q[nb + b]: residual */
     float *bound = el_scratch(1, sizeof(float) * ((size_t)rows + nbp));
     if (!q || !bound) {
         el_unlock();
@@ -990,15 +1027,15 @@ static void mm_many_task(void *p, int ith, int nth) {
 /* Repacks each weight on first use (el_weight_prepare). Caller holds the lock. */
 static void matmul_many(el_weight *const *W, float *const *Y, int count, const float *X, int n) {
     if (n <= 0 || count <= 0 || count > EL_MANY) return;
-    int nth = el_get_threads_locked(), cols = W[0]->cols, any_quant = 0, any_repacked = 0;
+    int nth = el_get_threads_locked(), cols = W[0]->cols, any_quant = 0, any_ds = 0;
     for (int i = 0; i < count; i++) {
         W[i]->type = repack_locked(W[i]->w, W[i]->type, W[i]->rows, W[i]->cols);
         any_quant |= el_is_quant(W[i]->type);
-        any_repacked |= el_is_repacked(W[i]->type);
+        any_ds |= el_uses_act_ds(W[i]->type);
     }
     const void *act = NULL;
     const float *act_ds = NULL;
-    if (any_quant && cols > 0 && cols % EL_QK == 0) act = quantize_x(X, n, cols, 1, any_repacked, &act_ds);
+    if (any_quant && cols > 0 && cols % EL_QK == 0) act = quantize_x(X, n, cols, 1, any_ds, &act_ds);
     mm_many_job job = {.count = 0};
     job.first[0] = 0;
     for (int i = 0; i < count; i++) {

@@ -8,7 +8,8 @@
 
 /* ---- public API ---- */
 /* GGML type ids, and the same blocks in el_repack's layout (ids no GGML type uses, never in files) */
-enum { EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q8_0 = 8, EL_Q4_0R = 102, EL_Q4_1R = 103, EL_Q8_0R = 108 };
+enum { EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q8_0 = 8, EL_Q4_0R = 102, EL_Q4_1R = 103, EL_Q8_0R = 108,
+       EL_Q4_0X = 112, EL_Q4_1X = 113 };
 
 typedef struct {
     const void *k;
@@ -69,12 +70,17 @@ int el_kv_gather(const el_kvblock *blocks, int n_blocks, int n_kv_head, int hd, 
                  int keep, int rope_dim, int neox, const float *cs, int d0, int nd, float *k, float *v);
 
 /* Rewrite `rows` rows of `cols` quantized weights of `type` (Q4_0, Q4_1, Q8_0) in place into the layout the active
- * kernels read fastest (same bytes per row) and return its type (EL_Q4_0R, EL_Q4_1R, EL_Q8_0R); return `type` and
- * change nothing where the kernels have no such layout (scalar, NEON) or the type has none. Every function that
- * takes a weight type accepts the repacked ones. Row layout: the quantized bytes of all nb = cols / 32 blocks, then
- * their nb f16 scales d, then (Q4_1) their nb f16 mins m. Q8_0: 32 bytes per block. Q4: 32 bytes per pair of
- * blocks, byte j holding element j of the first block (low nibble) and of the second (high nibble); an odd last
- * block keeps GGUF's 16 bytes (byte j: elements j and j + 16). */
+ * kernels read fastest (same bytes) and return its type; return `type` and change nothing where the kernels have no
+ * such layout (scalar, NEON) or the type has none. Every function that takes a weight type accepts the repacked ones.
+ * - Q4 with rows % 8 == 0: EL_Q4_0X / EL_Q4_1X, rows interleaved in groups of 8 (the 8 rows' bytes, 8 row bytes from
+ *   the group's first row), block by block (8 GGUF blocks' bytes each, in the order the kernel reads them): 4 chunks
+ *   of 32 bytes in which row i's 4 bytes at 4 i are GGUF qs[4 c .. 4 c + 3] of chunk c (low nibbles: elements 4 c..,
+ *   high: 16 + 4 c..), then the 8 rows' f16 d, then (Q4_1) their f16 m. A row is not contiguous: el_dequantize_row
+ *   takes the group's first row only; el_get_rows takes any.
+ * - otherwise EL_Q4_0R, EL_Q4_1R, EL_Q8_0R, row by row: the quantized bytes of all nb blocks, then their nb f16
+ *   scales d, then (Q4_1) their nb f16 mins m. Q8_0: 32 bytes per block. Q4: 32 bytes per pair of blocks, byte j
+ *   holding element j of the first block (low nibble) and of the second (high nibble); an odd last block keeps
+ *   GGUF's 16 bytes (byte j: elements j and j + 16). */
 int el_repack(void *W, int type, int rows, int cols);
 
 /* A weight matrix: rows x cols of type `type`. The fused steps below repack it on first use (el_repack) and update
@@ -169,11 +175,18 @@ _Static_assert(sizeof(el_block_q4_1) == 20, "q4_1 block");
 _Static_assert(sizeof(el_block_q8_0) == 34, "q8_0 block");
 _Static_assert(sizeof(el_block_q8a) == 40, "q8a block");
 
-static inline int el_is_repacked(int type) { return type == EL_Q4_0R || type == EL_Q4_1R || type == EL_Q8_0R; }
-/* the GGUF type of a repacked one (EL_Q4_1R -> EL_Q4_1); other types unchanged */
-static inline int el_base_type(int type) { return el_is_repacked(type) ? type - (EL_Q4_0R - EL_Q4_0) : type; }
-/* GGUF block b (el_block_q4_0 / q4_1 / q8_0 bytes) of a row of nb blocks in el_repack's layout */
-void el_unpack_block(const uint8_t *row, int type, int nb, int b, uint8_t *blk);
+static inline int el_is_interleaved(int type) { return type == EL_Q4_0X || type == EL_Q4_1X; }
+static inline int el_is_repacked(int type) {
+    return type == EL_Q4_0R || type == EL_Q4_1R || type == EL_Q8_0R || el_is_interleaved(type);
+}
+/* the row-repacked kernels read the activations' block scales as planes (el_mm.act_ds) */
+static inline int el_uses_act_ds(int type) { return el_is_repacked(type) && !el_is_interleaved(type); }
+/* the GGUF type of a repacked one (EL_Q4_1R, EL_Q4_1X -> EL_Q4_1); other types unchanged */
+static inline int el_base_type(int type) {
+    return el_is_interleaved(type) ? type - (EL_Q4_0X - EL_Q4_0) : el_is_repacked(type) ? type - (EL_Q4_0R - EL_Q4_0) : type;
+}
+/* GGUF block b (el_block_q4_0 / q4_1 / q8_0 bytes) of row r of W (rows of rb bytes, nb blocks) in el_repack's layout */
+void el_unpack_block(const uint8_t *W, int type, size_t rb, long r, int nb, int b, uint8_t *blk);
 /* Blocks per row of the activation scale planes (el_mm.act_ds): nb rounded up to whole groups of 8 */
 static inline int el_ds_blocks(int nb) { return (nb + 7) & ~7; }
 

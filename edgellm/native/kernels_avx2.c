@@ -341,6 +341,111 @@ INLINE void rmm_rows(int type, const el_mm *m, int r0, int r1, int BOUND) {
     }
 }
 
+/* ---------------- matmul, 8-row interleaved Q4 weights (EL_Q4_0X / EL_Q4_1X, layout: el_repack) ---------------- */
+
+/* One block of the group's 8 rows: lo[c] / hi[c] lane i = row i's weights 4c..4c+3 / 16+4c..16+4c+3, one per byte */
+INLINE void x_unpack(const uint8_t *q, __m256i *lo, __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; c++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
+        lo[c] = _mm256_and_si256(x, m4), hi[c] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+    }
+}
+
+INLINE __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* lane i: row i's integer dot with act block a. Rows sit in lanes, so nothing is summed across lanes: 16 products per
+ * int16 lane (<= 16 * 15 * 127) cannot overflow before madd widens them */
+INLINE __m256 x_dot(const __m256i *lo, const __m256i *hi, const el_block_q8a *a) {
+    __m256i s = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[c], bcast4(a->qs + 4 * c)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[c], bcast4(a->qs + 16 + 4 * c)));
+    }
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(s, _mm256_set1_epi16(1)));
+}
+
+/* Lanes of v for rows g..g+7 into y, those in [r0, r1) only (a refined tile may be half a group) */
+INLINE void x_store(float *y, int g, int r0, int r1, __m256 v) {
+    if (g >= r0 && g + 8 <= r1) {
+        _mm256_storeu_ps(y + g, v);
+        return;
+    }
+    float l[8];
+    _mm256_storeu_ps(l, v);
+    for (int i = 0; i < 8; i++)
+        if (g + i >= r0 && g + i < r1) y[g + i] = l[i];
+}
+
+#define XACC 4   /* accumulators per row: block b's term into b % XACC, then a tree (as exact as el_repack's rows) */
+
+/* Y rows g..g+7 (one group) of act rows t..t+NT-1, rows in [r0, r1) stored: per row and block the term
+ * d_w d_a (w.a) + c s_a (c = m for Q4_1, -8 d for Q4_0), summed in the same order whatever NT, so one token's
+ * product equals its row of a many-token one bit for bit. BOUND: also wmax bv per block (el_mm.bound) */
+INLINE void x_group(int type, const el_mm *m, int g, int r0, int r1, int t, int NT, int BOUND) {
+    const int nb = m->cols / EL_QK;
+    const size_t bb = 8 * m->row_bytes / nb;   /* one block of 8 rows: 128 bytes of weights, 8 d, (Q4_1) 8 m */
+    const uint8_t *q = m->W + (size_t)g * m->row_bytes;
+    const el_block_q8a *a[TT];
+    __m256 acc[TT][XACC], bacc = _mm256_setzero_ps();
+    for (int j = 0; j < NT; j++) {
+        a[j] = (const el_block_q8a *)m->act + (size_t)(t + j) * nb;
+        for (int k = 0; k < XACC; k++) acc[j][k] = _mm256_setzero_ps();
+    }
+    const char *pf = (const char *)q + PF_BYTES;
+    for (int b = 0; b < nb; b++) {
+        if (NT == 1) {   /* the group's bytes in order, PF_BYTES ahead: 3 lines cover a block's bb <= 192 bytes */
+            for (int k = 0; k < 3; k++) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);
+            pf += bb;
+        }
+        const uint8_t *blk = q + bb * b;
+        __m256i lo[4], hi[4];
+        x_unpack(blk, lo, hi);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 128)));
+        const __m256 c = type == EL_Q4_1X ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 144)))
+                                          : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        for (int j = 0; j < NT; j++) {
+            const __m256 v = _mm256_fmadd_ps(x_dot(lo, hi, a[j] + b), _mm256_mul_ps(dw, _mm256_broadcast_ss(&a[j][b].d)),
+                                             _mm256_mul_ps(c, _mm256_broadcast_ss(&a[j][b].s)));
+            acc[j][b % XACC] = _mm256_add_ps(acc[j][b % XACC], v);
+        }
+        if (BOUND) {
+            const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            __m256 wmax = _mm256_mul_ps(_mm256_and_ps(dw, abs), _mm256_set1_ps(type == EL_Q4_0X ? 8 : 15));
+            if (type == EL_Q4_1X) wmax = _mm256_add_ps(wmax, _mm256_and_ps(c, abs));
+            bacc = _mm256_fmadd_ps(wmax, _mm256_broadcast_ss(m->bound_v + b), bacc);
+        }
+    }
+    __m256 y[TT];
+    for (int j = 0; j < NT; j++) {
+        for (int w = XACC / 2; w; w /= 2)
+            for (int k = 0; k < w; k++) acc[j][k] = _mm256_add_ps(acc[j][k], acc[j][k + w]);
+        y[j] = acc[j][0];
+    }
+    if (NT == 2 && m->planes == 2) y[0] = _mm256_add_ps(y[0], y[1]), t /= 2, NT = 1;
+    for (int j = 0; j < NT; j++) x_store(m->Y + (size_t)(t + j) * m->ldy, g, r0, r1, y[j]);
+    if (BOUND && t == 0) x_store(m->bound, g, r0, r1, bacc);
+}
+
+/* As rmm_rows: token chunks, slabs of RS rows (whole groups) in L1 while the chunk's token pairs pass */
+INLINE void xmm_rows(int type, const el_mm *m, int r0, int r1, int BOUND) {
+    for (int t0 = 0; t0 < m->n; t0 += TC) {
+        const int t1 = t0 + TC < m->n ? t0 + TC : m->n;
+        for (int rs = r0 & ~7; rs < r1; rs += RS) {
+            const int re = rs + RS < r1 ? rs + RS : r1;
+            int t = t0;
+            for (; t + TT <= t1; t += TT)
+                for (int g = rs; g < re; g += 8) x_group(type, m, g, r0, r1, t, TT, BOUND);
+            if (t < t1)
+                for (int g = rs; g < re; g += 8) x_group(type, m, g, r0, r1, t, 1, BOUND);
+        }
+    }
+}
+
 /* ---------------- matmul, GGUF blocks ---------------- */
 
 /* Per-block scales of NR rows, converted once per (row tile, token chunk): sc[b*NR + r] = d, sc[(nb + b)*NR + r] = c */
@@ -415,6 +520,8 @@ static void mm_rows_avx2(const el_mm *m, int r0, int r1) {
     case EL_Q4_0R: bound ? rmm_rows(EL_Q4_0R, m, r0, r1, 1) : rmm_rows(EL_Q4_0R, m, r0, r1, 0); return;
     case EL_Q4_1R: bound ? rmm_rows(EL_Q4_1R, m, r0, r1, 1) : rmm_rows(EL_Q4_1R, m, r0, r1, 0); return;
     case EL_Q8_0R: bound ? rmm_rows(EL_Q8_0R, m, r0, r1, 1) : rmm_rows(EL_Q8_0R, m, r0, r1, 0); return;
+    case EL_Q4_0X: bound ? xmm_rows(EL_Q4_0X, m, r0, r1, 1) : xmm_rows(EL_Q4_0X, m, r0, r1, 0); return;
+    case EL_Q4_1X: bound ? xmm_rows(EL_Q4_1X, m, r0, r1, 1) : xmm_rows(EL_Q4_1X, m, r0, r1, 0); return;
     }
     static _Thread_local float *sc;   /* per-thread tile scales, grown as needed */
     static _Thread_local int sc_blocks;

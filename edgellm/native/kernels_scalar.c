@@ -19,14 +19,16 @@ static void quant_act_scalar(const float *x, el_block_q8a *y, int nb) {
     }
 }
 
-static float dot_scalar(int type, const void *row, const void *act, int cols) {
+/* row r of W (rows of rb bytes) . act */
+static float dot_scalar(int type, const uint8_t *W, size_t rb, long r, const void *act, int cols) {
     const el_block_q8a *a = act;
+    const void *row = W + (size_t)r * rb;
     float acc = 0;
     if (el_is_repacked(type)) {   /* block by block through its GGUF form */
         uint8_t blk[sizeof(el_block_q8_0)];
         for (int b = 0; b < cols / EL_QK; b++) {
-            el_unpack_block(row, type, cols / EL_QK, b, blk);
-            acc += dot_scalar(el_base_type(type), blk, a + b, EL_QK);
+            el_unpack_block(W, type, rb, r, cols / EL_QK, b, blk);
+            acc += dot_scalar(el_base_type(type), blk, 0, 0, a + b, EL_QK);
         }
         return acc;
     }
@@ -72,7 +74,7 @@ static void mm_rows_scalar(const el_mm *m, int r0, int r1) {
         for (int t = 0; t < m->n; t += m->planes) {   /* planes of one token are summed */
             float y = 0;
             for (int p = 0; p < m->planes; p++)
-                y += dot_scalar(m->wtype, m->W + (size_t)r * m->row_bytes, (const char *)m->act + (t + p) * act_stride, m->cols);
+                y += dot_scalar(m->wtype, m->W, m->row_bytes, r, (const char *)m->act + (t + p) * act_stride, m->cols);
             m->Y[(size_t)(t / m->planes) * m->ldy + r] = y;
         }
     if (m->bound) el_row_bounds(m, r0, r1, m->bound_v, m->bound);

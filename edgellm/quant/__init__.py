@@ -1,6 +1,8 @@
 """GGUF block quantization formats (numpy reference)."""
-from .blocks import (ACT_BLOCK_DTYPE, BLOCK_DTYPES, BLOCK_SIZES, QK, REPACKED, GGMLType, dequantize,
-                     dequantize_activations, quantize, quantize_activations, repack_rows, row_bytes, unpack_rows)
+from .blocks import (ACT_BLOCK_DTYPE, BLOCK_DTYPES, BLOCK_SIZES, INTERLEAVED, QK, REPACKED, GGMLType, dequantize,
+                     dequantize_activations, quantize, quantize_activations, interleave_rows, repack_rows, row_bytes,
+                     unpack_rows)
 
-__all__ = ["ACT_BLOCK_DTYPE", "BLOCK_DTYPES", "BLOCK_SIZES", "QK", "REPACKED", "GGMLType", "dequantize",
-           "dequantize_activations", "quantize", "quantize_activations", "repack_rows", "row_bytes", "unpack_rows"]
+__all__ = ["ACT_BLOCK_DTYPE", "BLOCK_DTYPES", "BLOCK_SIZES", "INTERLEAVED", "QK", "REPACKED", "GGMLType", "dequantize",
+           "dequantize_activations", "quantize", "quantize_activations", "interleave_rows", "repack_rows", "row_bytes",
+           "unpack_rows"]

@@ -8,6 +8,7 @@ Layouts (little-endian, f16 = IEEE half), one block = 32 elements:
 Activation blocks (native scratch only, never stored in files): d f32, s f32 = d * sum(qs), qs i8[32].
 Repacked rows (Q4_0R, Q4_1R, Q8_0R: the native kernels' in-place layout of the same bytes, never in files):
   the quantized bytes of all blocks, then every block's d, then (Q4_1R) every block's m; see repack_rows.
+Interleaved rows (Q4_0X, Q4_1X: the same for Q4 matrices of whole groups of 8 rows): see interleave_rows.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class GGMLType(IntEnum):
     Q4_0R = 102
     Q4_1R = 103
     Q8_0R = 108
+    # el_repack's layouts of Q4_0, Q4_1 matrices in 8-row groups
+    Q4_0X = 112
+    Q4_1X = 113
 
     @classmethod
     def parse(cls, t: "GGMLType | int | str") -> "GGMLType":
@@ -52,7 +56,9 @@ BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q8_0: (QK, 34),
 }
 REPACKED = {GGMLType.Q4_0: GGMLType.Q4_0R, GGMLType.Q4_1: GGMLType.Q4_1R, GGMLType.Q8_0: GGMLType.Q8_0R}
-BLOCK_SIZES.update({r: BLOCK_SIZES[t] for t, r in REPACKED.items()})   # a repacked row holds the same bytes
+INTERLEAVED = {GGMLType.Q4_0: GGMLType.Q4_0X, GGMLType.Q4_1: GGMLType.Q4_1X}
+BASE = {r: t for layouts in (REPACKED, INTERLEAVED) for t, r in layouts.items()}
+BLOCK_SIZES.update({r: BLOCK_SIZES[t] for r, t in BASE.items()})   # a repacked row holds the same bytes
 
 BLOCK_DTYPES: dict[GGMLType, np.dtype] = {
     GGMLType.F32: np.dtype("<f4"),
@@ -200,9 +206,46 @@ def repack_rows(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
     return np.concatenate(fields, 1)
 
 
+def _groups(raw: np.ndarray, t: GGMLType, cols: int):
+    """Rows of type t in 8-row groups -> ([groups, 8 row bytes] array, groups, blocks per row)."""
+    rows, n, nb, _ = _split(raw, t, cols)
+    if n % 8:
+        raise ValueError(f"the interleaved layout takes whole groups of 8 rows, got {n} rows")
+    return rows.reshape(n // 8, -1), n // 8, nb
+
+
+def interleave_rows(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
+    """GGUF Q4_0 / Q4_1 rows (a multiple of 8) -> el_repack's interleaved layout (uint8 [rows, row bytes]; each 8
+    rows' bytes hold one group), block by block: 4 chunks of 32 bytes, row i's 4 bytes at 4 i of chunk c being its
+    GGUF qs[4 c .. 4 c + 3]; then the 8 rows' d (f16), then (Q4_1) their m."""
+    t = GGMLType.parse(t)
+    g, ng, nb = _groups(raw, t, cols)
+    b = g.view(BLOCK_DTYPES[t]).reshape(ng, 8, nb).transpose(0, 2, 1)        # [group, block, row]
+    fields = [b["qs"].reshape(ng, nb, 8, 4, 4).transpose(0, 1, 3, 2, 4).reshape(ng, nb, -1)]   # [.., chunk, row, 4]
+    for f in ("d", "m") if t == GGMLType.Q4_1 else ("d",):
+        fields.append(np.ascontiguousarray(b[f]).view(np.uint8).reshape(ng, nb, -1))
+    return np.concatenate(fields, 2).reshape(ng * 8, -1)
+
+
+def _deinterleave(raw: np.ndarray, base: GGMLType, cols: int) -> np.ndarray:
+    g, ng, nb = _groups(raw, base, cols)
+    g = g.reshape(ng, nb, -1)
+    out = np.zeros((ng, nb, 8), BLOCK_DTYPES[base])
+    out["qs"] = g[:, :, :128].reshape(ng, nb, 4, 8, 4).transpose(0, 1, 3, 2, 4).reshape(ng, nb, 8, 16)
+    scales = g[:, :, 128:].copy().view(np.float16).reshape(ng, nb, -1, 8)
+    out["d"] = scales[:, :, 0]
+    if base == GGMLType.Q4_1:
+        out["m"] = scales[:, :, 1]
+    return np.ascontiguousarray(out.transpose(0, 2, 1)).view(np.uint8).reshape(ng * 8, -1)
+
+
 def unpack_rows(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
-    """Inverse of repack_rows: rows of a repacked type t (or its GGUF type) -> GGUF rows (uint8 [rows, row bytes])."""
-    base = {r: g for g, r in REPACKED.items()}.get(GGMLType.parse(t), GGMLType.parse(t))
+    """Inverse of repack_rows and interleave_rows: rows of a repacked or interleaved type t (or its GGUF type) ->
+    GGUF rows (uint8 [rows, row bytes])."""
+    t = GGMLType.parse(t)
+    base = BASE.get(t, t)
+    if t in INTERLEAVED.values():
+        return _deinterleave(raw, base, cols)
     rows, n, nb, qb = _split(raw, base, cols)
     out = np.zeros((n, nb), BLOCK_DTYPES[base])
     qs = rows[:, :nb * qb]
