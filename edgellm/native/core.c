@@ -110,7 +110,11 @@ static struct {
     int nth;                    /* 0 until first use */
     pthread_t th[EL_MAX_THREADS];
     atomic_uint gen;            /* bumped once per job */
-    atomic_int pending;         /* workers still running the current job */
+    atomic_int pending;         /* slots of the current job not yet done */
+    struct {
+        atomic_uint gen;        /* the last job whose slot i was claimed (run_slot) */
+        char pad[64 - sizeof(atomic_uint)];
+    } claim[EL_MAX_THREADS];
     atomic_int stop;
     unsigned start_gen;         /* gen when the workers were created (they must not miss a job bumped before they run) */
     el_task_fn fn;
@@ -137,6 +141,16 @@ static inline void cpu_relax(int round) {
 #endif
 }
 
+/* Slot i (fn's ith) of job g runs once, on whichever thread claims it first: its worker, or the caller once its own
+ * slot is done. On a busy machine a worker that the scheduler has not run yet then holds nobody up: the caller takes
+ * its share instead of waiting up to a time slice for it, at every one of a decode step's ~150 jobs. */
+static void run_slot(int i, unsigned g) {
+    unsigned c = atomic_load_explicit(&pool.claim[i].gen, memory_order_relaxed);
+    if ((int)(g - c) <= 0 || !atomic_compare_exchange_strong(&pool.claim[i].gen, &c, g)) return;
+    pool.fn(pool.ctx, i, pool.nth);
+    atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+}
+
 static void *worker(void *arg) {
     int ith = (int)(intptr_t)arg;
     unsigned seen = pool.start_gen;
@@ -153,8 +167,7 @@ static void *worker(void *arg) {
         }
         if (atomic_load(&pool.stop)) return NULL;
         seen = atomic_load(&pool.gen);
-        pool.fn(pool.ctx, ith, pool.nth);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        run_slot(ith, seen);
     }
 }
 
@@ -173,6 +186,7 @@ static void pool_start(int n) {
     if (n > EL_MAX_THREADS) n = EL_MAX_THREADS;
     pool.nth = 1;
     pool.start_gen = atomic_load(&pool.gen);
+    for (int i = 0; i < n; i++) atomic_store(&pool.claim[i].gen, pool.start_gen);
     for (int i = 1; i < n; i++) {
         if (pthread_create(&pool.th[i], NULL, worker, (void *)(intptr_t)i) != 0) break;
         pool.nth = i + 1;
@@ -227,10 +241,11 @@ void el_parallel(el_task_fn fn, void *ctx) {
     pool.ctx = ctx;
     atomic_store(&pool.pending, pool.nth - 1);
     pthread_mutex_lock(&pool.mu);
-    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    const unsigned g = atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release) + 1;
     pthread_cond_broadcast(&pool.cv);
     pthread_mutex_unlock(&pool.mu);
     fn(ctx, 0, pool.nth);
+    for (int i = 1; i < pool.nth; i++) run_slot(i, g);
     for (int spins = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; spins++) cpu_relax(spins);
 }
 
@@ -388,34 +403,8 @@ void el_matmul_hp(const void *W, int wtype, int rows, int cols, const float *X, 
 
 /* ---------------- conversions ---------------- */
 
-/* Row r of W (rows of rb bytes, n elements) as floats; repacked types block by block through their GGUF form */
-static void dequantize_at(const void *W, int type, size_t rb, long r, float *y, long n) {
-    if (!el_is_repacked(type)) {
-        el_dequantize_row((const uint8_t *)W + (size_t)r * rb, y, n, type);
-        return;
-    }
-    uint8_t blk[sizeof(el_block_q8_0)];
-    for (long b = 0; b < n / EL_QK; b++) {
-        el_unpack_block(W, type, rb, r, (int)(n / EL_QK), (int)b, blk);
-        el_dequantize_row(blk, y + b * EL_QK, EL_QK, el_base_type(type));
-    }
-}
-
-void el_dequantize_row(const void *src, float *y, long n, int type) {
-    if (type == EL_F32) {
-        memcpy(y, src, (size_t)n * 4);
-        return;
-    }
-    if (type == EL_F16) {
-        if (el_kern->f16_row) el_kern->f16_row(src, y, n);
-        else
-            for (long i = 0; i < n; i++) y[i] = el_f16_to_f32(((const uint16_t *)src)[i]);
-        return;
-    }
-    if (el_is_repacked(type)) {   /* n: the whole row, whose length places the scales */
-        dequantize_at(src, type, el_row_bytes(type, n), 0, y, n);
-        return;
-    }
+/* n / 32 GGUF blocks of a quantized type as floats */
+static void dequantize_blocks(const void *src, float *y, long n, int type) {
     for (long b = 0; b < n / EL_QK; b++, y += EL_QK) {
         if (type == EL_Q8_0) {
             const el_block_q8_0 *x = (const el_block_q8_0 *)src + b;
@@ -437,6 +426,34 @@ void el_dequantize_row(const void *src, float *y, long n, int type) {
             }
         }
     }
+}
+
+/* Row r of W (rows of rb bytes, n elements) as floats; repacked types block by block through their GGUF form */
+static void dequantize_at(const void *W, int type, size_t rb, long r, float *y, long n) {
+    if (!el_is_repacked(type)) {
+        el_dequantize_row((const uint8_t *)W + (size_t)r * rb, y, n, type);
+        return;
+    }
+    uint8_t blk[sizeof(el_block_q8_0)];
+    for (long b = 0; b < n / EL_QK; b++) {
+        el_unpack_block(W, type, rb, r, (int)(n / EL_QK), (int)b, blk);
+        dequantize_blocks(blk, y + b * EL_QK, EL_QK, el_base_type(type));
+    }
+}
+
+void el_dequantize_row(const void *src, float *y, long n, int type) {
+    if (type == EL_F32) {
+        memcpy(y, src, (size_t)n * 4);
+        return;
+    }
+    if (type == EL_F16) {
+        if (el_kern->f16_row) el_kern->f16_row(src, y, n);
+        else
+            for (long i = 0; i < n; i++) y[i] = el_f16_to_f32(((const uint16_t *)src)[i]);
+        return;
+    }
+    if (el_is_repacked(type)) dequantize_at(src, type, el_row_bytes(type, n), 0, y, n);   /* n: the whole row */
+    else dequantize_blocks(src, y, n, type);
 }
 
 static inline float inverse(float d) { return d != 0.0f ? 1.0f / d : 0.0f; }
