@@ -11,7 +11,8 @@ import pytest
 from test_native_kernels import QTYPES, check_matmul, random_weights
 
 from edgellm import native as N
-from edgellm.quant import INTERLEAVED, REPACKED, GGMLType, dequantize, interleave_rows, repack_rows, row_bytes, unpack_rows
+from edgellm.quant import (INTERLEAVED, REPACKED, GGMLType, dequantize, interleave_rows, repack_rows, row_bytes,
+                           unpack_rows)
 
 BEST = N.lib.el_simd_level()
 REPACKS = N.SIMD_NAMES[BEST] == "avx2"   # the tables with kernels for the layout (el_kernels.repacks)

@@ -20,7 +20,10 @@ ROOT=$W/root
 SRC=$W/src
 PY=$W/pi-python
 CPUS=${PI_CPUS:-cortex-a76 cortex-a72}
-TESTS=(tests/test_native_kernels.py tests/test_quant.py)
+# the layouts' kernels and the pool; not the model repack check, which starts a second python (qemu user mode
+# runs only the one it was started with)
+TESTS=(tests/test_native_kernels.py tests/test_quant.py tests/test_repack.py tests/test_pool.py
+       --deselect tests/test_repack.py::test_model_repacks_on_first_use)
 
 log() { printf '== %s\n' "$*"; }
 

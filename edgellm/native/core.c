@@ -305,7 +305,8 @@ static void quant2_task(void *p, int ith, int nth) {
 }
 
 /* X (n rows of cols) as 8-bit blocks in scratch slot 0, two per row when planes == 2 (quant2_task), followed for
- * row-repacked weights (`ds`, el_uses_act_ds) by every activation row's scale planes (el_mm.act_ds, set in *act_ds). NULL: no memory. */
+ * row-repacked weights (`ds`, el_uses_act_ds) by every activation row's scale planes (el_mm.act_ds, set in
+ * *act_ds). NULL: no memory. */
 static const el_block_q8a *quantize_x(const float *X, int n, int cols, int planes, int ds, const float **act_ds) {
     const int nb = cols / EL_QK, nbp = el_ds_blocks(nb), rows = n * planes;
     const size_t qbytes = (size_t)rows * nb * sizeof(el_block_q8a);
@@ -994,7 +995,8 @@ int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y)
     el_lock();
     const size_t rb = el_row_bytes(type, cols);
     const float *ds = NULL;
-    const el_block_q8a *q = quantize_x(x, 1, cols, 2, el_uses_act_ds(type), &ds);   /* q[b]: high, q[nb + b]: residual */
+    /* q[b]: high, q[nb + b]: residual */
+    const el_block_q8a *q = quantize_x(x, 1, cols, 2, el_uses_act_ds(type), &ds);
     float *bound = el_scratch(1, sizeof(float) * ((size_t)rows + nbp));
     if (!q || !bound) {
         el_unlock();

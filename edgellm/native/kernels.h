@@ -183,7 +183,8 @@ static inline int el_is_repacked(int type) {
 static inline int el_uses_act_ds(int type) { return el_is_repacked(type) && !el_is_interleaved(type); }
 /* the GGUF type of a repacked one (EL_Q4_1R, EL_Q4_1X -> EL_Q4_1); other types unchanged */
 static inline int el_base_type(int type) {
-    return el_is_interleaved(type) ? type - (EL_Q4_0X - EL_Q4_0) : el_is_repacked(type) ? type - (EL_Q4_0R - EL_Q4_0) : type;
+    if (el_is_interleaved(type)) return type - (EL_Q4_0X - EL_Q4_0);
+    return el_is_repacked(type) ? type - (EL_Q4_0R - EL_Q4_0) : type;
 }
 /* GGUF block b (el_block_q4_0 / q4_1 / q8_0 bytes) of row r of W (rows of rb bytes, nb blocks) in el_repack's layout */
 void el_unpack_block(const uint8_t *W, int type, size_t rb, long r, int nb, int b, uint8_t *blk);

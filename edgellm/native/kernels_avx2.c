@@ -409,8 +409,8 @@ INLINE void x_group(int type, const el_mm *m, int g, int r0, int r1, int t, int 
         const __m256 c = type == EL_Q4_1X ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 144)))
                                           : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
         for (int j = 0; j < NT; j++) {
-            const __m256 v = _mm256_fmadd_ps(x_dot(lo, hi, a[j] + b), _mm256_mul_ps(dw, _mm256_broadcast_ss(&a[j][b].d)),
-                                             _mm256_mul_ps(c, _mm256_broadcast_ss(&a[j][b].s)));
+            const __m256 dd = _mm256_mul_ps(dw, _mm256_broadcast_ss(&a[j][b].d));
+            const __m256 v = _mm256_fmadd_ps(x_dot(lo, hi, a[j] + b), dd, _mm256_mul_ps(c, _mm256_broadcast_ss(&a[j][b].s)));
             acc[j][b % XACC] = _mm256_add_ps(acc[j][b % XACC], v);
         }
         if (BOUND) {
