@@ -95,14 +95,15 @@ def test_matmul_repacked(simd, threads, t, cols, n, layout):
 @pytest.mark.parametrize("layout,t", LAYOUT_TYPES)
 @pytest.mark.parametrize("cols", [64, 96, 576, 1536])   # tails of 2, 3 (odd: a Q4 block without a pair), 2, 0 blocks
 def test_gemv_equals_gemm_rows(simd, threads, t, cols, layout):
-    """One token's product equals, bit for bit, that token's row of a many-token product (the GEMM kernel takes
-    tokens in pairs): decode gives the logits prefill gives. rows: 45 rows, 4-row tiles and a rest; groups: 48."""
+    """One token's product equals, bit for bit, that token's row of a many-token product (the GEMM kernels take
+    tokens in tiles: pairs in the rows layout; 8, then pairs, then one in the groups layout): decode gives the logits
+    prefill gives. rows: 45 rows, 4-row tiles and a rest; groups: 48. 11 tokens: a tile of each size."""
     rng = np.random.default_rng(cols + 7 * int(t))
     rows = 45 if layout == "rows" else 48
     Wr, rt = in_layout(random_weights(t, rows, cols, rng), t, cols, layout)
-    X = rng.standard_normal((3, cols)).astype(np.float32) * rng.uniform(0.1, 10, cols).astype(np.float32)
+    X = rng.standard_normal((11, cols)).astype(np.float32) * rng.uniform(0.1, 10, cols).astype(np.float32)
     many = N.matmul(Wr, rt, rows, cols, X)
-    for i in range(3):
+    for i in range(11):
         np.testing.assert_array_equal(N.matmul(Wr, rt, rows, cols, X[i:i + 1])[0], many[i])
 
 

@@ -382,6 +382,7 @@ INLINE void x_store(float *y, int g, int r0, int r1, __m256 v) {
 }
 
 #define XACC 4   /* accumulators per row: block b's term into b % XACC, then a tree (as exact as el_repack's rows) */
+#define XT 8     /* act rows per GEMM tile: a block's unpacked weights serve 8 tokens (4 and 16 measured slower) */
 
 /* Y rows g..g+7 (one group) of act rows t..t+NT-1, rows in [r0, r1) stored: per row and block the term
  * d_w d_a (w.a) + c s_a (c = m for Q4_1, -8 d for Q4_0), summed in the same order whatever NT, so one token's
@@ -390,8 +391,8 @@ INLINE void x_group(int type, const el_mm *m, int g, int r0, int r1, int t, int 
     const int nb = m->cols / EL_QK;
     const size_t bb = 8 * m->row_bytes / nb;   /* one block of 8 rows: 128 bytes of weights, 8 d, (Q4_1) 8 m */
     const uint8_t *q = m->W + (size_t)g * m->row_bytes;
-    const el_block_q8a *a[TT];
-    __m256 acc[TT][XACC], bacc = _mm256_setzero_ps();
+    const el_block_q8a *a[XT];
+    __m256 acc[XT][XACC], bacc = _mm256_setzero_ps();
     for (int j = 0; j < NT; j++) {
         a[j] = (const el_block_q8a *)m->act + (size_t)(t + j) * nb;
         for (int k = 0; k < XACC; k++) acc[j][k] = _mm256_setzero_ps();
@@ -420,26 +421,32 @@ INLINE void x_group(int type, const el_mm *m, int g, int r0, int r1, int t, int 
             bacc = _mm256_fmadd_ps(wmax, _mm256_broadcast_ss(m->bound_v + b), bacc);
         }
     }
-    __m256 y[TT];
+    __m256 y[XT];
     for (int j = 0; j < NT; j++) {
         for (int w = XACC / 2; w; w /= 2)
             for (int k = 0; k < w; k++) acc[j][k] = _mm256_add_ps(acc[j][k], acc[j][k + w]);
         y[j] = acc[j][0];
     }
-    if (NT == 2 && m->planes == 2) y[0] = _mm256_add_ps(y[0], y[1]), t /= 2, NT = 1;
+    if (m->planes == 2) {   /* act rows 2i, 2i + 1: the two planes of token t / 2 + i (NT even) */
+        for (int j = 0; j < NT / 2; j++) y[j] = _mm256_add_ps(y[2 * j], y[2 * j + 1]);
+        t /= 2, NT /= 2;
+    }
     for (int j = 0; j < NT; j++) x_store(m->Y + (size_t)(t + j) * m->ldy, g, r0, r1, y[j]);
     if (BOUND && t == 0) x_store(m->bound, g, r0, r1, bacc);
 }
 
-/* As rmm_rows: token chunks, slabs of RS rows (whole groups) in L1 while the chunk's token pairs pass */
+/* As rmm_rows: token chunks, slabs of RS rows (whole groups) in L1 while the chunk's tiles of XT tokens pass (then
+ * pairs, then one: a decode GEMV is a single token) */
 INLINE void xmm_rows(int type, const el_mm *m, int r0, int r1, int BOUND) {
     for (int t0 = 0; t0 < m->n; t0 += TC) {
         const int t1 = t0 + TC < m->n ? t0 + TC : m->n;
         for (int rs = r0 & ~7; rs < r1; rs += RS) {
             const int re = rs + RS < r1 ? rs + RS : r1;
             int t = t0;
-            for (; t + TT <= t1; t += TT)
-                for (int g = rs; g < re; g += 8) x_group(type, m, g, r0, r1, t, TT, BOUND);
+            for (; t + XT <= t1; t += XT)
+                for (int g = rs; g < re; g += 8) x_group(type, m, g, r0, r1, t, XT, BOUND);
+            for (; t + 2 <= t1; t += 2)
+                for (int g = rs; g < re; g += 8) x_group(type, m, g, r0, r1, t, 2, BOUND);
             if (t < t1)
                 for (int g = rs; g < re; g += 8) x_group(type, m, g, r0, r1, t, 1, BOUND);
         }
