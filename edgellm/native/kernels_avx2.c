@@ -200,6 +200,16 @@ INLINE __m256 f16x8(const uint16_t *v, int b, int cnt, int nb) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp));
 }
 
+/* Lane by lane the bound on |w| that a block's scales give (el_mm.bound): 127|d| (Q8_0), 8|d| (Q4_0), 15|d| + |m|
+ * (Q4_1, m = c); type: any layout of those */
+INLINE __m256 scale_wmax(int type, __m256 dw, __m256 c) {
+    const int base = el_base_type(type);
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const float k = base == EL_Q8_0 ? 127 : base == EL_Q4_0 ? 8 : 15;
+    const __m256 wmax = _mm256_mul_ps(_mm256_and_ps(dw, abs), _mm256_set1_ps(k));
+    return base == EL_Q4_1 ? _mm256_add_ps(wmax, _mm256_and_ps(c, abs)) : wmax;
+}
+
 /* acc[j] += blocks b..b+cnt-1 of one row (nb blocks) with act rows j, lane k for block b+k:
  * d_w d_a (w.a) + c s_a, c = m (Q4_1), -8 d_w (Q4_0), 0 (Q8_0); scales of 8 blocks per vector.
  * BOUND: also *bacc += wmax bv lane by lane (el_mm.bound: wmax = 127|d|, 8|d|, 15|d| + |m|) */
@@ -218,10 +228,7 @@ INLINE void rgroup(int type, const uint8_t *row, int nb, int b, int cnt, const e
         acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[j]), _mm256_mul_ps(dw, _mm256_loadu_ps(ds[j] + b)), acc[j]);
     }
     if (BOUND) {
-        const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        __m256 wmax = _mm256_mul_ps(_mm256_and_ps(dw, abs), _mm256_set1_ps(type == EL_Q8_0R ? 127 : type == EL_Q4_0R ? 8 : 15));
-        if (type == EL_Q4_1R) wmax = _mm256_add_ps(wmax, _mm256_and_ps(c, abs));
-        *bacc = _mm256_fmadd_ps(wmax, _mm256_loadu_ps(bv + b), *bacc);
+        *bacc = _mm256_fmadd_ps(scale_wmax(type, dw, c), _mm256_loadu_ps(bv + b), *bacc);
     }
 }
 
@@ -281,11 +288,8 @@ INLINE void tail_pairs(int type, const uint8_t *row0, size_t rb, int nb, const e
         put_lanes01(g, &acc[0][j], &acc[1][j], &acc[2][j], &acc[3][j]);
     }
     if (BOUND) {
-        const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-        __m256 wmax = _mm256_mul_ps(_mm256_and_ps(dw, abs), _mm256_set1_ps(type == EL_Q8_0R ? 127 : type == EL_Q4_0R ? 8 : 15));
-        if (type == EL_Q4_1R) wmax = _mm256_add_ps(wmax, _mm256_and_ps(c, abs));
-        const __m256 g = _mm256_fmadd_ps(wmax, _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(bv + nb - 2))),
-                                         lanes01(bacc[0], bacc[1], bacc[2], bacc[3]));
+        const __m256 bv2 = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(bv + nb - 2)));
+        const __m256 g = _mm256_fmadd_ps(scale_wmax(type, dw, c), bv2, lanes01(bacc[0], bacc[1], bacc[2], bacc[3]));
         put_lanes01(g, &bacc[0], &bacc[1], &bacc[2], &bacc[3]);
     }
 }
@@ -414,12 +418,7 @@ INLINE void x_group(int type, const el_mm *m, int g, int r0, int r1, int t, int 
             const __m256 v = _mm256_fmadd_ps(x_dot(lo, hi, a[j] + b), dd, _mm256_mul_ps(c, _mm256_broadcast_ss(&a[j][b].s)));
             acc[j][b % XACC] = _mm256_add_ps(acc[j][b % XACC], v);
         }
-        if (BOUND) {
-            const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-            __m256 wmax = _mm256_mul_ps(_mm256_and_ps(dw, abs), _mm256_set1_ps(type == EL_Q4_0X ? 8 : 15));
-            if (type == EL_Q4_1X) wmax = _mm256_add_ps(wmax, _mm256_and_ps(c, abs));
-            bacc = _mm256_fmadd_ps(wmax, _mm256_broadcast_ss(m->bound_v + b), bacc);
-        }
+        if (BOUND) bacc = _mm256_fmadd_ps(scale_wmax(type, dw, c), _mm256_broadcast_ss(m->bound_v + b), bacc);
     }
     __m256 y[XT];
     for (int j = 0; j < NT; j++) {
