@@ -26,8 +26,11 @@ ffibuilder.set_source(
     # setuptools insists on paths relative to setup.py (the working directory of a pip build)
     sources=[os.path.relpath(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
-    # fp-contract=off: the quantizers must round exactly like ggml's reference on every ISA
-    extra_compile_args=["-O3", "-std=c11", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-Wall"],
+    # fp-contract=off: the quantizers must round exactly like ggml's reference on every ISA. Functions and loops at
+    # fixed alignments: code added before a kernel no longer moves its hot loops (decode attention ran ~3% slower
+    # at 2 threads after unrelated matmul code grew in front of it)
+    extra_compile_args=["-O3", "-std=c11", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-Wall",
+                        "-falign-functions=64", "-falign-loops=32"],
     extra_link_args=["-pthread"],
     libraries=["m"],
 )
