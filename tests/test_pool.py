@@ -33,14 +33,13 @@ def jobs(rng):
 
 
 @pytest.fixture
-def oversubscribed():
+def restore_threads():
     before = N.get_threads()
-    N.set_threads(16)
     yield
     N.set_threads(before)
 
 
-def test_slots_run_once_when_oversubscribed(oversubscribed):
+def test_slots_run_once_when_oversubscribed(restore_threads):
     N.set_threads(1)
     one = jobs(np.random.default_rng(5))
     N.set_threads(16)

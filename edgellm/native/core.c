@@ -372,12 +372,18 @@ static void mm_task(void *p, int ith, int nth) {
  * (<= 256 KiB) stay in L2 while every token chunk of the GEMM passes over them. Each weight row is read by one
  * thread either way. */
 static int mm_chunk(int rows, size_t rb, int nth, int n) {
-    if (n == 1) return ((rows + 4 * nth - 1) / (4 * nth) + 7) & ~7;
     int chunk = ((rows + 4 * nth - 1) / (4 * nth) + 7) & ~7;
+    if (n == 1) return chunk;
     int l2_rows = (int)((256 << 10) / rb) & ~7;
     if (chunk > l2_rows) chunk = l2_rows;
     if (chunk < 16) chunk = 16;
     return chunk;
+}
+
+/* The job's rows cut into work items (mm_chunk) and the items into runs */
+static void mm_items(mm_job *j, int nth, int n) {
+    j->chunk = mm_chunk(j->m.rows, j->m.row_bytes, nth, n);
+    runs_init(&j->runs, (j->m.rows + j->chunk - 1) / j->chunk, nth);
 }
 
 static void matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy, int planes) {
@@ -387,8 +393,7 @@ static void matmul(const void *W, int wtype, int rows, int cols, const float *X,
     int nth = el_get_threads_locked();
     if (!el_is_quant(wtype)) planes = 1;   /* F16/F32 weights take f32 activations as they are */
     mm_job job = {.m = {W, rb, wtype, rows, cols, n * planes, ldy, X, Y, planes}};
-    job.chunk = mm_chunk(rows, rb, nth, n);
-    runs_init(&job.runs, (rows + job.chunk - 1) / job.chunk, nth);
+    mm_items(&job, nth, n);
     if (el_is_quant(wtype)) job.m.act = quantize_x(X, n, cols, planes, el_uses_act_ds(wtype), &job.m.act_ds);
     if (job.m.act) el_parallel(mm_task, &job);
     el_unlock();
@@ -1007,8 +1012,7 @@ int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y)
     const float eps = (float)(nb + 4) * 0x1p-23f;
     for (int b = 0; b < nbp; b++) v[b] = b < nb ? 127.0f * (q[nb + b].d + eps * q[b].d) : 0.0f;
     mm_job job = {.m = {w->w, rb, type, rows, cols, 1, rows, q, y, 1, ds, v, bound}};   /* x's high plane, and bounds */
-    job.chunk = mm_chunk(rows, rb, el_get_threads_locked(), 1);
-    runs_init(&job.runs, (rows + job.chunk - 1) / job.chunk, el_get_threads_locked());
+    mm_items(&job, el_get_threads_locked(), 1);
     el_parallel(mm_task, &job);
     refine_job rj = {.hp = {w->w, rb, type, rows, cols, 2, rows, q, y, 2, ds}, .rho = rho, .bound = bound};
     el_parallel(lower_bounds_task, &rj);
