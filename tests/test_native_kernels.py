@@ -376,6 +376,23 @@ def test_f16_rows_convert_exactly(simd):
     assert np.isnan(got[nan]).all()
 
 
+def test_f32_to_f16_rounds_as_numpy(simd):
+    """f32 -> f16 (F16C in the AVX2 table): every exponent, the halfway cases between neighbouring f16 values, the
+    overflow edge, subnormals and zeros equal numpy's round-to-nearest-even; a NaN becomes the quiet NaN of its sign."""
+    rng = np.random.default_rng(7)
+    bits = rng.integers(0, 1 << 32, 1 << 18, dtype=np.uint64).astype(np.uint32)
+    h = np.arange(1 << 15, dtype=np.uint32).astype(np.uint16)   # every positive f16
+    mid = (h.view(np.float16).astype(np.float64)[:-1] + h.view(np.float16).astype(np.float64)[1:]) / 2
+    edges = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, np.inf, -np.inf, 2.0 ** -24, 2.0 ** -25, 1e-30])
+    x = np.concatenate([bits.view(np.float32), mid.astype(np.float32), -mid.astype(np.float32),
+                        edges.astype(np.float32)])
+    x[5::4099] = np.nan   # NaN lanes among finite ones
+    got = N.quantize_row(x, GGMLType.F16).view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], x[~nan].astype(np.float16).view(np.uint16))
+    np.testing.assert_array_equal(got[nan], np.where(np.signbit(x[nan]), 0xFE00, 0x7E00).astype(np.uint16))
+
+
 def test_q8_0_rounds_halves_away_from_zero():
     """ggml's roundf on exact halves (amax 127 makes the scale 1, so each value is its own quotient)."""
     x = np.concatenate([[127.0], np.arange(-15.5, 15.5, 1.0)]).astype(np.float32)

@@ -134,7 +134,9 @@ void el_softmax_row(float *s, int cnt, const int32_t *kpos, int32_t qpos, float 
     if (qpos != INT32_MAX)
         for (int t = 0; t < cnt; t++)
             if (kpos[t] > qpos) s[t] = -INFINITY;
-    for (int t = 0; t < cnt; t++) m_new = s[t] > m_new ? s[t] : m_new;
+    if (el_kern->max) m_new = el_kern->max(s, cnt, m_new);
+    else
+        for (int t = 0; t < cnt; t++) m_new = s[t] > m_new ? s[t] : m_new;
     if (m_new == -INFINITY) {   /* nothing visible to this row yet: it takes no part in P.V */
         memset(s, 0, sizeof(float) * cnt);
         return;

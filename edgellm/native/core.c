@@ -471,6 +471,12 @@ static inline int round_half_away(float v) {
     return t + (f >= 0.5f) - (f <= -0.5f);
 }
 
+static void to_f16_row(const float *x, uint16_t *y, long n) {
+    if (el_kern->to_f16_row) el_kern->to_f16_row(x, y, n);
+    else
+        for (long i = 0; i < n; i++) y[i] = el_f32_to_f16(x[i]);
+}
+
 /* Round-to-nearest quantizers, bit exact with ggml's quantize_row_*_ref. */
 void el_quantize_row(const float *x, void *dst, long n, int type) {
     if (type == EL_F32) {
@@ -478,7 +484,7 @@ void el_quantize_row(const float *x, void *dst, long n, int type) {
         return;
     }
     if (type == EL_F16) {
-        for (long i = 0; i < n; i++) ((uint16_t *)dst)[i] = el_f32_to_f16(x[i]);
+        to_f16_row(x, dst, n);
         return;
     }
     for (long b = 0; b < n / EL_QK; b++, x += EL_QK) {
@@ -663,7 +669,7 @@ void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int
                     hadamard_rows(buf, 1, hd, norm);
                     x = buf;
                 }
-                for (int j = 0; j < hd; j++) y[j] = el_f32_to_f16(x[j]);
+                to_f16_row(x, y, hd);
             }
     }
     memcpy(pos16 + row0, pos, sizeof(int32_t) * n);

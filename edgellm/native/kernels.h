@@ -283,6 +283,10 @@ typedef struct {
      * next_k / next_v: next_bytes of the unit's next tile, prefetched while this one computes (next_bytes 0: none). */
     void (*attend_quant)(const el_qtile *T, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
                          int cnt, int partial, const char *next_k, const char *next_v, size_t next_bytes);
+    /* Optional (NULL: the portable loop): the largest of m and x[0..n) (a maximum: the same in any order) */
+    float (*max)(const float *x, int n, float m);
+    /* Optional (NULL: el_f32_to_f16 per value): n f32 values to f16, bit for bit as el_f32_to_f16 rounds them */
+    void (*to_f16_row)(const float *x, uint16_t *y, long n);
 } el_kernels;
 
 /* One row's online-softmax step over a key tile (attention.c; the attention kernels share it): its scores s[0..cnt)

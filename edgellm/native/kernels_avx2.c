@@ -623,7 +623,17 @@ INLINE void kq_store(int type, const char *k, size_t rb, const int *idx, const f
     float out[8];
     kq_block(type, k, rb, idx + t0, q + (size_t)r0 * hd, hd, NR, NK, acc);
     for (int i = NR * NK; i < 8; i++) acc[i] = _mm256_setzero_ps();
-    _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));   /* one transpose-add for 8 dots */
+    const __m256 dots = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));   /* one transpose-add for 8 dots */
+    if (NK == 2) {   /* a row's pair of scores: one 64-bit store from its lanes */
+        const __m128 lo = _mm256_castps256_ps128(dots), hi = _mm256_extractf128_ps(dots, 1);
+        for (int r = 0; r < NR; r++) {
+            const __m128 h = r < 2 ? lo : hi;
+            if (r % 2) _mm_storeh_pi((__m64 *)(s + (r0 + r) * EL_KT + t0), h);
+            else _mm_storel_pi((__m64 *)(s + (r0 + r) * EL_KT + t0), h);
+        }
+        return;
+    }
+    _mm256_storeu_ps(out, dots);
     for (int r = 0; r < NR; r++)
         for (int j = 0; j < NK; j++) s[(r0 + r) * EL_KT + t0 + j] = out[r * NK + j];
 }
@@ -1036,6 +1046,18 @@ static float exp_sum_avx2(float *x, int n, float sub) {
     return hsum(acc);
 }
 
+/* max(m, x[0..n)): max_ps(x, acc) takes x only where x > acc, as the portable loop does */
+static float max_avx2(const float *x, int n, float m) {
+    __m256 acc = _mm256_set1_ps(m);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(_mm256_loadu_ps(x + i), acc);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float r = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+    for (; i < n; i++) r = x[i] > r ? x[i] : r;
+    return r;
+}
+
 /* ---------------- attention over quantized K/V tiles ---------------- */
 
 /* o rows i < NH (hd apart), the 32 dims of V block b, += sum_t pd[i][t] v_t with v_t's values before their scale
@@ -1183,9 +1205,21 @@ static void f16_row_avx2(const uint16_t *x, float *y, long n) {
     for (; i < n; i++) y[i] = f16(x[i]);
 }
 
+/* F16C rounds to nearest even as el_f32_to_f16 does; from the first group of 8 holding a NaN on, the scalar path
+ * (it drops a NaN's payload, which the instruction would keep part of) */
+static void to_f16_row_avx2(const float *x, uint16_t *y, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) break;
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    for (; i < n; i++) y[i] = el_f32_to_f16(x[i]);
+}
+
 const el_kernels el_kernels_avx2 = {
     quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2, f16_row_avx2,
-    attend_quant_avx2,
+    attend_quant_avx2, max_avx2, to_f16_row_avx2,
 };
 
 #pragma GCC pop_options
