@@ -5,8 +5,8 @@
 
 A standalone C program (below, compiled with the system cc into a temporary directory) streams a buffer
 much larger than the last-level cache with AVX2 loads (SSE2 elsewhere) from 1..N threads, each thread its
-own contiguous slice, and reports the best of several passes (and their median). Decode reads every weight once per token
-plus the KV cache of the context; the bound is those bytes over this bandwidth.
+own contiguous slice, and reports the best of several passes (and their median). Decode reads every weight once
+per token plus the KV cache of the context; the bound is those bytes over this bandwidth.
 """
 from __future__ import annotations
 
