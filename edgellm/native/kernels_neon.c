@@ -273,6 +273,28 @@ static void silu_mul_neon(float *g, const float *u, long n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* max(m, x[0..n)): maxnm, like the portable loop, passes over a NaN score */
+static float max_neon(const float *x, int n, float m) {
+    float32x4_t acc = vdupq_n_f32(m);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) acc = vmaxnmq_f32(vld1q_f32(x + i), acc);
+    float r = vmaxnmvq_f32(acc);
+    for (; i < n; i++) r = x[i] > r ? x[i] : r;
+    return r;
+}
+
+/* FCVTN rounds to nearest even as el_f32_to_f16 does; from the first group of 4 holding a NaN on, the scalar path
+ * (it drops a NaN's payload, which the instruction would keep part of) */
+static void to_f16_row_neon(const float *x, uint16_t *y, long n) {
+    long i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(x + i);
+        if (vminvq_u32(vceqq_f32(v, v)) == 0) break;
+        vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(v)));
+    }
+    for (; i < n; i++) y[i] = el_f32_to_f16(x[i]);
+}
+
 /* ---------------- the int8 kernels, once per table ---------------- */
 
 #define EL_NEON_PASS 1
@@ -298,12 +320,12 @@ INLINE int32x4_t block_dot_sdot(int32x4_t acc, const int8x16_t w[2], const int8x
 /* optional entries left out are NULL (the callers then use the generic path) */
 const el_kernels el_kernels_neon = {
     .quant_act = quant_act_neon, .mm_rows = mm_rows_neon, .kq = kq_neon, .pv = pv_neon,
-    .exp_sum = exp_sum_neon, .silu_mul = silu_mul_neon,
+    .exp_sum = exp_sum_neon, .silu_mul = silu_mul_neon, .max = max_neon, .to_f16_row = to_f16_row_neon,
 };
 
 const el_kernels el_kernels_neon_dot = {
     .quant_act = quant_act_neon, .mm_rows = mm_rows_neon_dot, .kq = kq_neon, .pv = pv_neon,
-    .exp_sum = exp_sum_neon, .silu_mul = silu_mul_neon,
+    .exp_sum = exp_sum_neon, .silu_mul = silu_mul_neon, .max = max_neon, .to_f16_row = to_f16_row_neon,
 };
 
 #else /* EL_NEON_PASS: the part compiled once per int8 dot */
