@@ -620,7 +620,6 @@ INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const f
 INLINE void kq_store(int type, const char *k, size_t rb, const int *idx, const float *q, int hd, float scale, float *s,
                      int r0, int t0, int NR, int NK) {
     __m256 acc[8];
-    float out[8];
     kq_block(type, k, rb, idx + t0, q + (size_t)r0 * hd, hd, NR, NK, acc);
     for (int i = NR * NK; i < 8; i++) acc[i] = _mm256_setzero_ps();
     const __m256 dots = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));   /* one transpose-add for 8 dots */
@@ -633,6 +632,7 @@ INLINE void kq_store(int type, const char *k, size_t rb, const int *idx, const f
         }
         return;
     }
+    float out[8];
     _mm256_storeu_ps(out, dots);
     for (int r = 0; r < NR; r++)
         for (int j = 0; j < NK; j++) s[(r0 + r) * EL_KT + t0 + j] = out[r * NK + j];
