@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """edgellm vs llama.cpp on the same GGUF, the same prompt token ids and the same thread count.
 
-    python bench/vs_llamacpp.py --threads 1 2 --context 512 4096 [--kv-dtype q8_0] [--markdown]
+    python bench/vs_llamacpp.py --threads 1 2 --context 512 4096 [--kv-dtype q8_0] [--bandwidth] [--markdown]
 
 llama.cpp runs through llama-cpp-python from its own venv (--llama-python), never a dependency
 of edgellm. Each engine runs in its own child process, one after the other (--rounds K: K turns each,
@@ -19,6 +19,7 @@ import sys
 import time
 
 LLAMA_VERSION = "0.3.36"
+BANDWIDTH_PASSES, BANDWIDTH_PASS_MS = 3, 300   # per round: three reads as long as a decode run (bench/bandwidth.py)
 DEFAULT_LLAMA_PYTHON = os.environ.get("EDGELLM_LLAMA_PYTHON", "/work/llamavenv/bin/python")
 # GGML type ids for llama.cpp's type_k / type_v
 GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}
@@ -150,18 +151,32 @@ def best_of(a: dict, b: dict) -> dict:
 
 
 def compare(args, model: str, ids: list[int], threads: int) -> dict:
+    import bandwidth   # bench/bandwidth.py, beside this file
+
     from edgellm.cli.bench import WARMUP_GEN, WARMUP_PROMPT
 
     spec = {"model": model, "ids": ids, "gen_tokens": args.gen_tokens, "threads": threads,
             "kv_dtype": args.kv_dtype, "repeat": args.repeat,
             "warmup_prompt": WARMUP_PROMPT, "warmup_gen": WARMUP_GEN}
-    ours, theirs = {}, {}
+    ours, theirs, read_gb_s = {}, {}, 0.0
     for _ in range(args.rounds):   # the engines take turns, so a slow spell of the machine hits both
         ours = best_of(ours, run_worker(sys.executable, "edgellm", spec))
         theirs = best_of(theirs, run_worker(args.llama_python, "llama.cpp", spec))
+        if args.bandwidth:   # the read takes its turn too: the bound comes from the same minutes as the decode
+            read_gb_s = max(read_gb_s, *bandwidth.read_passes(threads, passes=BANDWIDTH_PASSES, ms=BANDWIDTH_PASS_MS))
     ratio = {key: ours[key] / theirs[key] for key, _ in METRICS}
-    return {"threads": threads, "context": len(ids), "edgellm": ours, "llama.cpp": theirs,
-            "ratio": ratio}
+    row = {"threads": threads, "context": len(ids), "edgellm": ours, "llama.cpp": theirs, "ratio": ratio}
+    if args.bandwidth:
+        per_token = sum(bandwidth.bytes_per_token(model, len(ids), args.kv_dtype))
+        row["bound"] = {"read_gb_s": read_gb_s, "mb_per_token": per_token / 1e6,
+                        "decode_tok_s": read_gb_s * 1e9 / per_token}
+        row["bound"]["share"] = ours["decode_tok_s"] / row["bound"]["decode_tok_s"]
+    return row
+
+
+def format_bound(b: dict) -> str:
+    return (f"{b['share'] * 100:.0f}% of the bound ({b['decode_tok_s']:.1f} tok/s: {b['mb_per_token']:.1f} MB/token "
+            f"at {b['read_gb_s']:.2f} GB/s)")
 
 
 def format_text(rows: list[dict]) -> str:
@@ -173,18 +188,22 @@ def format_text(rows: list[dict]) -> str:
             values = "".join(f"  {row[engine][key]:13.{3 if engine == 'ratio' else 1}f}"
                              for key, _ in METRICS)
             lines.append(f"{row['threads']:>7}  {row['context']:>7}  {engine:<10}{values}")
+        if "bound" in row:
+            lines.append(f"{row['threads']:>7}  {row['context']:>7}  {'decode':<10}  {format_bound(row['bound'])}")
     return "\n".join(lines)
 
 
 def format_markdown(rows: list[dict], model_name: str, kv_dtype: str) -> str:
+    bound = all("bound" in row for row in rows)
     lines = ["| model | KV | threads | context | " + " | ".join(
-                 f"{label} edgellm / llama.cpp (ratio)" for _, label in METRICS) + " |",
-             "|---|---|---|---|" + "---|" * len(METRICS)]
+                 f"{label} edgellm / llama.cpp (ratio)" for _, label in METRICS) + " |"
+             + (" decode / bandwidth bound |" if bound else ""),
+             "|---|---|---|---|" + "---|" * (len(METRICS) + bound)]
     for row in rows:
         cells = [f"{row['edgellm'][key]:.1f} / {row['llama.cpp'][key]:.1f} ({row['ratio'][key]:.2f}x)"
                  for key, _ in METRICS]
         lines.append(f"| {model_name} | {kv_dtype} | {row['threads']} | {row['context']} | "
-                     + " | ".join(cells) + " |")
+                     + " | ".join(cells) + " |" + (f" {format_bound(row['bound'])} |" if bound else ""))
     return "\n".join(lines)
 
 
@@ -201,6 +220,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, metavar="K",
                    help="K processes per engine, alternating engines; best speeds and largest peak RSS over them")
     p.add_argument("--markdown", action="store_true", help="print README table rows")
+    p.add_argument("--bandwidth", action="store_true",
+                   help="also measure the read bandwidth (bench/bandwidth.py) in every round, after the engines, and "
+                        "give edgellm's decode as a share of the bound it sets")
     p.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, metavar="PATH",
                    help="Python with llama-cpp-python (default: $EDGELLM_LLAMA_PYTHON or %(default)s)")
     return p.parse_args(argv)

@@ -1,0 +1,42 @@
+"""bench/bandwidth.py, whose bound the README's decode share divides by: its C read and its bytes per token."""
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgellm.formats.gguf import GGUFFile
+
+BENCH = Path(__file__).parent.parent / "bench" / "bandwidth.py"
+
+
+@pytest.fixture(scope="module")
+def bandwidth():
+    spec = importlib.util.spec_from_file_location("bandwidth", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("ms", [0, 40])
+def test_read_passes_report_every_pass(bandwidth, ms):
+    rates = bandwidth.read_passes(2, mb=64, passes=2, ms=ms)
+    assert len(rates) == 2
+    # 64 MiB in a pass of 40 ms or one sweep: far above 0.1 GB/s on any machine, and below 10 TB/s
+    assert all(math.isfinite(r) and 0.1 < r < 1e4 for r in rates)
+
+
+def test_bytes_per_token_counts_every_matrix_once_and_the_context(bandwidth, model_path):
+    g = GGUFFile(model_path)
+    n_layer, n_kv, hd = 30, 3, 64
+    # tied embeddings: the output layer multiplies by token_embd, which decode reads whole once per token
+    out = g.tensors.get("output.weight") or g.tensors["token_embd.weight"]
+    names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    weights = out.data.nbytes + sum(g.tensors[f"blk.{i}.{n}.weight"].data.nbytes
+                                    for i in range(n_layer) for n in names)
+    wb, kvb = bandwidth.bytes_per_token(str(model_path), 512, "q8_0")
+    assert wb == weights
+    # q8_0: 34 bytes per 32 values; K and V, every layer and KV head, 512 positions
+    assert kvb == 2 * n_layer * n_kv * (hd // 32 * 34) * 512
