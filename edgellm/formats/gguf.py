@@ -2,10 +2,9 @@
 
 Nothing is copied at load: a tensor's `data` is a numpy view into the mapped file, so pages are
 read from disk only when a kernel touches them. The map is private copy-on-write: the native backend
-repacks the output matrix in place on first use (el_repack; `data` then holds that layout, see
+repacks quantized matrices in place on first use (el_repack; `data` then holds that layout, see
 NativeBackend), which never reaches the file; a page it rewrites becomes the process's own memory
-instead of shared page cache, the same RSS. The layer matrices it copies into one buffer in the order a
-decode step reads them (Weights.pack_layers) and `release`s their pages here. The numpy views stay read-only.
+instead of shared page cache, the same RSS. The numpy views stay read-only.
 
 The header is parsed here with `struct` over the map rather than with gguf-py's GGUFReader, which
 builds a numpy array for every part of every string: for a 49k-token vocabulary that is ~150 MB of
@@ -152,27 +151,6 @@ class GGUFFile:
             data = np.frombuffer(self._map, np.uint8, n_bytes, start).reshape(-1, shape[-1] // per_block * block_bytes)
         data.flags.writeable = False   # only the native kernels write (repack) through the map
         return Tensor(name, ttype, shape, data)
-
-    def release(self, views, keep=()) -> None:
-        """Drop the map's pages under `views` (data of this file's tensors, copied elsewhere) from the process; a page
-        touched again is read back from the file. Pages that also hold part of a `keep` view stay: the native backend
-        rewrites some tensors in place (the map is private), and a dropped page would lose that."""
-        if not hasattr(mmap, "MADV_DONTNEED"):
-            return   # no madvise (Windows): the pages stay until the map closes
-        kept = [self._pages(v) for v in keep]
-        for v in views:
-            runs = [self._pages(v)]
-            for klo, khi in kept:   # each run minus each kept span: what lies below it and what lies above
-                runs = [r for lo, hi in runs for r in ((lo, min(hi, klo)), (max(lo, khi), hi)) if r[0] < r[1]]
-            for lo, hi in runs:
-                self._map.madvise(mmap.MADV_DONTNEED, lo * mmap.PAGESIZE, (hi - lo) * mmap.PAGESIZE)
-
-    def _pages(self, view: np.ndarray) -> tuple[int, int]:
-        """The pages [lo, hi) of the map that `view` touches."""
-        start = view.ctypes.data - np.frombuffer(self._map, np.uint8).ctypes.data
-        if start < 0 or start + view.nbytes > len(self._map):
-            raise ValueError(f"{self.path}: the array is not a view of this file's map")
-        return start // mmap.PAGESIZE, -(-(start + view.nbytes) // mmap.PAGESIZE)
 
     def get(self, name: str) -> Tensor:
         try:

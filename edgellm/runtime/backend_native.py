@@ -8,8 +8,7 @@ from .. import native
 from ..native import ffi, lib
 from ..quant.blocks import GGMLType
 from .config import ModelConfig
-from ..formats.gguf import GGUFFile
-from .weights import STEP_ORDER, Weights
+from .weights import Weights
 
 
 def _fptr(a: np.ndarray):
@@ -22,12 +21,12 @@ def _weight(t):
 
 
 class NativeBackend:
-    def __init__(self, cfg: ModelConfig, w: Weights, n_threads: int, gguf: GGUFFile):
+    def __init__(self, cfg: ModelConfig, w: Weights, n_threads: int):
         self.cfg = cfg
         lib.el_set_threads(n_threads)
         self.weights = w   # owns the memory map the el_weight structs point into
-        self._gguf, self._packed = gguf, None
-        self.layers = [{name: _weight(getattr(lw, name)) for name in STEP_ORDER} for lw in w.layers]
+        self.layers = [{name: _weight(getattr(lw, name)) for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+                       for lw in w.layers]
         self.norms = [(lw.attn_norm, lw.ffn_norm) for lw in w.layers]
         # per layer, the arguments of the two fused C steps that do not change between calls
         self._fused = [(_fptr(an), *(self.layers[i][k] for k in ("wq", "wk", "wv")),
@@ -88,19 +87,9 @@ class NativeBackend:
         lib.el_get_rows(e.w, e.type, e.cols, ffi.from_buffer("int32_t[]", ids), n, self.p["x"])
         return self.x[:n]
 
-    def _pack(self) -> None:
-        """Before the layers' first use (the kernels repack a matrix where it lies): their matrices into one buffer in
-        a step's order (Weights.pack_layers), the el_weight structs pointed there. Not at load, which maps only."""
-        if self._packed is None:
-            self._packed = self.weights.pack_layers(self._gguf)
-            for lw, structs in zip(self.weights.layers, self.layers):
-                for name, st in structs.items():
-                    st.w = ffi.cast("void *", getattr(lw, name).data.ctypes.data)
-
     def step(self, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> bool:
         """Every layer in one C call (el_forward_layers) when the cache can take the tokens that way; False when
         the caller must go layer by layer."""
-        self._pack()
         n = x.shape[0]
         n_blocks, seal = cache.step_blocks(n)
         if not n_blocks:
@@ -114,7 +103,6 @@ class NativeBackend:
     def layer(self, i: int, x: np.ndarray, pos: np.ndarray, cache: KVCache) -> None:
         """Two fused C steps around the KV manager: norm + QKV + RoPE, then (append, attend), then o-proj + residual +
         norm + gated MLP + residual; the same kernels and numerics as one call per op."""
-        self._pack()
         c, p = self.cfg, self.p
         n, d = x.shape
         an, wq, wk, wv, fn, wo, wg, wu, wd = self._fused[i]

@@ -43,7 +43,7 @@ class Model:
         self.n_threads = n_threads or physical_cores()
         if backend == "native":
             from .backend_native import NativeBackend
-            self.backend = NativeBackend(self.config, self.weights, self.n_threads, self.gguf)
+            self.backend = NativeBackend(self.config, self.weights, self.n_threads)
         elif backend == "numpy":
             from .backend_numpy import NumpyBackend
             self.backend = NumpyBackend(self.config, self.weights)

@@ -1,16 +1,12 @@
 """Model weights: named views into the GGUF memory map (nothing is copied at load)."""
 from __future__ import annotations
 
-import mmap
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..formats.gguf import GGUFFile, Tensor
 from .config import ModelConfig
-
-# The order a decode step multiplies by a layer's matrices (el_forward_layers): QKV, output projection, gate and up, down
-STEP_ORDER = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 @dataclass
@@ -47,29 +43,6 @@ class Weights:
         embd = gf.get("token_embd.weight")
         return cls(embd, [layer(i) for i in range(cfg.n_layer)], norm("output_norm.weight"),
                    embd if cfg.tied_embeddings else gf.get("output.weight"))
-
-    def pack_layers(self, gf: GGUFFile) -> np.ndarray:
-        """Copy every layer matrix into one new buffer, layer after layer and each layer's in STEP_ORDER, point the
-        layers at the copies and release the map's pages they came from; returns the buffer. The file orders tensors
-        by name (blk.0, blk.1, blk.10, ...; in a layer down, gate, up, k, output, q, v), so a decode step reading them
-        from the map starts a new stream at every matrix; from the buffer its weights are one forward stream that the
-        hardware prefetcher and the GEMV's software prefetch follow from one matrix into the next."""
-        mats = [(lw, name) for lw in self.layers for name in STEP_ORDER]
-        sizes = [-(-getattr(lw, name).data.nbytes // 64) * 64 for lw, name in mats]   # each matrix on a cache line
-        # anonymous memory, page-aligned: weights stay off the Python heap, as they were in the map
-        buf = np.frombuffer(mmap.mmap(-1, sum(sizes)), np.uint8)
-        # the output matrix stays in the map and is repacked there: its pages must keep what the kernels write
-        keep = [self.token_embd.data, self.output.data]
-        start = 0
-        for (lw, name), size in zip(mats, sizes):
-            t = getattr(lw, name)
-            copy = buf[start:start + t.data.nbytes].view(t.data.dtype).reshape(t.data.shape)
-            copy[...] = t.data
-            copy.flags.writeable = False
-            setattr(lw, name, replace(t, data=copy))
-            gf.release([t.data], keep)   # one matrix at a time: the map adds at most one to peak RSS
-            start += size
-        return buf
 
     def tensors(self):
         yield self.token_embd
