@@ -135,12 +135,13 @@ def _has_avx2() -> bool:
         return False
 
 
-def read_passes(threads: int, mb: int = 512, passes: int = 5, ms: float = 0) -> list[float]:
+def read_passes(threads: int, mb: int = 512, passes: int = 5, ms: float = 0, exe: str | None = None) -> list[float]:
     """Read bandwidth in GB/s (1e9 bytes/s) of each of `passes` passes over an `mb` MiB buffer, each pass reading for
-    `ms` milliseconds (0: one sweep of the buffer)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([build(tmp), str(threads), str(mb), str(passes), str(ms)], check=True, capture_output=True,
-                             text=True)
+    `ms` milliseconds (0: one sweep of the buffer); `exe`: the program build() made (default: build it now)."""
+    if exe is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return read_passes(threads, mb, passes, ms, build(tmp))
+    out = subprocess.run([exe, str(threads), str(mb), str(passes), str(ms)], check=True, capture_output=True, text=True)
     return [float(x) for x in out.stdout.split()]
 
 

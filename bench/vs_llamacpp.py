@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 LLAMA_VERSION = "0.3.36"
@@ -48,7 +49,12 @@ def edgellm_worker(spec: dict) -> dict:
                       kv=edgellm.KVConfig(kv_dtype=spec["kv_dtype"]), n_ctx=len(ids) + gen + 16)
     r = measure(llm, ids, gen, spec["repeat"])
     llm.close()
-    return {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
+    out = {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
+    if spec.get("read_exe"):   # the read right after the decode, so the bound comes from the same seconds
+        import bandwidth   # bench/bandwidth.py, beside this file
+        out["read_gb_s"] = max(bandwidth.read_passes(spec["threads"], passes=BANDWIDTH_PASSES, ms=BANDWIDTH_PASS_MS,
+                                                     exe=spec["read_exe"]))
+    return out
 
 
 def llama_worker(spec: dict) -> dict:
@@ -150,33 +156,41 @@ def best_of(a: dict, b: dict) -> dict:
             "decode_tok_s": max(a["decode_tok_s"], b["decode_tok_s"]), "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])}
 
 
-def compare(args, model: str, ids: list[int], threads: int) -> dict:
-    import bandwidth   # bench/bandwidth.py, beside this file
-
+def compare(args, model: str, ids: list[int], threads: int, read_exe: str | None = None) -> dict:
     from edgellm.cli.bench import WARMUP_GEN, WARMUP_PROMPT
 
     spec = {"model": model, "ids": ids, "gen_tokens": args.gen_tokens, "threads": threads,
-            "kv_dtype": args.kv_dtype, "repeat": args.repeat,
+            "kv_dtype": args.kv_dtype, "repeat": args.repeat, "read_exe": read_exe,
             "warmup_prompt": WARMUP_PROMPT, "warmup_gen": WARMUP_GEN}
-    ours, theirs, read_gb_s = {}, {}, 0.0
+    ours, theirs, paired = {}, {}, []
     for _ in range(args.rounds):   # the engines take turns, so a slow spell of the machine hits both
-        ours = best_of(ours, run_worker(sys.executable, "edgellm", spec))
+        run = run_worker(sys.executable, "edgellm", spec)
+        paired.append((run["decode_tok_s"], run.get("read_gb_s")))
+        ours = best_of(ours, run)
         theirs = best_of(theirs, run_worker(args.llama_python, "llama.cpp", spec))
-        if args.bandwidth:   # the read takes its turn too: the bound comes from the same minutes as the decode
-            read_gb_s = max(read_gb_s, *bandwidth.read_passes(threads, passes=BANDWIDTH_PASSES, ms=BANDWIDTH_PASS_MS))
     ratio = {key: ours[key] / theirs[key] for key, _ in METRICS}
     row = {"threads": threads, "context": len(ids), "edgellm": ours, "llama.cpp": theirs, "ratio": ratio}
-    if args.bandwidth:
-        per_token = sum(bandwidth.bytes_per_token(model, len(ids), args.kv_dtype))
-        row["bound"] = {"read_gb_s": read_gb_s, "mb_per_token": per_token / 1e6,
-                        "decode_tok_s": read_gb_s * 1e9 / per_token}
-        row["bound"]["share"] = ours["decode_tok_s"] / row["bound"]["decode_tok_s"]
+    if read_exe:
+        row["bound"] = decode_bound(model, len(ids), args.kv_dtype, paired)
     return row
 
 
+def decode_bound(model: str, context: int, kv_dtype: str, paired: list[tuple[float, float]]) -> dict:
+    """Decode against the bandwidth bound, round by round (each round's decode over the bound from the read right
+    after it: the host's memory speed moves from one minute to the next), and the median round."""
+    import bandwidth   # bench/bandwidth.py, beside this file
+
+    per_token = sum(bandwidth.bytes_per_token(model, context, kv_dtype))
+    rounds = sorted(({"decode_tok_s": read * 1e9 / per_token, "read_gb_s": read, "share": tok_s * per_token / (read * 1e9)}
+                     for tok_s, read in paired), key=lambda r: r["share"])
+    return {**rounds[(len(rounds) - 1) // 2], "mb_per_token": per_token / 1e6,
+            "shares": [r["share"] for r in rounds]}
+
+
 def format_bound(b: dict) -> str:
-    return (f"{b['share'] * 100:.0f}% of the bound ({b['decode_tok_s']:.1f} tok/s: {b['mb_per_token']:.1f} MB/token "
-            f"at {b['read_gb_s']:.2f} GB/s)")
+    rounds = " / ".join(f"{s * 100:.0f}%" for s in b["shares"])
+    return (f"{b['share'] * 100:.0f}% of the bound (rounds: {rounds}; median round's bound {b['decode_tok_s']:.1f} tok/s: "
+            f"{b['mb_per_token']:.1f} MB/token at {b['read_gb_s']:.2f} GB/s)")
 
 
 def format_text(rows: list[dict]) -> str:
@@ -221,8 +235,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="K processes per engine, alternating engines; best speeds and largest peak RSS over them")
     p.add_argument("--markdown", action="store_true", help="print README table rows")
     p.add_argument("--bandwidth", action="store_true",
-                   help="also measure the read bandwidth (bench/bandwidth.py) in every round, after the engines, and "
-                        "give edgellm's decode as a share of the bound it sets")
+                   help="also measure the read bandwidth (bench/bandwidth.py) right after edgellm's decode in every "
+                        "round, and give that decode as a share of the bound the read sets (the median round)")
     p.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON, metavar="PATH",
                    help="Python with llama-cpp-python (default: $EDGELLM_LLAMA_PYTHON or %(default)s)")
     return p.parse_args(argv)
@@ -241,14 +255,19 @@ def main(argv=None) -> int:
     contexts = args.context or [args.prompt_tokens]
     all_ids = prompt_token_ids(model, max(contexts))
     rows = []
-    for threads in args.threads:
-        for n in contexts:
-            try:
-                rows.append(compare(args, model, all_ids[:n], threads))
-            except RuntimeError as exc:  # a child failed: its stderr is in the message
-                print(exc, file=sys.stderr)
-                return 1
-            print(f"measured threads={threads} context={n}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        read_exe = None
+        if args.bandwidth:
+            import bandwidth   # bench/bandwidth.py, beside this file
+            read_exe = bandwidth.build(tmp)
+        for threads in args.threads:
+            for n in contexts:
+                try:
+                    rows.append(compare(args, model, all_ids[:n], threads, read_exe))
+                except RuntimeError as exc:  # a child failed: its stderr is in the message
+                    print(exc, file=sys.stderr)
+                    return 1
+                print(f"measured threads={threads} context={n}", file=sys.stderr)
     name = os.path.basename(model)
     if args.markdown:
         print(format_markdown(rows, name, args.kv_dtype))

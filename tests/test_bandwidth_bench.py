@@ -40,3 +40,19 @@ def test_bytes_per_token_counts_every_matrix_once_and_the_context(bandwidth, mod
     assert wb == weights
     # q8_0: 34 bytes per 32 values; K and V, every layer and KV head, 512 positions
     assert kvb == 2 * n_layer * n_kv * (hd // 32 * 34) * 512
+
+
+def test_decode_bound_pairs_each_round_with_its_read(bandwidth, model_path, monkeypatch):
+    """vs_llamacpp --bandwidth: each round's decode over the bound of the read right after it; the median round."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("vs_llamacpp", BENCH.parent / "vs_llamacpp.py")
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    per_token = sum(bandwidth.bytes_per_token(str(model_path), 512, "q8_0"))
+    # (decode tok/s, read GB/s): shares 0.5, 0.8 and 0.6 of 1e9 * read / per_token
+    paired = [(r * 1e9 / per_token * s, r) for r, s in ((30.0, 0.5), (20.0, 0.8), (25.0, 0.6))]
+    b = vs.decode_bound(str(model_path), 512, "q8_0", paired)
+    assert b["shares"] == pytest.approx([0.5, 0.6, 0.8])
+    assert b["share"] == pytest.approx(0.6) and b["read_gb_s"] == 25.0
+    assert b["decode_tok_s"] == pytest.approx(25e9 / per_token)
+    assert "60% of the bound (rounds: 50% / 60% / 80%" in vs.format_bound(b)
