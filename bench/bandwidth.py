@@ -191,5 +191,6 @@ def main() -> None:
                       f"{(wb + kvb) / 1e6:6.1f} MB/token -> {max(long[t]) * 1e9 / (wb + kvb):6.1f} tok/s "
                       f"(from the best single sweep: {max(sweeps[t]) * 1e9 / (wb + kvb):.1f})")
 
+
 if __name__ == "__main__":
     sys.exit(main())
