@@ -34,12 +34,14 @@ C_SOURCE = r"""
 typedef __m256i vec;
 #define LOAD(p) _mm256_load_si256(p)
 #define ADD(a, b) _mm256_add_epi64(a, b)
+#define SHR(a) _mm256_srli_epi64(a, 1)
 #define ZERO() _mm256_setzero_si256()
 #else
 #include <emmintrin.h>
 typedef __m128i vec;
 #define LOAD(p) _mm_load_si128(p)
 #define ADD(a, b) _mm_add_epi64(a, b)
+#define SHR(a) _mm_srli_epi64(a, 1)
 #define ZERO() _mm_setzero_si128()
 #endif
 
@@ -47,6 +49,7 @@ typedef struct {
     const vec *p;
     size_t n;
     double ms;               /* read for this long (whole sweeps stop at a 1 MiB chunk); 0: one sweep */
+    int ops;                 /* vector ALU instructions after each load (a kernel's arithmetic), even */
     vec sum;
     size_t bytes;
     double t0, t1;
@@ -69,11 +72,21 @@ static void *reader(void *arg) {
     for (int done = 0; !done;) {
         for (size_t s = 0; s < j->n && !done; s += chunk) {
             const size_t e = s + chunk < j->n ? s + chunk : j->n;
-            for (size_t i = s; i + 4 <= e; i += 4) {
-                a = ADD(a, LOAD(j->p + i));
-                b = ADD(b, LOAD(j->p + i + 1));
-                c = ADD(c, LOAD(j->p + i + 2));
-                d = ADD(d, LOAD(j->p + i + 3));
+            if (j->ops == 0) {
+                for (size_t i = s; i + 4 <= e; i += 4) {
+                    a = ADD(a, LOAD(j->p + i));
+                    b = ADD(b, LOAD(j->p + i + 1));
+                    c = ADD(c, LOAD(j->p + i + 2));
+                    d = ADD(d, LOAD(j->p + i + 3));
+                }
+            } else {   /* each loaded vector shifted and summed ops / 2 times, four independent chains */
+                for (size_t i = s; i + 4 <= e; i += 4) {
+                    vec w0 = LOAD(j->p + i), w1 = LOAD(j->p + i + 1), w2 = LOAD(j->p + i + 2), w3 = LOAD(j->p + i + 3);
+                    for (int k = 0; k < j->ops; k += 2) {
+                        w0 = SHR(w0), w1 = SHR(w1), w2 = SHR(w2), w3 = SHR(w3);
+                        a = ADD(a, w0), b = ADD(b, w1), c = ADD(c, w2), d = ADD(d, w3);
+                    }
+                }
             }
             j->bytes += (e - s) / 4 * 4 * sizeof(vec);
             done = j->ms > 0 && now() >= until;
@@ -85,11 +98,11 @@ static void *reader(void *arg) {
     return NULL;
 }
 
-/* argv: threads, MiB, passes, ms per pass (0: one sweep); prints each pass's GB/s (all threads' bytes over the
- * time from the first thread's start to the last one's end) */
+/* argv: threads, MiB, passes, ms per pass (0: one sweep), ALU instructions per load; prints each pass's GB/s (all
+ * threads' bytes over the time from the first thread's start to the last one's end) */
 int main(int argc, char **argv) {
-    if (argc != 5) return 1;
-    int nth = atoi(argv[1]), passes = atoi(argv[3]);
+    if (argc != 6) return 1;
+    int nth = atoi(argv[1]), passes = atoi(argv[3]), ops = atoi(argv[5]);
     size_t bytes = (size_t)atol(argv[2]) << 20, n = bytes / sizeof(vec);
     double ms = atof(argv[4]);
     vec *buf = aligned_alloc(64, bytes);
@@ -101,7 +114,7 @@ int main(int argc, char **argv) {
         pthread_t th[64];
         job jobs[64];
         for (int t = 0; t < nth; t++) {
-            jobs[t] = (job){buf + n / nth * t, n / nth, ms, ZERO(), 0, 0, 0, &bar};
+            jobs[t] = (job){buf + n / nth * t, n / nth, ms, ops, ZERO(), 0, 0, 0, &bar};
             pthread_create(&th[t], NULL, reader, &jobs[t]);
         }
         double t0 = 0, t1 = 0, moved = 0;
@@ -135,13 +148,16 @@ def _has_avx2() -> bool:
         return False
 
 
-def read_passes(threads: int, mb: int = 512, passes: int = 5, ms: float = 0, exe: str | None = None) -> list[float]:
+def read_passes(threads: int, mb: int = 512, passes: int = 5, ms: float = 0, exe: str | None = None,
+                ops: int = 0) -> list[float]:
     """Read bandwidth in GB/s (1e9 bytes/s) of each of `passes` passes over an `mb` MiB buffer, each pass reading for
-    `ms` milliseconds (0: one sweep of the buffer); `exe`: the program build() made (default: build it now)."""
+    `ms` milliseconds (0: one sweep of the buffer), with `ops` (even) vector ALU instructions after each load;
+    `exe`: the program build() made (default: build it now)."""
     if exe is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return read_passes(threads, mb, passes, ms, build(tmp))
-    out = subprocess.run([exe, str(threads), str(mb), str(passes), str(ms)], check=True, capture_output=True, text=True)
+            return read_passes(threads, mb, passes, ms, build(tmp), ops)
+    out = subprocess.run([exe, str(threads), str(mb), str(passes), str(ms), str(ops + ops % 2)], check=True,
+                         capture_output=True, text=True)
     return [float(x) for x in out.stdout.split()]
 
 
@@ -170,6 +186,9 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--pass-ms", type=float, default=300,
                     help="length of a pass, about one decode measurement (0: one sweep of the buffer)")
+    ap.add_argument("--ops", type=int, nargs="*", default=[], metavar="N",
+                    help="also read with N vector ALU instructions after each 32-byte load (a kernel's arithmetic "
+                         "density): how much of the read a stream that also computes gets")
     ap.add_argument("--model", help="GGUF file: also print the decode bound for it")
     ap.add_argument("--context", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--kv-dtype", default="q8_0")
@@ -183,6 +202,10 @@ def main() -> None:
         print(f"read bandwidth, {t} thread(s): {max(r):6.2f} GB/s (best of {len(r)} passes of {args.pass_ms:g} ms; "
               f"median {statistics.median(r):.2f}, slowest {min(r):.2f}); single sweeps of {args.mb} MiB: best "
               f"{max(w):.2f}, median {statistics.median(w):.2f}, slowest {min(w):.2f}")
+        for ops in args.ops:
+            r = read_passes(t, args.mb, args.passes, args.pass_ms, ops=ops)
+            print(f"  with {ops + ops % 2} ALU instructions per load: {max(r):6.2f} GB/s (best), median "
+                  f"{statistics.median(r):.2f}")
     if args.model:
         for ctx in args.context:
             wb, kvb = bytes_per_token(args.model, ctx, args.kv_dtype)
