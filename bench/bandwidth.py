@@ -151,13 +151,13 @@ def _has_avx2() -> bool:
 def read_passes(threads: int, mb: int = 512, passes: int = 5, ms: float = 0, exe: str | None = None,
                 ops: int = 0) -> list[float]:
     """Read bandwidth in GB/s (1e9 bytes/s) of each of `passes` passes over an `mb` MiB buffer, each pass reading for
-    `ms` milliseconds (0: one sweep of the buffer), with `ops` (even) vector ALU instructions after each load;
-    `exe`: the program build() made (default: build it now)."""
+    `ms` milliseconds (0: one sweep of the buffer), with `ops` vector ALU instructions after each load (shift-add
+    pairs: an odd count rounds up); `exe`: the program build() made (default: build it now)."""
     if exe is None:
         with tempfile.TemporaryDirectory() as tmp:
             return read_passes(threads, mb, passes, ms, build(tmp), ops)
-    out = subprocess.run([exe, str(threads), str(mb), str(passes), str(ms), str(ops + ops % 2)], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run([exe, str(threads), str(mb), str(passes), str(ms), str(ops)], check=True, capture_output=True,
+                         text=True)
     return [float(x) for x in out.stdout.split()]
 
 
@@ -195,17 +195,19 @@ def main() -> None:
     args = ap.parse_args()
     # The bound takes the best pass (STREAM's convention) of passes as long as a decode run; the best single sweep
     # beside it shows how far the host's short bursts go above that
-    long = {t: read_passes(t, args.mb, args.passes, args.pass_ms) for t in args.threads}
-    sweeps = {t: read_passes(t, args.mb, args.passes) for t in args.threads}
-    for t in args.threads:
-        r, w = long[t], sweeps[t]
-        print(f"read bandwidth, {t} thread(s): {max(r):6.2f} GB/s (best of {len(r)} passes of {args.pass_ms:g} ms; "
-              f"median {statistics.median(r):.2f}, slowest {min(r):.2f}); single sweeps of {args.mb} MiB: best "
-              f"{max(w):.2f}, median {statistics.median(w):.2f}, slowest {min(w):.2f}")
-        for ops in args.ops:
-            r = read_passes(t, args.mb, args.passes, args.pass_ms, ops=ops)
-            print(f"  with {ops + ops % 2} ALU instructions per load: {max(r):6.2f} GB/s (best), median "
-                  f"{statistics.median(r):.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = build(tmp)
+        long = {t: read_passes(t, args.mb, args.passes, args.pass_ms, exe) for t in args.threads}
+        sweeps = {t: read_passes(t, args.mb, args.passes, 0, exe) for t in args.threads}
+        for t in args.threads:
+            r, w = long[t], sweeps[t]
+            print(f"read bandwidth, {t} thread(s): {max(r):6.2f} GB/s (best of {len(r)} passes of {args.pass_ms:g} ms; "
+                  f"median {statistics.median(r):.2f}, slowest {min(r):.2f}); single sweeps of {args.mb} MiB: best "
+                  f"{max(w):.2f}, median {statistics.median(w):.2f}, slowest {min(w):.2f}")
+            for ops in args.ops:
+                r = read_passes(t, args.mb, args.passes, args.pass_ms, exe, ops)
+                print(f"  with {ops + ops % 2} ALU instructions per load: {max(r):6.2f} GB/s (best), median "
+                      f"{statistics.median(r):.2f}")
     if args.model:
         for ctx in args.context:
             wb, kvb = bytes_per_token(args.model, ctx, args.kv_dtype)

@@ -6,7 +6,8 @@
 llama.cpp runs through llama-cpp-python from its own venv (--llama-python), never a dependency
 of edgellm. Each engine runs in its own child process, one after the other (--rounds K: K turns each,
 alternating), so peak RSS is that child's alone. The child side of this file (`--worker`) imports only the standard library at
-module level, because the llama.cpp child runs under the other venv's Python, without edgellm.
+module level (and bench/bandwidth.py beside it, which does too), because the llama.cpp child runs under the other venv's
+Python, without edgellm.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import bandwidth   # bench/bandwidth.py, beside this file
 
 LLAMA_VERSION = "0.3.36"
 BANDWIDTH_PASSES, BANDWIDTH_PASS_MS = 3, 300   # per round: three reads as long as a decode run (bench/bandwidth.py)
@@ -51,7 +54,6 @@ def edgellm_worker(spec: dict) -> dict:
     llm.close()
     out = {"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"]}
     if spec.get("read_exe"):   # the read right after the decode, so the bound comes from the same seconds
-        import bandwidth   # bench/bandwidth.py, beside this file
         out["read_gb_s"] = max(bandwidth.read_passes(spec["threads"], passes=BANDWIDTH_PASSES, ms=BANDWIDTH_PASS_MS,
                                                      exe=spec["read_exe"]))
     return out
@@ -178,8 +180,6 @@ def compare(args, model: str, ids: list[int], threads: int, read_exe: str | None
 def decode_bound(model: str, context: int, kv_dtype: str, paired: list[tuple[float, float]]) -> dict:
     """Decode against the bandwidth bound, round by round (each round's decode over the bound from the read right
     after it: the host's memory speed moves from one minute to the next), and the median round."""
-    import bandwidth   # bench/bandwidth.py, beside this file
-
     per_token = sum(bandwidth.bytes_per_token(model, context, kv_dtype))
     rounds = sorted(({"decode_tok_s": read * 1e9 / per_token, "read_gb_s": read, "share": tok_s * per_token / (read * 1e9)}
                      for tok_s, read in paired), key=lambda r: r["share"])
@@ -256,10 +256,7 @@ def main(argv=None) -> int:
     all_ids = prompt_token_ids(model, max(contexts))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        read_exe = None
-        if args.bandwidth:
-            import bandwidth   # bench/bandwidth.py, beside this file
-            read_exe = bandwidth.build(tmp)
+        read_exe = bandwidth.build(tmp) if args.bandwidth else None
         for threads in args.threads:
             for n in contexts:
                 try:

@@ -8,15 +8,20 @@ import pytest
 
 from edgellm.formats.gguf import GGUFFile
 
-BENCH = Path(__file__).parent.parent / "bench" / "bandwidth.py"
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def load_script(name: str):
+    """A bench/ script as a module (bench/ is no package: its scripts import each other from beside them)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bandwidth():
-    spec = importlib.util.spec_from_file_location("bandwidth", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bandwidth")
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -44,10 +49,8 @@ def test_bytes_per_token_counts_every_matrix_once_and_the_context(bandwidth, mod
 
 def test_decode_bound_pairs_each_round_with_its_read(bandwidth, model_path, monkeypatch):
     """vs_llamacpp --bandwidth: each round's decode over the bound of the read right after it; the median round."""
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("vs_llamacpp", BENCH.parent / "vs_llamacpp.py")
-    vs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vs)
+    monkeypatch.syspath_prepend(str(BENCH))
+    vs = load_script("vs_llamacpp")
     per_token = sum(bandwidth.bytes_per_token(str(model_path), 512, "q8_0"))
     # (decode tok/s, read GB/s): shares 0.5, 0.8 and 0.6 of 1e9 * read / per_token
     paired = [(r * 1e9 / per_token * s, r) for r, s in ((30.0, 0.5), (20.0, 0.8), (25.0, 0.6))]
