@@ -59,3 +59,10 @@ def test_decode_bound_pairs_each_round_with_its_read(bandwidth, model_path, monk
     assert b["share"] == pytest.approx(0.6) and b["read_gb_s"] == 25.0
     assert b["decode_tok_s"] == pytest.approx(25e9 / per_token)
     assert "60% of the bound (rounds: 50% / 60% / 80%" in vs.format_bound(b)
+
+
+def test_engines_take_turns_going_first(monkeypatch):
+    """vs_llamacpp: each engine runs once per round, and the one that goes first alternates from round to round."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    order = load_script("vs_llamacpp").engine_order(3)
+    assert order == ["edgellm", "llama.cpp", "llama.cpp", "edgellm", "edgellm", "llama.cpp"]
