@@ -12,7 +12,7 @@ import psutil
 
 from .kv.config import KVConfig
 from .runtime.generate import StopMatcher
-from .runtime.memory import peak_rss_mb
+from .runtime.memory import peak_rss_mb, trim_heap
 from .runtime.model import Model
 from .runtime.registry import DEFAULT_MODEL, resolve
 from .runtime.sampling import Sampler, SamplingParams
@@ -41,6 +41,9 @@ class LLM:
         cfg = self.model.config
         md = self.model.gguf.metadata
         self.tokenizer = Tokenizer.from_metadata(md)
+        for key in Tokenizer.BUILD_KEYS:   # megabytes of str that nothing reads once the tokenizer is built
+            md.pop(key, None)
+        trim_heap()
         self._template = None
         per_token = 2 * cfg.n_layer * cfg.n_head_kv * row_bytes(self.kv.kv_dtype, cfg.head_dim)
         self.budget = self.kv.budget_tokens(per_token, cfg.n_ctx_train)

@@ -1,5 +1,8 @@
 """The public API end to end on the default model."""
+import sys
+
 import numpy as np
+import psutil
 import pytest
 
 import edgellm
@@ -156,3 +159,22 @@ def test_generate_alone_never_loads_jinja(model_path):
             "print(llm.chat([{'role': 'user', 'content': 'Hi'}], max_tokens=1) is not None, 'jinja2' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]
+
+
+def test_loader_drops_the_tokenizers_build_inputs(llm):
+    """The merges (megabytes of str) are read once, to build the tokenizer; the loaded LLM keeps none of them."""
+    assert "tokenizer.ggml.merges" not in llm.model.gguf.metadata
+    assert llm.detokenize(llm.tokenize("unbelievably tokenized")) == "unbelievably tokenized"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_trim_heap_returns_free_pages_below_a_live_block():
+    """Freed heap memory under a block still in use stays in RSS until trim_heap hands its pages back."""
+    from edgellm.runtime.memory import trim_heap
+    blocks = [bytearray(2048) for _ in range(15_000)]   # ~30 MB from the C heap (too big for python's small-object pool)
+    top = blocks.pop()   # the newest block stays: the heap cannot shrink from its end
+    del blocks
+    before = psutil.Process().memory_info().rss
+    assert trim_heap()
+    assert before - psutil.Process().memory_info().rss > 10e6
+    del top

@@ -1,5 +1,9 @@
 """Our GGUF header parser against gguf-py's GGUFReader on the real model."""
+import ctypes
+import sys
+
 import numpy as np
+import pytest
 
 from edgellm.formats.gguf import GGUFFile
 
@@ -21,3 +25,35 @@ def test_matches_gguf_reader(model_path):
         assert mine.type == int(t.tensor_type)
         assert mine.shape == tuple(reversed(t.shape.tolist()))
         np.testing.assert_array_equal(mine.data, np.asarray(t.data).reshape(mine.data.shape))
+
+
+def _mapping_rss_kb(address: int) -> int:
+    """Rss of the /proc/self/smaps mapping that holds `address`."""
+    rss, inside = None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "Rss:":
+                rss = int(line.split()[1])
+    assert rss is not None
+    return rss
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_header_pages_leave_rss_once_parsed(model_path):
+    """The header (megabytes of vocabulary strings) is python values once parsed: its pages are released. What may
+    stay is the page it shares with the first tensor and the pages the kernel maps around a fault (64 KiB)."""
+    g = GGUFFile(model_path)
+    view = ctypes.c_char.from_buffer(g._map)
+    try:
+        base = ctypes.addressof(view)
+        header = min(t.data.ctypes.data for t in g.tensors.values()) - base
+        assert header > 1 << 20
+        assert _mapping_rss_kb(base) <= 128
+    finally:
+        del view
+    assert len(g.metadata["tokenizer.ggml.tokens"]) == 49152
+    assert np.isfinite(g.tensors["output_norm.weight"].data).all()

@@ -119,6 +119,15 @@ class GGUFFile:
         data_start = -(-cur.off // align) * align
         self.tensors = {name: self._tensor(name, shape, ttype, data_start + offset)
                         for name, shape, ttype, offset in infos}
+        self._release_header(data_start)
+
+    def _release_header(self, end: int) -> None:
+        """Drop the header's pages (up to the page that holds the first tensor) from this process's RSS: the metadata
+        and tensor infos are python values now, and a vocabulary's strings alone are megabytes. They are clean file
+        pages: anything that touched them again would read them back from the page cache."""
+        page_end = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if page_end and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, 0, page_end)
 
     @staticmethod
     def _tensor_info(cur: _Cursor):

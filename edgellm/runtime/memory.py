@@ -1,6 +1,8 @@
 """Process memory figures for stats() and the benchmarks."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 
@@ -17,3 +19,18 @@ def peak_rss_mb() -> float:
         pass
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes vs KiB
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim): loading a model builds and drops
+    megabytes of small python objects (the vocabulary's lists, the tokenizer's build inputs), and without this their
+    pages stay in RSS. False where the C library has no malloc_trim."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return False
+    if not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True

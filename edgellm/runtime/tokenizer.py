@@ -96,6 +96,8 @@ def read_tokenizer_metadata(path) -> dict:
 
 
 class Tokenizer:
+    # metadata read only while building (merges, or the scores they come from): a loader may drop them afterwards
+    BUILD_KEYS = ("tokenizer.ggml.merges", "tokenizer.ggml.scores")
     vocab_size: int
     bos_id: int | None
     eos_id: int | None
