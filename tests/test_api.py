@@ -162,8 +162,10 @@ def test_generate_alone_never_loads_jinja(model_path):
 
 
 def test_loader_drops_the_tokenizers_build_inputs(llm):
-    """The merges (megabytes of str) are read once, to build the tokenizer; the loaded LLM keeps none of them."""
-    assert "tokenizer.ggml.merges" not in llm.model.gguf.metadata
+    """The vocabulary and merges (megabytes of str) are read once, to build the tokenizer, which keeps its own packed
+    copy; the loaded LLM's metadata holds none of them."""
+    assert not {"tokenizer.ggml.tokens", "tokenizer.ggml.merges"} & llm.model.gguf.metadata.keys()
+    assert llm.tokenizer.token_text(llm.tokenizer.eos_id) == "<|im_end|>"
     assert llm.detokenize(llm.tokenize("unbelievably tokenized")) == "unbelievably tokenized"
 
 

@@ -14,6 +14,7 @@ import functools
 import re
 from pathlib import Path
 
+import numpy as np
 from tokenizers import AddedToken, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
@@ -95,9 +96,22 @@ def read_tokenizer_metadata(path) -> dict:
     return {k: v for k, v in GGUFFile(Path(path)).metadata.items() if k.startswith("tokenizer.")}
 
 
+class _Packed:
+    """A sequence of byte strings in one buffer: item i is blob[off[i]:off[i + 1]]."""
+
+    def __init__(self, items):
+        items = list(items)
+        self._blob = b"".join(items)
+        self._off = np.zeros(len(items) + 1, np.int64)
+        np.cumsum([len(x) for x in items], out=self._off[1:])
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._blob[self._off[i]:self._off[i + 1]]
+
+
 class Tokenizer:
-    # metadata read only while building (merges, or the scores they come from): a loader may drop them afterwards
-    BUILD_KEYS = ("tokenizer.ggml.merges", "tokenizer.ggml.scores")
+    # the metadata a Tokenizer reads only while it is built (it keeps its own compact copy): a loader may drop them
+    BUILD_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
     vocab_size: int
     bos_id: int | None
     eos_id: int | None
@@ -115,7 +129,6 @@ class Tokenizer:
         types: list[int] = list(md.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
         if len(types) != len(tokens):
             raise ValueError(f"{len(types)} token types for {len(tokens)} tokens")
-        self._tokens, self._types = tokens, types
         self.vocab_size = len(tokens)
         self.bos_id = md.get("tokenizer.ggml.bos_token_id")
         self.eos_id = md.get("tokenizer.ggml.eos_token_id")
@@ -126,9 +139,11 @@ class Tokenizer:
         # Only SentencePiece vocabularies mark word starts with '▁'; byte-level BPE ignores the flag.
         self.add_space_prefix = self.model == "llama" and bool(md.get("tokenizer.ggml.add_space_prefix", True))
         self._special = frozenset(i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN))
-        self.stop_ids = self._find_stop_ids(md)
-        self._hf = self._build_hf(md)
-        self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
+        self.stop_ids = self._find_stop_ids(md, tokens)
+        self._hf = self._build_hf(md, tokens, types)
+        # one buffer each instead of 2 x vocab_size python objects (~5 MB of RSS for a 49K vocabulary)
+        self._text = _Packed(t.encode("utf-8") for t in tokens)
+        self._bytes = _Packed(self._piece_bytes(t, k) for t, k in zip(tokens, types))
 
     @classmethod
     def from_metadata(cls, md: dict) -> "Tokenizer":
@@ -140,14 +155,14 @@ class Tokenizer:
 
     # -- construction -------------------------------------------------------------------------
 
-    def _find_stop_ids(self, md: dict) -> frozenset[int]:
+    def _find_stop_ids(self, md: dict, tokens: list[str]) -> frozenset[int]:
         ids = {md.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                    "tokenizer.ggml.eom_token_id")}
-        ids.update(i for i in self._special if self._tokens[i] in END_OF_TURN_TEXTS)
+        ids.update(i for i in self._special if tokens[i] in END_OF_TURN_TEXTS)
         return frozenset(i for i in ids if i is not None)
 
-    def _build_hf(self, md: dict) -> HFTokenizer:
-        vocab = {tok: i for i, tok in enumerate(self._tokens)}
+    def _build_hf(self, md: dict, tokens: list[str], types: list[int]) -> HFTokenizer:
+        vocab = {tok: i for i, tok in enumerate(tokens)}
         if self.model == "gpt2":
             if "tokenizer.ggml.merges" not in md:
                 raise ValueError("a 'gpt2' tokenizer needs tokenizer.ggml.merges")
@@ -158,19 +173,19 @@ class Tokenizer:
             if "tokenizer.ggml.merges" in md:
                 merges = _split_merges(md["tokenizer.ggml.merges"])
             elif "tokenizer.ggml.scores" in md:
-                merges = _merges_from_scores(self._tokens, self._types, list(md["tokenizer.ggml.scores"]))
+                merges = _merges_from_scores(tokens, types, list(md["tokenizer.ggml.scores"]))
             else:
                 raise ValueError("a 'llama' tokenizer needs tokenizer.ggml.merges or tokenizer.ggml.scores")
-            unk = self._tokens[self.unk_id] if self.unk_id is not None else None
+            unk = tokens[self.unk_id] if self.unk_id is not None else None
             hf = HFTokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
             steps = [normalizers.Replace(" ", SPM_SPACE)]
             if self.add_space_prefix:
                 # Applied per text segment between special tokens, matching llama.cpp's SPM path.
                 steps.insert(0, normalizers.Prepend(SPM_SPACE))
             hf.normalizer = normalizers.Sequence(steps)
-        hf.add_tokens([AddedToken(self._tokens[i], special=False, normalized=False)
-                       for i, t in enumerate(self._types) if t == USER_DEFINED])
-        hf.add_special_tokens([AddedToken(self._tokens[i], special=True, normalized=False)
+        hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                       for i, t in enumerate(types) if t == USER_DEFINED])
+        hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                for i in sorted(self._special)])
         return hf
 
@@ -182,8 +197,7 @@ class Tokenizer:
         hf.encode_special_tokens = True
         return hf
 
-    def _piece_bytes(self, i: int) -> bytes:
-        tok, kind = self._tokens[i], self._types[i]
+    def _piece_bytes(self, tok: str, kind: int) -> bytes:
         if kind in (CONTROL, UNKNOWN, USER_DEFINED, UNUSED):
             return tok.encode("utf-8")
         if self.model == "gpt2":
@@ -214,7 +228,7 @@ class Tokenizer:
         return "".join(stream.push(i) for i in ids) + stream.flush()
 
     def token_text(self, id) -> str:
-        return self._tokens[self._check_id(id)]
+        return self._text[self._check_id(id)].decode("utf-8")
 
     def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
         return StreamDecoder(self, skip_special)
