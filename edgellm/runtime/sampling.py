@@ -29,7 +29,15 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.p = params
-        self.rng = np.random.default_rng(params.seed)
+        self._rng = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """Made on the first draw: numpy.random's import pulls in OpenSSL (through `secrets`, ~4 MB of RSS), which a
+        greedy run never needs."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.p.seed)
+        return self._rng
 
     def __call__(self, logits: np.ndarray, history) -> int:
         p = self.p
