@@ -45,14 +45,15 @@ def _mapping_rss_kb(address: int) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_header_pages_leave_rss_once_parsed(model_path):
     """The header (megabytes of vocabulary strings) is python values once parsed: its pages are released. What may
-    stay is the page it shares with the first tensor and the pages the kernel maps around a fault (64 KiB)."""
+    stay is the page it shares with the first tensor and what the kernel maps around that page's fault (64 KiB, more
+    where the page cache holds the file in large folios: 308 KiB seen for a file just downloaded)."""
     g = GGUFFile(model_path)
     view = ctypes.c_char.from_buffer(g._map)
     try:
         base = ctypes.addressof(view)
         header = min(t.data.ctypes.data for t in g.tensors.values()) - base
         assert header > 1 << 20
-        assert _mapping_rss_kb(base) <= 128
+        assert _mapping_rss_kb(base) * 1024 < header // 4
     finally:
         del view
     assert len(g.metadata["tokenizer.ggml.tokens"]) == 49152
