@@ -50,6 +50,7 @@ typedef struct {
     size_t n;
     double ms;               /* read for this long (whole sweeps stop at a 1 MiB chunk); 0: one sweep */
     int ops;                 /* vector ALU instructions after each load (a kernel's arithmetic), even */
+    long pf;                 /* with ops: software prefetch this many bytes ahead of the loads (0: none) */
     vec sum;
     size_t bytes;
     double t0, t1;
@@ -81,6 +82,9 @@ static void *reader(void *arg) {
                 }
             } else {   /* each loaded vector shifted and summed ops / 2 times, four independent chains */
                 for (size_t i = s; i + 4 <= e; i += 4) {
+                    if (j->pf)   /* the lines these four loads span, pf bytes on (as the decode kernels do) */
+                        for (size_t b = 0; b < 4 * sizeof(vec); b += 64)
+                            __builtin_prefetch((const char *)(j->p + i) + j->pf + b, 0, 3);
                     vec w0 = LOAD(j->p + i), w1 = LOAD(j->p + i + 1), w2 = LOAD(j->p + i + 2), w3 = LOAD(j->p + i + 3);
                     for (int k = 0; k < j->ops; k += 2) {
                         w0 = SHR(w0), w1 = SHR(w1), w2 = SHR(w2), w3 = SHR(w3);
@@ -98,14 +102,15 @@ static void *reader(void *arg) {
     return NULL;
 }
 
-/* argv: threads, MiB, passes, ms per pass (0: one sweep), ALU instructions per load; prints each pass's GB/s (all
- * threads' bytes over the time from the first thread's start to the last one's end) */
+/* argv: threads, MiB, passes, ms per pass (0: one sweep), ALU instructions per load, prefetch distance in bytes;
+ * prints each pass's GB/s (all threads' bytes over the time from the first thread's start to the last one's end) */
 int main(int argc, char **argv) {
-    if (argc != 6) return 1;
+    if (argc != 7) return 1;
     int nth = atoi(argv[1]), passes = atoi(argv[3]), ops = atoi(argv[5]);
+    long pf = atol(argv[6]);
     size_t bytes = (size_t)atol(argv[2]) << 20, n = bytes / sizeof(vec);
     double ms = atof(argv[4]);
-    vec *buf = aligned_alloc(64, bytes);
+    vec *buf = aligned_alloc(64, bytes + pf);   /* prefetches past the end stay inside the allocation */
     if (!buf || nth < 1 || nth > 64) return 1;
     memset(buf, 1, bytes);   /* fault every page in before timing */
     pthread_barrier_t bar;
@@ -114,7 +119,7 @@ int main(int argc, char **argv) {
         pthread_t th[64];
         job jobs[64];
         for (int t = 0; t < nth; t++) {
-            jobs[t] = (job){buf + n / nth * t, n / nth, ms, ops, ZERO(), 0, 0, 0, &bar};
+            jobs[t] = (job){buf + n / nth * t, n / nth, ms, ops, pf, ZERO(), 0, 0, 0, &bar};
             pthread_create(&th[t], NULL, reader, &jobs[t]);
         }
         double t0 = 0, t1 = 0, moved = 0;
@@ -149,15 +154,16 @@ def _has_avx2() -> bool:
 
 
 def read_passes(threads: int, mb: int = 512, passes: int = 5, ms: float = 0, exe: str | None = None,
-                ops: int = 0) -> list[float]:
+                ops: int = 0, prefetch: int = 0) -> list[float]:
     """Read bandwidth in GB/s (1e9 bytes/s) of each of `passes` passes over an `mb` MiB buffer, each pass reading for
     `ms` milliseconds (0: one sweep of the buffer), with `ops` vector ALU instructions after each load (shift-add
-    pairs: an odd count rounds up); `exe`: the program build() made (default: build it now)."""
+    pairs: an odd count rounds up) and then, if `prefetch`, a software prefetch that many bytes ahead of each line;
+    `exe`: the program build() made (default: build it now)."""
     if exe is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return read_passes(threads, mb, passes, ms, build(tmp), ops)
-    out = subprocess.run([exe, str(threads), str(mb), str(passes), str(ms), str(ops)], check=True, capture_output=True,
-                         text=True)
+            return read_passes(threads, mb, passes, ms, build(tmp), ops, prefetch)
+    out = subprocess.run([exe, str(threads), str(mb), str(passes), str(ms), str(ops), str(prefetch)], check=True,
+                         capture_output=True, text=True)
     return [float(x) for x in out.stdout.split()]
 
 
@@ -189,6 +195,9 @@ def main() -> None:
     ap.add_argument("--ops", type=int, nargs="*", default=[], metavar="N",
                     help="also read with N vector ALU instructions after each 32-byte load (a kernel's arithmetic "
                          "density): how much of the read a stream that also computes gets")
+    ap.add_argument("--prefetch", type=int, nargs="*", default=[0], metavar="BYTES",
+                    help="with --ops: software prefetch this far ahead of the loads (0: none; the decode kernels use "
+                         "4096), one line of output per distance")
     ap.add_argument("--model", help="GGUF file: also print the decode bound for it")
     ap.add_argument("--context", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--kv-dtype", default="q8_0")
@@ -205,9 +214,11 @@ def main() -> None:
                   f"median {statistics.median(r):.2f}, slowest {min(r):.2f}); single sweeps of {args.mb} MiB: best "
                   f"{max(w):.2f}, median {statistics.median(w):.2f}, slowest {min(w):.2f}")
             for ops in args.ops:
-                r = read_passes(t, args.mb, args.passes, args.pass_ms, exe, ops)
-                print(f"  with {ops + ops % 2} ALU instructions per load: {max(r):6.2f} GB/s (best), median "
-                      f"{statistics.median(r):.2f}")
+                for pf in args.prefetch:
+                    r = read_passes(t, args.mb, args.passes, args.pass_ms, exe, ops, pf)
+                    ahead = f", prefetch {pf} B ahead" if pf else ""
+                    print(f"  with {ops + ops % 2} ALU instructions per load{ahead}: {max(r):6.2f} GB/s (best), "
+                          f"median {statistics.median(r):.2f}")
     if args.model:
         for ctx in args.context:
             wb, kvb = bytes_per_token(args.model, ctx, args.kv_dtype)

@@ -25,9 +25,9 @@ def bandwidth():
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
-@pytest.mark.parametrize("ms, ops", [(0, 0), (40, 0), (40, 6)])
-def test_read_passes_report_every_pass(bandwidth, ms, ops):
-    rates = bandwidth.read_passes(2, mb=64, passes=2, ms=ms, ops=ops)
+@pytest.mark.parametrize("ms, ops, prefetch", [(0, 0, 0), (40, 0, 0), (40, 6, 0), (40, 6, 4096)])
+def test_read_passes_report_every_pass(bandwidth, ms, ops, prefetch):
+    rates = bandwidth.read_passes(2, mb=64, passes=2, ms=ms, ops=ops, prefetch=prefetch)
     assert len(rates) == 2
     # 64 MiB in a pass of 40 ms or one sweep: far above 0.1 GB/s on any machine, and below 10 TB/s
     assert all(math.isfinite(r) and 0.1 < r < 1e4 for r in rates)
