@@ -5,9 +5,9 @@
 
 llama.cpp runs through llama-cpp-python from its own venv (--llama-python), never a dependency
 of edgellm. Each engine runs in its own child process, one after the other (--rounds K: K turns each,
-alternating, and the engine that goes first alternating too), so peak RSS is that child's alone. The child side of this file (`--worker`) imports only the standard library at
-module level (and bench/bandwidth.py beside it, which does too), because the llama.cpp child runs under the other venv's
-Python, without edgellm.
+alternating, and the engine that goes first alternating too), so peak RSS is that child's alone. The child side of
+this file (`--worker`) imports only the standard library at module level (and bench/bandwidth.py beside it, which
+does too), because the llama.cpp child runs under the other venv's Python, without edgellm.
 """
 from __future__ import annotations
 
@@ -242,7 +242,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-dtype", choices=sorted(GGML_TYPES), default="f16")
     p.add_argument("--repeat", type=int, default=3, metavar="R", help="best of R timed runs")
     p.add_argument("--rounds", type=int, default=1, metavar="K",
-                   help="K processes per engine, alternating engines; best speeds and largest peak RSS over them")
+                   help="K processes per engine, alternating engines (and which goes first); best speeds and largest "
+                        "peak RSS over them")
     p.add_argument("--markdown", action="store_true", help="print README table rows")
     p.add_argument("--bandwidth", action="store_true",
                    help="also measure the read bandwidth (bench/bandwidth.py) right after edgellm's decode in every "

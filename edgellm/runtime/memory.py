@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import resource
 import sys
 
@@ -21,16 +21,22 @@ def peak_rss_mb() -> float:
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes vs KiB
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim among the symbols this process already has (no library search: ctypes.util.find_library
+    runs ldconfig, milliseconds at every load), or None."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):   # no handle for the process itself (Windows)
+        return None
+
+
 def trim_heap() -> bool:
     """Hand the C heap's free pages back to the system (glibc's malloc_trim): loading a model builds and drops
     megabytes of small python objects (the vocabulary's lists, the tokenizer's build inputs), and without this their
     pages stay in RSS. False where the C library has no malloc_trim."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    if not hasattr(libc, "malloc_trim"):
-        return False
-    libc.malloc_trim(0)
+    trim(0)
     return True
