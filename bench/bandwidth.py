@@ -28,6 +28,7 @@ C_SOURCE = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -102,17 +103,46 @@ static void *reader(void *arg) {
     return NULL;
 }
 
-/* argv: threads, MiB, passes, ms per pass (0: one sweep), ALU instructions per load, prefetch distance in bytes;
- * prints each pass's GB/s (all threads' bytes over the time from the first thread's start to the last one's end) */
+#define HUGE_PAGE (2UL << 20)
+
+/* The buffer: heap memory (4 KiB pages, as the weights get), or with huge an anonymous map on a 2 MiB boundary that
+ * asks for transparent huge pages (the kernel may still give small ones: the first line of output says how many
+ * kB of it are huge) */
+static vec *buffer(size_t bytes, int huge) {
+    if (!huge) return aligned_alloc(64, bytes);
+    char *p = mmap(NULL, bytes + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    vec *buf = (vec *)(((unsigned long)p + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1));
+#ifdef MADV_HUGEPAGE
+    madvise(buf, bytes, MADV_HUGEPAGE);
+#endif
+    return buf;
+}
+
+/* kB of this process's memory in huge pages (AnonHugePages), -1 where the kernel does not say */
+static long huge_kb(void) {
+    FILE *f = fopen("/proc/self/smaps_rollup", "r");
+    char line[256];
+    long kb = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "AnonHugePages: %ld kB", &kb) == 1) break;
+    if (f) fclose(f);
+    return kb;
+}
+
+/* argv: threads, MiB, passes, ms per pass (0: one sweep), ALU instructions per load, prefetch distance in bytes,
+ * huge pages (0 / 1); prints the buffer's kB in huge pages, then each pass's GB/s (all threads' bytes over the time
+ * from the first thread's start to the last one's end) */
 int main(int argc, char **argv) {
-    if (argc != 7) return 1;
+    if (argc != 8) return 1;
     int nth = atoi(argv[1]), passes = atoi(argv[3]), ops = atoi(argv[5]);
     long pf = atol(argv[6]);
     size_t bytes = (size_t)atol(argv[2]) << 20, n = bytes / sizeof(vec);
     double ms = atof(argv[4]);
-    vec *buf = aligned_alloc(64, bytes + pf);   /* prefetches past the end stay inside the allocation */
+    vec *buf = buffer(bytes + pf, atoi(argv[7]));   /* prefetches past the end stay inside the allocation */
     if (!buf || nth < 1 || nth > 64) return 1;
     memset(buf, 1, bytes);   /* fault every page in before timing */
+    printf("%ld\n", huge_kb());
     pthread_barrier_t bar;
     pthread_barrier_init(&bar, NULL, nth);
     for (int pass = 0; pass < passes; pass++) {
@@ -154,17 +184,21 @@ def _has_avx2() -> bool:
 
 
 def read_passes(threads: int, mb: int = 512, passes: int = 5, ms: float = 0, exe: str | None = None,
-                ops: int = 0, prefetch: int = 0) -> list[float]:
+                ops: int = 0, prefetch: int = 0, huge: bool = False) -> list[float]:
     """Read bandwidth in GB/s (1e9 bytes/s) of each of `passes` passes over an `mb` MiB buffer, each pass reading for
     `ms` milliseconds (0: one sweep of the buffer), with `ops` vector ALU instructions after each load (shift-add
     pairs: an odd count rounds up) and then, if `prefetch`, a software prefetch that many bytes ahead of each line;
-    `exe`: the program build() made (default: build it now)."""
+    `huge`: the buffer in transparent huge pages (RuntimeError if the kernel gave none); `exe`: the program build()
+    made (default: build it now)."""
     if exe is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return read_passes(threads, mb, passes, ms, build(tmp), ops, prefetch)
-    out = subprocess.run([exe, str(threads), str(mb), str(passes), str(ms), str(ops), str(prefetch)], check=True,
-                         capture_output=True, text=True)
-    return [float(x) for x in out.stdout.split()]
+            return read_passes(threads, mb, passes, ms, build(tmp), ops, prefetch, huge)
+    out = subprocess.run([exe, str(threads), str(mb), str(passes), str(ms), str(ops), str(prefetch), str(int(huge))],
+                         check=True, capture_output=True, text=True).stdout.split()
+    if huge and int(out[0]) <= 0:
+        raise RuntimeError("the kernel gave the buffer no huge pages (transparent_hugepage disabled or memory too "
+                           "fragmented)")
+    return [float(x) for x in out[1:]]
 
 
 def bytes_per_token(model: str, context: int, kv_dtype: str) -> tuple[int, int]:
@@ -198,6 +232,8 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, nargs="*", default=[0], metavar="BYTES",
                     help="with --ops: software prefetch this far ahead of the loads (0: none; the decode kernels use "
                          "4096), one line of output per distance")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="also read a buffer in transparent huge pages (2 MiB) and print its rates beside the plain read")
     ap.add_argument("--model", help="GGUF file: also print the decode bound for it")
     ap.add_argument("--context", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--kv-dtype", default="q8_0")
@@ -213,6 +249,9 @@ def main() -> None:
             print(f"read bandwidth, {t} thread(s): {max(r):6.2f} GB/s (best of {len(r)} passes of {args.pass_ms:g} ms; "
                   f"median {statistics.median(r):.2f}, slowest {min(r):.2f}); single sweeps of {args.mb} MiB: best "
                   f"{max(w):.2f}, median {statistics.median(w):.2f}, slowest {min(w):.2f}")
+            if args.huge_pages:
+                h = read_passes(t, args.mb, args.passes, args.pass_ms, exe, huge=True)
+                print(f"  in huge pages: {max(h):6.2f} GB/s (best), median {statistics.median(h):.2f}")
             for ops in args.ops:
                 for pf in args.prefetch:
                     r = read_passes(t, args.mb, args.passes, args.pass_ms, exe, ops, pf)

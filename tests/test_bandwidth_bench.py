@@ -33,6 +33,17 @@ def test_read_passes_report_every_pass(bandwidth, ms, ops, prefetch):
     assert all(math.isfinite(r) and 0.1 < r < 1e4 for r in rates)
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_read_in_huge_pages(bandwidth):
+    """--huge-pages: the buffer is read from transparent huge pages, or the read says the kernel gave none."""
+    try:
+        rates = bandwidth.read_passes(1, mb=64, passes=2, ms=40, huge=True)
+    except RuntimeError as e:
+        assert "no huge pages" in str(e)
+        pytest.skip(str(e))
+    assert len(rates) == 2 and all(math.isfinite(r) and 0.1 < r < 1e4 for r in rates)
+
+
 def test_bytes_per_token_counts_every_matrix_once_and_the_context(bandwidth, model_path):
     g = GGUFFile(model_path)
     n_layer, n_kv, hd = 30, 3, 64
