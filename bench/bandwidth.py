@@ -105,9 +105,9 @@ static void *reader(void *arg) {
 
 #define HUGE_PAGE (2UL << 20)
 
-/* The buffer: heap memory (4 KiB pages, as the weights get), or with huge an anonymous map on a 2 MiB boundary that
- * asks for transparent huge pages (the kernel may still give small ones: the first line of output says how many
- * kB of it are huge) */
+/* The buffer: heap memory (4 KiB pages, as the weights get, unless transparent huge pages are on for all memory), or
+ * with huge an anonymous map on a 2 MiB boundary that asks for them (the kernel may still give small pages: the first
+ * line of output says how many kB are huge) */
 static vec *buffer(size_t bytes, int huge) {
     if (!huge) return aligned_alloc(64, bytes);
     char *p = mmap(NULL, bytes + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
