@@ -1,55 +1,36 @@
 #!/usr/bin/env python
-"""Decode with the weights in transparent huge pages against the file map's 4 KiB pages, in one process.
+"""Decode with the weights in the huge-page arena against the file map's 4 KiB pages, in one process.
 
     python bench/hugepages.py [--threads 2] [--rounds 10] [--prompt-tokens 512] [--gen-tokens 64] [--kv-dtype q8_0]
 
-edgellm maps the GGUF file privately and repacks the weights in that map, so they live in 4 KiB pages (the kernel
-gives a private file map no huge pages). This loads the model twice: once as edgellm does, once with the file's bytes
-read into an anonymous private map that asks for huge pages (2 MiB), and alternates decode rounds between the two
-(which goes first swaps every round), so the host's drift from minute to minute falls on both alike. It prints each
-round's tok/s and the ratio of the medians. `python bench/bandwidth.py --huge-pages` measures the plain read the
-same two ways, which the decode bound would have to use if the weights lived in huge pages.
+edgellm repacks the weights into an anonymous arena that asks for 2 MiB pages (WeightArena); with
+EDGELLM_HUGE_PAGES=0 it repacks them in place in the GGUF file's private map, which the kernel backs with 4 KiB
+pages only. This loads the model both ways and alternates decode rounds between the two (which goes first swaps
+every round), so the host's drift from minute to minute falls on both alike. It prints each round's tok/s, the ratio
+of the medians and the median of the rounds' ratios. `python bench/bandwidth.py --huge-pages` measures the plain read
+the same two ways.
 """
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import statistics
 
 import numpy as np
 
 import edgellm
-import edgellm.formats.gguf as gguf_module
-
-
-class _HugePageMaps:
-    """Stands in for the mmap module inside edgellm.formats.gguf: a file's map becomes an anonymous private copy of
-    it that asks for transparent huge pages; everything else is the mmap module's."""
-
-    def __getattr__(self, name):
-        return getattr(mmap, name)
-
-    @staticmethod
-    def mmap(fileno: int, length: int, access: int = mmap.ACCESS_COPY) -> mmap.mmap:
-        size = os.fstat(fileno).st_size
-        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            m.madvise(mmap.MADV_HUGEPAGE)
-        with os.fdopen(os.dup(fileno), "rb") as f:
-            f.seek(0)
-            f.readinto(memoryview(m))
-        return m
 
 
 def load(huge: bool, threads: int, kv_dtype: str) -> edgellm.LLM:
-    saved = gguf_module.mmap
-    if huge:
-        gguf_module.mmap = _HugePageMaps()
+    saved = os.environ.get("EDGELLM_HUGE_PAGES")
+    os.environ["EDGELLM_HUGE_PAGES"] = "1" if huge else "0"
     try:
         return edgellm.LLM("smollm2-135m", n_threads=threads, kv=edgellm.KVConfig(kv_dtype=kv_dtype))
     finally:
-        gguf_module.mmap = saved
+        if saved is None:
+            del os.environ["EDGELLM_HUGE_PAGES"]
+        else:
+            os.environ["EDGELLM_HUGE_PAGES"] = saved
 
 
 def huge_kb() -> int:

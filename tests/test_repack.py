@@ -127,7 +127,8 @@ import json, sys, numpy as np, psutil
 from edgellm.runtime.model import Model
 m = Model(sys.argv[1], 1)
 b = m.backend
-types = lambda: sorted({w.type for lw in b.layers for w in lw.values()} | {b.output.type})
+matrices = lambda: [w for lw in b.layers for w in lw.values()] + [b.output]
+types = lambda: sorted({w.type for w in matrices()})
 t = m.weights.layers[0].wq
 before, raw = types(), bytes(t.data[0])
 assert not t.data.flags.writeable
@@ -135,20 +136,60 @@ m.forward(np.arange(1, 5), m.new_cache(8))
 with open(sys.argv[1], "rb") as f:   # the file keeps its bytes (the map is private)
     f.seek(t.data.ctypes.data - np.frombuffer(m.gguf._map, np.uint8).ctypes.data)
     on_disk = f.read(len(raw))
-print(json.dumps([before, types(), on_disk == raw, bytes(t.data[0]) == raw, psutil.Process().memory_info().rss]))
+in_arena = b.arena is not None and all(b.arena.holds(w) for w in matrices())
+print(json.dumps([before, types(), on_disk == raw, bytes(t.data[0]) == raw, in_arena, psutil.Process().memory_info().rss]))
 """
 
 
-def test_model_repacks_on_first_use(model_path):
-    """Loading repacks nothing; the first forward pass repacks every matrix on AVX2 (not under EDGELLM_FORCE_SCALAR),
-    in the private map only, and the rewritten pages replace the file's pages in RSS instead of adding to them."""
-    rss = {}
-    for force_scalar in ("0", "1"):
+@pytest.mark.parametrize("force_scalar, huge_pages", [("1", "1"), ("0", "1"), ("0", "0")],
+                         ids=["scalar", "arena", "in-place"])
+def test_model_repacks_on_first_use(model_path, force_scalar, huge_pages):
+    """Loading repacks nothing; the first forward pass repacks every matrix on AVX2 (not under EDGELLM_FORCE_SCALAR):
+    into the weight arena (EDGELLM_HUGE_PAGES unset or 1), leaving the file's map as it was, or in the private map
+    (EDGELLM_HUGE_PAGES=0). Either way the repacked pages replace the file's pages in RSS instead of adding to them."""
+    def run(scalar, huge):
         out = subprocess.run([sys.executable, "-c", LAZY, str(model_path)], capture_output=True, text=True, check=True,
-                             env={**os.environ, "EDGELLM_FORCE_SCALAR": force_scalar}).stdout
-        before, after, disk_same, map_same, rss[force_scalar] = json.loads(out.splitlines()[-1])
-        assert before == [3, 8]   # Q4_1 layers, Q8_0 output
-        repacked = REPACKS and force_scalar == "0"
-        assert after == ([108, 113] if repacked else [3, 8])   # Q8_0R output, Q4_1X layers (whole 8-row groups)
-        assert disk_same and map_same == (not repacked)
-    assert rss["0"] < 1.05 * rss["1"], rss
+                             env={**os.environ, "EDGELLM_FORCE_SCALAR": scalar, "EDGELLM_HUGE_PAGES": huge}).stdout
+        return json.loads(out.splitlines()[-1])
+
+    before, after, disk_same, map_same, in_arena, rss = run(force_scalar, huge_pages)
+    assert before == [3, 8]   # Q4_1 layers, Q8_0 output
+    repacked = REPACKS and force_scalar == "0"
+    assert after == ([108, 113] if repacked else [3, 8])   # Q8_0R output, Q4_1X layers (whole 8-row groups)
+    assert disk_same and map_same == (not repacked or huge_pages == "1")
+    assert in_arena == (repacked and huge_pages == "1")
+    if repacked:
+        unpacked_rss = run("1", huge_pages)[-1]
+        assert rss < 1.05 * unpacked_rss, (rss, unpacked_rss)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds address (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
+def test_weight_arena_asks_for_huge_pages(model_path, monkeypatch):
+    """The arena is one map on a 2 MiB boundary with MADV_HUGEPAGE ("hg"), a slot per quantized matrix, in step order."""
+    from edgellm.runtime.backend_native import HUGE_PAGE
+    from edgellm.runtime.model import Model
+    monkeypatch.delenv("EDGELLM_HUGE_PAGES", raising=False)
+    b = Model(model_path, 1).backend
+    a = b.arena
+    base = a._bytes.ctypes.data + a.start
+    assert base % HUGE_PAGE == 0 and "hg" in _vm_flags(base)
+    homes = [int(N.ffi.cast("uintptr_t", lw[k].home))
+             for lw in b.layers for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+    assert homes[0] == base and homes == sorted(homes)
+    assert int(N.ffi.cast("uintptr_t", b.output.home)) > homes[-1]
+    monkeypatch.setenv("EDGELLM_HUGE_PAGES", "0")
+    assert Model(model_path, 1).backend.arena is None

@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -840,46 +841,75 @@ static void repack_row(const uint8_t *src, uint8_t *dst, int base, int nb) {
 }
 
 typedef struct {
-    uint8_t *W, *buf;   /* buf: one unit (a row, or a group of 8 interleaved) per thread */
+    const uint8_t *src;
+    uint8_t *dst, *buf;   /* dst: src (in place) or a matrix's home; buf: one unit (a row, or 8 interleaved) per thread */
     size_t rb;
     int base, units, nb, interleave;
 } repack_job;
+
+#define RELEASE_BYTES (1 << 20)   /* a home's source goes back to the kernel in pieces this large as it is read */
+
+/* Hand the whole pages inside [a, b) back to the kernel (a private file map's clean pages: reading them again
+ * would fault the file back in) */
+static void release_pages(const uint8_t *a, const uint8_t *b) {
+#ifdef MADV_DONTNEED
+    static long page;
+    if (!page) page = sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)a + page - 1) / page * page, hi = (uintptr_t)b / page * page;
+    if (lo < hi) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+#else
+    (void)a, (void)b;
+#endif
+}
 
 static void repack_task(void *p, int ith, int nth) {
     const repack_job *j = p;
     const size_t ub = j->rb * (j->interleave ? 8 : 1);
     uint8_t *buf = j->buf + (size_t)ith * ub;
-    for (long u = (long)j->units * ith / nth; u < (long)j->units * (ith + 1) / nth; u++) {
-        uint8_t *unit = j->W + u * ub;
-        memcpy(buf, unit, ub);
-        if (j->interleave) interleave_group(buf, unit, j->rb, j->base, j->nb);
-        else repack_row(buf, unit, j->base, j->nb);
+    const long u0 = (long)j->units * ith / nth, u1 = (long)j->units * (ith + 1) / nth;
+    const uint8_t *done = j->src + u0 * ub;   /* the source read so far, not yet released (homes only) */
+    for (long u = u0; u < u1; u++) {
+        memcpy(buf, j->src + u * ub, ub);
+        if (j->interleave) interleave_group(buf, j->dst + u * ub, j->rb, j->base, j->nb);
+        else repack_row(buf, j->dst + u * ub, j->base, j->nb);
+        const uint8_t *end = j->src + (u + 1) * ub;
+        if (j->dst != j->src && (end - done >= RELEASE_BYTES || u + 1 == u1)) release_pages(done, end), done = end;
     }
 }
 
-/* el_repack; caller holds the lock */
-static int repack_locked(void *W, int type, int rows, int cols) {
+/* Repacks the matrix at src into dst (src itself: in place; else dst takes the same bytes and src's whole pages are
+ * released as it goes); returns the new type (type if it stays as it is). Caller holds the lock. */
+static int repack_locked(void *src, void *dst, int type, int rows, int cols) {
     if (!el_kern->repacks || !el_is_quant(type) || el_is_repacked(type) || rows <= 0 || cols <= 0 || cols % EL_QK)
         return type;
     const int interleave = type != EL_Q8_0 && rows % 8 == 0;
-    repack_job j = {W, NULL, el_row_bytes(type, cols), type, interleave ? rows / 8 : rows, cols / EL_QK, interleave};
+    repack_job j = {src, dst, NULL, el_row_bytes(type, cols), type, interleave ? rows / 8 : rows, cols / EL_QK,
+                    interleave};
     j.buf = malloc(j.rb * (interleave ? 8 : 1) * el_get_threads_locked());
     if (!j.buf) return type;
     el_parallel(repack_task, &j);
     free(j.buf);
+    if (dst != src) release_pages(src, (const uint8_t *)src + j.rb * rows);   /* pages that straddled two threads' runs */
     return type + (interleave ? EL_Q4_0X - EL_Q4_0 : EL_Q4_0R - EL_Q4_0);
 }
 
 int el_repack(void *W, int type, int rows, int cols) {
     el_lock();
-    type = repack_locked(W, type, rows, cols);
+    type = repack_locked(W, W, type, rows, cols);
     el_unlock();
     return type;
 }
 
+/* el_weight_prepare; caller holds the lock */
+static void prepare_locked(el_weight *w) {
+    void *dst = w->home ? w->home : w->w;
+    const int type = repack_locked(w->w, dst, w->type, w->rows, w->cols);
+    if (type != w->type) w->w = dst, w->type = type;
+}
+
 void el_weight_prepare(el_weight *w) {
     el_lock();
-    w->type = repack_locked(w->w, w->type, w->rows, w->cols);
+    prepare_locked(w);
     el_unlock();
 }
 
@@ -1058,7 +1088,7 @@ static void matmul_many(el_weight *const *W, float *const *Y, int count, const f
     if (n <= 0 || count <= 0 || count > EL_MANY) return;
     int nth = el_get_threads_locked(), cols = W[0]->cols, any_quant = 0, any_ds = 0;
     for (int i = 0; i < count; i++) {
-        W[i]->type = repack_locked(W[i]->w, W[i]->type, W[i]->rows, W[i]->cols);
+        prepare_locked(W[i]);
         any_quant |= el_is_quant(W[i]->type);
         any_ds |= el_uses_act_ds(W[i]->type);
     }

@@ -84,10 +84,14 @@ int el_kv_gather(const el_kvblock *blocks, int n_blocks, int n_kv_head, int hd, 
 int el_repack(void *W, int type, int rows, int cols);
 
 /* A weight matrix: rows x cols of type `type`. The fused steps below repack it on first use (el_repack) and update
- * `type`, so a matrix must have one el_weight, and callers read w and type from it at each call. */
+ * `type`, so a matrix must have one el_weight, and callers read w and type from it at each call. With `home` set (a
+ * buffer of the matrix's bytes, e.g. a slot of a huge-page arena) the repacked matrix is written there instead of
+ * over w, w then points to it, and the source's whole pages are released (madvise DONTNEED: meant for a private
+ * file map that was never written, whose pages would read back as the file). */
 typedef struct {
     void *w;
     int type, rows, cols;
+    void *home;
 } el_weight;
 
 /* Repack w's matrix if the active kernels want it (once; what the fused steps do to their weights). */

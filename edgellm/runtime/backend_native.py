@@ -1,12 +1,15 @@
 """Native backend: every op is one call into the C kernels; buffers are allocated once per chunk size."""
 from __future__ import annotations
 
+import mmap
+import os
+
 import numpy as np
 
 from ..kv.cache import KVCache
 from .. import native
 from ..native import ffi, lib
-from ..quant.blocks import GGMLType
+from ..quant.blocks import REPACKED, GGMLType, row_bytes
 from .config import ModelConfig
 from .weights import Weights
 
@@ -18,6 +21,41 @@ def _fptr(a: np.ndarray):
 def _weight(t):
     """The one el_weight of a mapped matrix (native.weight)."""
     return native.weight(t.data, t.type, t.rows, t.cols)
+
+
+HUGE_PAGE = 2 << 20
+
+
+class WeightArena:
+    """One anonymous private map that the quantized matrices are repacked into on first use (el_weight.home), in the
+    order given (a step's), asking the kernel for 2 MiB pages. The GGUF file's private map can only have 4 KiB pages,
+    and with them a 1-thread decode ran up to 6% slower (bench/hugepages.py): each page is a page walk for the GEMVs'
+    prefetch and a stop for the hardware prefetcher. The C side releases the file's pages as it repacks, so the
+    weights are in RSS once, as with repacking in place; untouched, the arena costs nothing. EDGELLM_HUGE_PAGES=0
+    leaves the matrices in the file map (repacked in place)."""
+
+    def __init__(self, weights):
+        quant = [w for w in weights if w.type in REPACKED]
+        slots = [-(-row_bytes(w.type, w.cols) * w.rows // 64) * 64 for w in quant]
+        self.nbytes = sum(slots)
+        self._map = mmap.mmap(-1, self.nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._bytes = np.frombuffer(self._map, np.uint8)
+        self.start = -self._bytes.ctypes.data % HUGE_PAGE   # the first 2 MiB boundary inside the map
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE, self.start, self.nbytes)
+        off = self.start
+        for w, size in zip(quant, slots):
+            w.home = ffi.cast("void *", self._bytes.ctypes.data + off)
+            off += size
+
+    @staticmethod
+    def wanted() -> bool:
+        return os.environ.get("EDGELLM_HUGE_PAGES", "1") != "0" and hasattr(mmap, "MAP_ANONYMOUS")
+
+    def holds(self, w) -> bool:
+        """Whether el_weight w's matrix lives in the arena (it does once repacked)."""
+        a = int(ffi.cast("uintptr_t", w.w)) - self._bytes.ctypes.data
+        return self.start <= a < self.start + self.nbytes
 
 
 class NativeBackend:
@@ -44,6 +82,8 @@ class NativeBackend:
         # tied: one matrix, so one struct (the output layer repacks it, then the embedding reads it repacked)
         self.embd = _weight(w.token_embd)
         self.output = self.embd if w.output is w.token_embd else _weight(w.output)
+        step_order = [lw[k] for lw in self.layers for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
+        self.arena = WeightArena(step_order + [self.output]) if WeightArena.wanted() else None
         self.scale = 1.0 / np.sqrt(cfg.head_dim)
         self._cap = 0
         self._out_rho = None   # per output row, el_weight_l1_ratio (first next_logits)
