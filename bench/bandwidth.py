@@ -201,6 +201,18 @@ def read_passes(threads: int, mb: int = 512, passes: int = 5, ms: float = 0, exe
     return [float(x) for x in out[1:]]
 
 
+def best_read(threads: int, passes: int, ms: float, exe: str) -> float:
+    """The best pass, GB/s, of `passes` passes of `ms` ms over a buffer in 4 KiB pages and of as many over one in
+    huge pages (where the kernel gives them): edgellm's weights sit in huge pages, so a bound set by the small pages'
+    read alone could be lower than the machine allows."""
+    rates = read_passes(threads, passes=passes, ms=ms, exe=exe)
+    try:
+        rates += read_passes(threads, passes=passes, ms=ms, exe=exe, huge=True)
+    except RuntimeError:
+        pass
+    return max(rates)
+
+
 def bytes_per_token(model: str, context: int, kv_dtype: str) -> tuple[int, int]:
     """(weight bytes, KV bytes) read to decode one token after `context` tokens: every layer's matrices and
     the output matrix (not the embedding table: one row of it), and all K/V rows of the context."""

@@ -44,6 +44,22 @@ def test_read_in_huge_pages(bandwidth):
     assert len(rates) == 2 and all(math.isfinite(r) and 0.1 < r < 1e4 for r in rates)
 
 
+def test_best_read_takes_the_faster_pages(bandwidth, monkeypatch):
+    """The bound's read: the best pass of the 4 KiB and the huge-page buffers, the small pages' alone where the kernel
+    gives no huge ones."""
+    def fake(threads, passes, ms, exe, huge=False, **kw):
+        if huge and fake.no_huge:
+            raise RuntimeError("the kernel gave the buffer no huge pages")
+        return [20.0, 21.0] if huge else [22.0, 19.0]
+    monkeypatch.setattr(bandwidth, "read_passes", fake)
+    fake.no_huge = False
+    assert bandwidth.best_read(2, 2, 300, "bw") == 22.0
+    fake.no_huge = True
+    assert bandwidth.best_read(2, 2, 300, "bw") == 22.0
+    monkeypatch.setattr(bandwidth, "read_passes", lambda *a, huge=False, **k: [25.0] if huge else [22.0])
+    assert bandwidth.best_read(2, 2, 300, "bw") == 25.0
+
+
 def test_bytes_per_token_counts_every_matrix_once_and_the_context(bandwidth, model_path):
     g = GGUFFile(model_path)
     n_layer, n_kv, hd = 30, 3, 64
