@@ -29,8 +29,8 @@ HUGE_PAGE = 2 << 20
 class WeightArena:
     """One anonymous private map that the quantized matrices are repacked into on first use (el_weight.home), in the
     order given (a step's), asking the kernel for 2 MiB pages. The GGUF file's private map can only have 4 KiB pages,
-    and with them a 1-thread decode ran up to 6% slower (bench/hugepages.py): each page is a page walk for the GEMVs'
-    prefetch and a stop for the hardware prefetcher. The C side releases the file's pages as it repacks, so the
+    each a page walk for the GEMVs' prefetch and a stop for the hardware prefetcher: in huge pages a 1-thread decode
+    ran up to 8% faster (bench/hugepages.py). The C side releases the file's pages as it repacks, so the
     weights are in RSS once, as with repacking in place; untouched, the arena costs nothing. EDGELLM_HUGE_PAGES=0
     leaves the matrices in the file map (repacked in place)."""
 
