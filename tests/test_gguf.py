@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+from smaps import mapping_field
 
 from edgellm.formats.gguf import GGUFFile
 
@@ -27,21 +28,6 @@ def test_matches_gguf_reader(model_path):
         np.testing.assert_array_equal(mine.data, np.asarray(t.data).reshape(mine.data.shape))
 
 
-def _mapping_rss_kb(address: int) -> int:
-    """Rss of the /proc/self/smaps mapping that holds `address`."""
-    rss, inside = None, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "Rss:":
-                rss = int(line.split()[1])
-    assert rss is not None
-    return rss
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_header_pages_leave_rss_once_parsed(model_path):
     """The header (megabytes of vocabulary strings) is python values once parsed: its pages are released. What may
@@ -53,7 +39,7 @@ def test_header_pages_leave_rss_once_parsed(model_path):
         base = ctypes.addressof(view)
         header = min(t.data.ctypes.data for t in g.tensors.values()) - base
         assert header > 1 << 20
-        assert _mapping_rss_kb(base) * 1024 < header // 4
+        assert int(mapping_field(base, "Rss")[0]) * 1024 < header // 4
     finally:
         del view
     assert len(g.metadata["tokenizer.ggml.tokens"]) == 49152

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from smaps import mapping_field
 from test_native_kernels import QTYPES, check_matmul, random_weights
 
 from edgellm import native as N
@@ -163,20 +164,6 @@ def test_model_repacks_on_first_use(model_path, force_scalar, huge_pages):
         assert rss < 1.05 * unpacked_rss, (rss, unpacked_rss)
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of this process's mapping that holds address (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc")
 def test_weight_arena_asks_for_huge_pages(model_path, monkeypatch):
     """The arena is one map on a 2 MiB boundary with MADV_HUGEPAGE ("hg"), a slot per quantized matrix, in step order."""
@@ -186,7 +173,7 @@ def test_weight_arena_asks_for_huge_pages(model_path, monkeypatch):
     b = Model(model_path, 1).backend
     a = b.arena
     base = a._bytes.ctypes.data + a.start
-    assert base % HUGE_PAGE == 0 and "hg" in _vm_flags(base)
+    assert base % HUGE_PAGE == 0 and "hg" in mapping_field(base, "VmFlags")
     homes = [int(N.ffi.cast("uintptr_t", lw[k].home))
              for lw in b.layers for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")]
     assert homes[0] == base and homes == sorted(homes)
