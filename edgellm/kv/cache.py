@@ -158,6 +158,13 @@ class KVCache(GrowingCache):
         fills = self.dtype != GGMLType.F16 and last.n + n == self.block_size
         return len(self.blocks[0]), self._seal_table() if fills else ffi.NULL
 
+    def tail_room(self) -> int:
+        """Tokens the layers' tails take before one fills (a full or quantized tail: a fresh one's), within
+        max_tokens."""
+        last = self.blocks[0][-1] if self.blocks[0] else None
+        room = self.block_size - last.n if last is not None and last.dtype == GGMLType.F16 else 0
+        return min(room or self.block_size, self.max_tokens - len(self))
+
     def _seal_table(self):
         self._sealed = [self._quantized_arrays() for _ in range(self.n_layer)]
         self._seal = ffi.new("el_kvblock[]", self.n_layer)

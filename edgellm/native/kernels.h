@@ -153,6 +153,18 @@ typedef struct {
 int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
                       float *x, const el_buffers *b, const el_kvblock *seal);
 
+/* Greedy decoding without Python between tokens (Python between them runs with caches the weights evicted): feeds
+ * tok at position pos through every layer (el_forward_layers), takes the next-token logits as the Python backend's
+ * next_logits does (el_rmsnorm with out_norm, el_logits_refine with rho; into logits, output->rows floats) and
+ * appends their argmax (the first largest) to out; then feeds that token at pos + 1, and so on: max_n tokens, or
+ * fewer when one of stop[0..n_stop) comes (the last one in out, not fed). h: dim floats. The tails need room for
+ * more than max_n tokens (none fills: no seal). Returns the number of tokens in out, or -1 (bad arguments, or out of
+ * memory part way: the cache then holds tokens its owner does not know of). */
+int el_greedy_run(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, int32_t pos, int32_t tok,
+                  int max_n, const int32_t *stop, int n_stop, el_weight *embd, el_weight *output,
+                  const float *out_norm, const uint8_t *rho, float *x, const el_buffers *b, float *h, float *logits,
+                  int32_t *out);
+
 /* ---- internal ---- */
 
 /* el_attn_in with the RoPE table of its positions given (el_rope_table; NULL: no RoPE), so a step through every

@@ -45,3 +45,31 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
     free(cs);
     return 0;
 }
+
+/* the first largest of y[0..n) (numpy's argmax) */
+static int32_t argmax(const float *y, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (y[i] > y[best]) best = i;
+    return best;
+}
+
+int el_greedy_run(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, int32_t pos, int32_t tok,
+                  int max_n, const int32_t *stop, int n_stop, el_weight *embd, el_weight *output,
+                  const float *out_norm, const uint8_t *rho, float *x, const el_buffers *b, float *h, float *logits,
+                  int32_t *out) {
+    /* room for one more than the run feeds: no tail fills */
+    if (max_n <= 0 || n_blocks <= 0 || !tails_have_room(descs, m->n_layer, n_blocks, max_n + 1)) return -1;
+    for (int i = 0; i < max_n; i++) {
+        el_get_rows(embd->w, embd->type, embd->cols, &tok, 1, x);
+        if (el_forward_layers(m, descs, n_blocks, rotate, &pos, 1, x, b, NULL)) return -1;
+        el_rmsnorm(x, out_norm, 1, m->dim, m->eps, h);
+        el_weight_prepare(output);
+        if (el_logits_refine(output, rho, h, logits) < 0) return -1;
+        out[i] = tok = argmax(logits, output->rows);
+        pos++;
+        for (int s = 0; s < n_stop; s++)
+            if (tok == stop[s]) return i + 1;
+    }
+    return max_n;
+}

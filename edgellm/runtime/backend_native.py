@@ -30,9 +30,9 @@ class WeightArena:
     """One anonymous private map that the quantized matrices are repacked into on first use (el_weight.home), in the
     order given (a step's), asking the kernel for 2 MiB pages. The GGUF file's private map can only have 4 KiB pages,
     each a page walk for the GEMVs' prefetch and a stop for the hardware prefetcher: in huge pages a 1-thread decode
-    ran up to 8% faster (bench/hugepages.py). The C side releases the file's pages as it repacks, so the
-    weights are in RSS once, as with repacking in place; untouched, the arena costs nothing. EDGELLM_HUGE_PAGES=0
-    leaves the matrices in the file map (repacked in place)."""
+    ran up to 8% faster (bench/decode_ab.py --what huge-pages). The C side releases the file's pages as it repacks,
+    so the weights are in RSS once, as with repacking in place; untouched, the arena costs nothing.
+    EDGELLM_HUGE_PAGES=0 leaves the matrices in the file map (repacked in place)."""
 
     def __init__(self, weights):
         quant = [w for w in weights if w.type in REPACKED]
@@ -162,20 +162,46 @@ class NativeBackend:
         lib.el_weight_prepare(self.output)
         return h
 
-    def next_logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits [1, vocab] of x's first row for choosing the next token: equal to logits() on every token that
-        could be the largest, the rest within the 8-bit product's error bound (el_logits_refine)."""
-        h, o = self._normed(x, 1), self.output
+    def _rho(self):
+        """el_logits_refine's rho for the output matrix (made on first use; NULL for an f16 / f32 matrix)."""
+        o = self.output
         if self._out_rho is None and o.type not in (GGMLType.F32, GGMLType.F16):
+            lib.el_weight_prepare(o)
             rho = np.empty(o.rows, np.uint8)
             if lib.el_weight_l1_ratio(o, ffi.cast("uint8_t *", rho.ctypes.data)) != 0:
                 raise MemoryError("el_weight_l1_ratio: out of memory")
             self._out_rho = rho
+        return ffi.from_buffer("uint8_t[]", self._out_rho) if self._out_rho is not None else ffi.NULL
+
+    def next_logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits [1, vocab] of x's first row for choosing the next token: equal to logits() on every token that
+        could be the largest, the rest within the 8-bit product's error bound (el_logits_refine)."""
+        h, o = self._normed(x, 1), self.output
         out = np.empty((1, o.rows), np.float32)
-        rho = ffi.from_buffer("uint8_t[]", self._out_rho) if self._out_rho is not None else ffi.NULL
-        if lib.el_logits_refine(o, rho, _fptr(h), _fptr(out)) < 0:
+        if lib.el_logits_refine(o, self._rho(), _fptr(h), _fptr(out)) < 0:
             raise MemoryError("el_logits_refine: out of memory")
         return out
+
+    def greedy_run(self, tok: int, cache: KVCache, max_n: int, stop) -> list[int] | None:
+        """Up to max_n tokens after tok, each the argmax of next_logits, in one C call (el_greedy_run: no Python
+        between tokens, where it runs with cold caches): tok and every returned token but the last go into the cache;
+        the last (a token of `stop`, or the max_n-th) does not. None when the tails cannot take the run whole."""
+        if cache.tail_room() <= max_n:
+            return None
+        n_blocks, _ = cache.step_blocks(max_n)   # no seal table: the run leaves room in the tails
+        if not n_blocks:
+            return None
+        self._buffers(1)
+        h, logits = np.empty(self.cfg.n_embd, np.float32), np.empty(self.output.rows, np.float32)
+        out, stops = np.empty(max_n, np.int32), np.array(sorted(stop), np.int32)
+        k = lib.el_greedy_run(self._model, cache.desc_table, n_blocks, cache.rotated, cache.next_pos, tok, max_n,
+                              ffi.from_buffer("int32_t[]", stops) if stops.size else ffi.NULL, stops.size, self.embd,
+                              self.output, _fptr(self.out_norm), self._rho(), self.p["x"], self._bufs, _fptr(h),
+                              _fptr(logits), ffi.from_buffer("int32_t[]", out))
+        if k < 0:
+            raise RuntimeError("el_greedy_run refused a run the cache had checked (or ran out of memory)")
+        cache.stepped(k)
+        return out[:k].tolist()
 
     def logits(self, x: np.ndarray, n: int, precise: bool = True) -> np.ndarray:
         h, o = self._normed(x, n), self.output

@@ -39,6 +39,12 @@ class Sampler:
             self._rng = np.random.default_rng(self.p.seed)
         return self._rng
 
+    @property
+    def greedy(self) -> bool:
+        """Whether every draw is the logits' argmax (the first largest), whatever the history."""
+        p = self.p
+        return p.temperature == 0.0 and (p.repeat_penalty == 1.0 or not p.repeat_last_n)
+
     def __call__(self, logits: np.ndarray, history) -> int:
         p = self.p
         logits = np.asarray(logits, np.float32).reshape(-1)

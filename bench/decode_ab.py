@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Decode speed of two ways of running edgellm, rounds alternating in one process.
+
+    python bench/decode_ab.py --what huge-pages|greedy-runs [--threads 2] [--rounds 10] [--prompt-tokens 512]
+                              [--gen-tokens 64] [--kv-dtype q8_0]
+
+--what huge-pages: the weights in the huge-page arena (WeightArena, the default) against EDGELLM_HUGE_PAGES=0, where
+they are repacked in place in the GGUF file's private map, which the kernel backs with 4 KiB pages only.
+--what greedy-runs: greedy decoding in runs of LLM.greedy_run_tokens tokens per native call (the default) against
+one call per token (greedy_run_tokens = 0).
+The model is loaded once per way and decode rounds alternate between the two (which goes first swaps every round),
+so the host's drift from minute to minute falls on both alike. It prints each round's tok/s, the ratio of the
+medians and the median of the rounds' ratios (new / old). `python bench/bandwidth.py --huge-pages` measures the
+plain read over both page sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import numpy as np
+
+import edgellm
+
+
+def load(threads: int, kv_dtype: str, huge_pages: bool = True, run_tokens: int | None = None) -> edgellm.LLM:
+    saved = os.environ.get("EDGELLM_HUGE_PAGES")
+    os.environ["EDGELLM_HUGE_PAGES"] = "1" if huge_pages else "0"
+    try:
+        llm = edgellm.LLM("smollm2-135m", n_threads=threads, kv=edgellm.KVConfig(kv_dtype=kv_dtype))
+    finally:
+        if saved is None:
+            del os.environ["EDGELLM_HUGE_PAGES"]
+        else:
+            os.environ["EDGELLM_HUGE_PAGES"] = saved
+    if run_tokens is not None:
+        llm.greedy_run_tokens = run_tokens
+    return llm
+
+
+def huge_kb() -> int:
+    """This process's anonymous memory in huge pages, kB (-1 where the kernel does not say)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")), -1)
+    except OSError:
+        return -1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--what", choices=("huge-pages", "greedy-runs"), required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--kv-dtype", default="q8_0")
+    args = ap.parse_args()
+    if args.what == "huge-pages":
+        llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, huge_pages=False)}
+    else:
+        llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, run_tokens=0)}
+    prompt = [int(t) for t in np.random.default_rng(0).integers(100, 40000, args.prompt_tokens)]
+    rates: dict[str, list[float]] = {k: [] for k in llms}
+    for r in range(args.rounds):
+        for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            llm = llms[name]
+            llm.reset()
+            llm.generate(prompt, max_tokens=args.gen_tokens, ignore_eos=True)
+            rates[name].append(llm.stats()["decode_tok_s"])
+    print(f"{args.what}: new against old, {args.threads} thread(s), {args.prompt_tokens}-token prompt, "
+          f"{args.gen_tokens} tokens, {args.kv_dtype} KV; weights in huge pages: {huge_kb() / 1024:.0f} MiB of the "
+          f"process")
+    for name, v in rates.items():
+        print(f"  {name} decode tok/s: median {statistics.median(v):6.1f}, best {max(v):6.1f}; rounds "
+              + " ".join(f"{x:.1f}" for x in v))
+    paired = [a / b for a, b in zip(rates["new"], rates["old"])]
+    print(f"new / old: ratio of medians {statistics.median(rates['new']) / statistics.median(rates['old']):.3f}, "
+          f"median of the rounds' ratios {statistics.median(paired):.3f}")
+
+
+if __name__ == "__main__":
+    main()
