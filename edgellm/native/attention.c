@@ -19,7 +19,8 @@ typedef struct {
     int n_q, n_head, n_kv, hd, gs;
     float scale;
     const el_kvblock *blocks;
-    int n_blocks, any_quant;
+    int n_blocks, lanes;   /* lanes: every unit takes attend_lanes (no quantized block) */
+    int kt;              /* keys per tile: EL_LANES_KT with lanes, else EL_KT */
     int qt, n_qt;        /* queries per tile, tiles */
     long chunk_keys;     /* keys per chunk (a multiple of EL_KT, so tiles stay whole) */
     int nchunk, n_units, nth;
@@ -51,7 +52,7 @@ static size_t tile_at(const att_ctx *c, int g, const el_kvblock *B, long base, l
     block_slice(B, g, c->hd, base, from, to, &j0, &j1, &rb, nk, nv);
     if (j1 <= j0) return 0;
     *nk += j0 * rb, *nv += j0 * rb;
-    return (size_t)(j1 - j0 < EL_KT ? j1 - j0 : EL_KT) * rb;
+    return (size_t)(j1 - j0 < c->kt ? j1 - j0 : c->kt) * rb;
 }
 
 /* The first tile of unit v (0: none), as tile_at gives it */
@@ -71,7 +72,7 @@ static size_t unit_first_tile(const att_ctx *c, int v, const char **nk, const ch
  * prefetcher to run ahead of a cold cache (decode reads every layer's K/V from DRAM). */
 static size_t next_tile(const att_ctx *c, int u, int g, int bi, long j, long j1, long base, long k1, const char **nk,
                         const char **nv) {
-    if (j + EL_KT < j1) return tile_at(c, g, &c->blocks[bi], base, base + j + EL_KT, k1, nk, nv);
+    if (j + c->kt < j1) return tile_at(c, g, &c->blocks[bi], base, base + j + c->kt, k1, nk, nv);
     base += c->blocks[bi].n;
     if (++bi >= c->n_blocks || base >= k1) return unit_first_tile(c, u + c->nth, nk, nv);
     return tile_at(c, g, &c->blocks[bi], base, base, k1, nk, nv);
@@ -83,7 +84,8 @@ static inline void pos_span(const int32_t *pos, int cnt, int32_t *pmin, int32_t 
     for (int t = 1; t < cnt; t++) *pmin = pos[t] < *pmin ? pos[t] : *pmin, *pmax = pos[t] > *pmax ? pos[t] : *pmax;
 }
 
-static size_t part_floats(const att_ctx *c) { return (size_t)max_rows(c) * (c->hd + 2); }
+/* whole cache lines per unit: two threads' units side by side would share a line that both write every tile */
+static size_t part_floats(const att_ctx *c) { return ((size_t)max_rows(c) * (c->hd + 2) + 15) / 16 * 16; }
 
 static size_t workspace_floats(const att_ctx *c) {
     size_t R = (size_t)max_rows(c), w = (R + 7) / 8 * 8;
@@ -98,7 +100,7 @@ static void attend_lanes(att_ctx *c, int u, int g, long k0, long k1, const float
                          int32_t qmax, float *lanes_ws, float *o, float *mx, float *l) {
     const int gs = c->gs, hd = c->hd, w = (R + 7) / 8 * 8;
     float *qt = lanes_ws, *ot = qt + (size_t)hd * w, *kf = ot + (size_t)hd * w;
-    float *vf = kf + (size_t)EL_KT * hd, *st = vf + (size_t)EL_KT * hd, *m = st + (size_t)EL_KT * w, *lv = m + w;
+    float *vf = kf + (size_t)EL_LANES_KT * hd, *st = vf + (size_t)EL_LANES_KT * hd, *m = st + (size_t)EL_LANES_KT * w, *lv = m + w;
     int32_t *qpos = (int32_t *)(lv + w);
     memset(qt, 0, sizeof(float) * 2 * hd * w);   /* padding lanes: zero queries, no keys visible */
     for (int r = 0; r < w; r++) m[r] = -INFINITY, lv[r] = 0, qpos[r] = r < R ? qp[r / gs] : INT32_MIN;
@@ -114,8 +116,8 @@ static void attend_lanes(att_ctx *c, int u, int g, long k0, long k1, const float
         size_t rb;
         const char *kh, *vh;
         block_slice(B, g, hd, base, k0, k1, &j0, &j1, &rb, &kh, &vh);
-        for (long j = j0; j < j1; j += EL_KT) {
-            int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
+        for (long j = j0; j < j1; j += c->kt) {
+            int cnt = j1 - j < c->kt ? (int)(j1 - j) : c->kt;
             int32_t pmin, pmax;
             pos_span(B->pos + j, cnt, &pmin, &pmax);
             if (pmin > qmax) continue;
@@ -166,7 +168,7 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
         memcpy(qf + (size_t)i * gs * hd, c->q + ((size_t)(i0 + i) * c->n_head + (size_t)g * gs) * hd, sizeof(float) * gs * hd);
     /* every F16/F32 unit takes the lanes path, whatever its row count: a row's result then does not depend on how
      * the prompt was chunked (decode equals prefill bit for bit), at some cost to f16 decode at long contexts */
-    if (el_kern->attend_lanes && !c->any_quant && hd % 8 == 0) {
+    if (c->lanes) {
         attend_lanes(c, u, g, k0, k1, qf, R, qp, qmin, qmax, s + (size_t)R * EL_KT + 16, o, mx, l);
         goto done;
     }
@@ -184,8 +186,8 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
         size_t rb;
         const char *kh, *vh;
         block_slice(B, g, hd, base, k0, k1, &j0, &j1, &rb, &kh, &vh);
-        for (long j = j0; j < j1; j += EL_KT) {
-            int cnt = j1 - j < EL_KT ? (int)(j1 - j) : EL_KT;
+        for (long j = j0; j < j1; j += c->kt) {
+            int cnt = j1 - j < c->kt ? (int)(j1 - j) : c->kt;
             int32_t pmin, pmax;
             pos_span(B->pos + j, cnt, &pmin, &pmax);
             if (pmin > qmax) continue;   /* no query of the tile sees any of these keys */
@@ -262,8 +264,10 @@ void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int
     el_lock();
     int nth = el_get_threads_locked();
     att_ctx c = {.nth = nth, .q = q, .q_pos = q_pos, .n_q = n_q, .n_head = n_head, .n_kv = n_kv_head, .hd = hd,
-                 .gs = n_head / n_kv_head, .scale = scale, .blocks = blocks, .n_blocks = n_blocks, .any_quant = any_quant,
+                 .gs = n_head / n_kv_head, .scale = scale, .blocks = blocks, .n_blocks = n_blocks,
+                 .lanes = el_kern->attend_lanes && !any_quant && hd % 8 == 0,
                  .out = out, .lse = lse};
+    c.kt = c.lanes ? EL_LANES_KT : EL_KT;
     c.qt = TILE_ROWS / c.gs > 1 ? TILE_ROWS / c.gs : 1;
     if (c.qt > n_q) c.qt = n_q;
     c.n_qt = (n_q + c.qt - 1) / c.qt;

@@ -872,7 +872,7 @@ INLINE void transpose8(__m256 *a) {
  * values in each 128-bit half (dimensions c0.. in the low halves, c0 + 8.. in the high), then converted */
 INLINE void keys_f16x16(const char *k, size_t rb, int t0, int cnt, int c0, float *kt) {
     const char *src = k + (size_t)t0 * rb + (size_t)c0 * 2;
-    float *dst = kt + (size_t)c0 * EL_KT + t0;
+    float *dst = kt + (size_t)c0 * EL_LANES_KT + t0;
     __m256i r[8], t[8], u[8];
     if (t0 + 8 <= cnt)
         for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(src + i * rb));
@@ -885,14 +885,14 @@ INLINE void keys_f16x16(const char *k, size_t rb, int t0, int cnt, int c0, float
     }
     for (int j = 0; j < 4; j++) {   /* dimensions 2j, 2j + 1 (low halves) and 8 + 2j, 9 + 2j (high halves) */
         const __m256i d0 = _mm256_unpacklo_epi64(u[j], u[j + 4]), d1 = _mm256_unpackhi_epi64(u[j], u[j + 4]);
-        _mm256_storeu_ps(dst + (2 * j) * EL_KT, _mm256_cvtph_ps(_mm256_castsi256_si128(d0)));
-        _mm256_storeu_ps(dst + (2 * j + 1) * EL_KT, _mm256_cvtph_ps(_mm256_castsi256_si128(d1)));
-        _mm256_storeu_ps(dst + (2 * j + 8) * EL_KT, _mm256_cvtph_ps(_mm256_extracti128_si256(d0, 1)));
-        _mm256_storeu_ps(dst + (2 * j + 9) * EL_KT, _mm256_cvtph_ps(_mm256_extracti128_si256(d1, 1)));
+        _mm256_storeu_ps(dst + (2 * j) * EL_LANES_KT, _mm256_cvtph_ps(_mm256_castsi256_si128(d0)));
+        _mm256_storeu_ps(dst + (2 * j + 1) * EL_LANES_KT, _mm256_cvtph_ps(_mm256_castsi256_si128(d1)));
+        _mm256_storeu_ps(dst + (2 * j + 8) * EL_LANES_KT, _mm256_cvtph_ps(_mm256_extracti128_si256(d0, 1)));
+        _mm256_storeu_ps(dst + (2 * j + 9) * EL_LANES_KT, _mm256_cvtph_ps(_mm256_extracti128_si256(d1, 1)));
     }
 }
 
-/* sr[r][t] = scale * q_r . k_t (rows of EL_KT scores) for the G * 8 keys from t0 (kt: keys in lanes) and R rows:
+/* sr[r][t] = scale * q_r . k_t (rows of EL_LANES_KT scores) for the G * 8 keys from t0 (kt: keys in lanes) and R rows:
  * G * R independent chains fma(k[c], q[c], .) over c = 0, 1, ..., so their FMA latencies overlap */
 INLINE void rows_qk(const el_lanes *L, const float *kt, int t0, int R, int G, float *sr, int pf0, int pf1) {
     __m256 acc[2][8];
@@ -903,11 +903,11 @@ INLINE void rows_qk(const el_lanes *L, const float *kt, int t0, int R, int G, fl
             _mm_prefetch(L->pf_k + 64 * (pf0 + c), _MM_HINT_T0), _mm_prefetch(L->pf_v + 64 * (pf0 + c), _MM_HINT_T0);
         for (int r = 0; r < R; r++) {
             const __m256 q = _mm256_broadcast_ss(L->qt + (size_t)c * 8 + r);
-            for (int g = 0; g < G; g++) acc[g][r] = _mm256_fmadd_ps(_mm256_loadu_ps(kt + (size_t)c * EL_KT + t0 + 8 * g), q, acc[g][r]);
+            for (int g = 0; g < G; g++) acc[g][r] = _mm256_fmadd_ps(_mm256_loadu_ps(kt + (size_t)c * EL_LANES_KT + t0 + 8 * g), q, acc[g][r]);
         }
     }
     for (int g = 0; g < G; g++)
-        for (int r = 0; r < R; r++) _mm256_storeu_ps(sr + r * EL_KT + t0 + 8 * g, _mm256_mul_ps(acc[g][r], _mm256_set1_ps(L->scale)));
+        for (int r = 0; r < R; r++) _mm256_storeu_ps(sr + r * EL_LANES_KT + t0 + 8 * g, _mm256_mul_ps(acc[g][r], _mm256_set1_ps(L->scale)));
 }
 
 INLINE float hmax(__m256 v) {
@@ -921,7 +921,7 @@ INLINE float hmax(__m256 v) {
  * lane-wise, each row's sum runs over t = 0, 1, ... as there, and m, l, f are computed on the same row vectors */
 INLINE void rows_softmax(const el_lanes *L, const int32_t *pos, int cnt, int partial, int R, float *sr) {
     const int cnt8 = (cnt + 7) & ~7;
-    int32_t pp[EL_KT];   /* positions; keys past cnt pad the last vector and are masked like later keys */
+    int32_t pp[EL_LANES_KT];   /* positions; keys past cnt pad the last vector and are masked like later keys */
     for (int t = 0; t < cnt8; t++) pp[t] = t < cnt ? pos[t] : INT32_MAX;
     float mt[8], mu[8], sum[8], fr[8];
     for (int r = 0; r < 8; r++) mt[r] = -INFINITY, sum[r] = 0;
@@ -929,11 +929,11 @@ INLINE void rows_softmax(const el_lanes *L, const int32_t *pos, int cnt, int par
         const __m256i qp = _mm256_set1_epi32(L->qpos[r]);
         __m256 m = _mm256_set1_ps(-INFINITY);
         for (int t0 = 0; t0 < cnt8; t0 += 8) {
-            __m256 x = _mm256_loadu_ps(sr + r * EL_KT + t0);
+            __m256 x = _mm256_loadu_ps(sr + r * EL_LANES_KT + t0);
             if (partial || cnt8 != cnt) {
                 __m256i later = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(pp + t0)), qp);
                 x = _mm256_blendv_ps(x, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(later));
-                _mm256_storeu_ps(sr + r * EL_KT + t0, x);
+                _mm256_storeu_ps(sr + r * EL_LANES_KT + t0, x);
             }
             m = _mm256_max_ps(m, x);
         }
@@ -944,7 +944,7 @@ INLINE void rows_softmax(const el_lanes *L, const int32_t *pos, int cnt, int par
     _mm256_storeu_ps(mu, m_use);
     _mm256_storeu_ps(fr, exp8z(_mm256_sub_ps(m_old, m_use)));
     for (int r = 0; r < R; r++) {
-        float *s = sr + r * EL_KT, acc = 0;
+        float *s = sr + r * EL_LANES_KT, acc = 0;
         for (int t0 = 0; t0 < cnt8; t0 += 8) _mm256_storeu_ps(s + t0, exp8z(_mm256_sub_ps(_mm256_loadu_ps(s + t0), _mm256_set1_ps(mu[r]))));
         for (int t = 0; t < cnt; t++) acc += s[t];
         sum[r] = acc;
@@ -965,7 +965,7 @@ INLINE void rows_softmax(const el_lanes *L, const int32_t *pos, int cnt, int par
 INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v, size_t rb, const int32_t *pos, int cnt,
                       int partial, int R) {
     const int hd = L->hd, cnt8 = (cnt + 7) & ~7;
-    float *kt = L->kf, *sr = L->st;   /* [hd][EL_KT]: keys in lanes; [R][EL_KT] scores, then weights */
+    float *kt = L->kf, *sr = L->st;   /* [hd][EL_LANES_KT]: keys in lanes; [R][EL_LANES_KT] scores, then weights */
     for (int t0 = 0; t0 < cnt8; t0 += 8) {
         int c0 = 0;
         if (type == EL_F16)   /* 16 dimensions at a time, transposed as f16 (half the shuffles per value) */
@@ -974,7 +974,7 @@ INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v,
             __m256 a[8];
             for (int i = 0; i < 8; i++) a[i] = t0 + i < cnt ? load8(type, k + (size_t)(t0 + i) * rb, c0) : _mm256_setzero_ps();
             transpose8(a);
-            for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (size_t)(c0 + i) * EL_KT + t0, a[i]);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (size_t)(c0 + i) * EL_LANES_KT + t0, a[i]);
         }
     }
     int t0 = 0, pf = 0;   /* the next tile's lines: the passes take hd of them each until all are prefetched */
@@ -982,14 +982,14 @@ INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v,
         for (; t0 + 16 <= cnt8; t0 += 16, pf += hd) rows_qk(L, kt, t0, R, 2, sr, pf, L->pf_lines);
     for (; t0 < cnt8; t0 += 8, pf += hd) rows_qk(L, kt, t0, R, 1, sr, pf, L->pf_lines);
     rows_softmax(L, pos, cnt, partial, R, sr);
-    int idx[EL_KT];   /* the tile's rows in order, as pv_heads reads V */
+    int idx[EL_LANES_KT];   /* the tile's rows in order, as pv_heads reads V */
     for (int t = 0; t < cnt; t++) idx[t] = t;
     for (int r0 = 0; r0 < R; r0 += 3)   /* up to 3 rows x 32 dimensions: 12 accumulators; p[t] of row r is sr[r][t] */
         for (int c = 0; c < hd; c += hd % 32 ? 8 : 32) {
             float *o = L->orow + (size_t)r0 * hd;
-            const float *p = sr + r0 * EL_KT;
-            if (hd % 32) pv_heads(type, v, rb, idx, cnt, p, EL_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 1);
-            else pv_heads(type, v, rb, idx, cnt, p, EL_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 4);
+            const float *p = sr + r0 * EL_LANES_KT;
+            if (hd % 32) pv_heads(type, v, rb, idx, cnt, p, EL_LANES_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 1);
+            else pv_heads(type, v, rb, idx, cnt, p, EL_LANES_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 4);
         }
 }
 
@@ -1098,8 +1098,7 @@ INLINE void block_scales(const char *x, size_t rb, int cnt, float *d) {
  * arithmetic instead of queueing at once */
 INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const float *q, int hd, float scale, float *s,
                           int NR, const char *pk, const char *pv, size_t pf_bytes) {
-    static const int iota[EL_KT] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
-                                    16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+    static const int pair[2] = {0, 1};   /* the pair's rows, from the pair's first key */
     size_t p = 0;   /* two lines of K and of V per pair of keys (a key's row: ~1 line of each) */
     int t = 0;
     for (; t + 2 <= cnt; t += 2, p += 128) {
@@ -1107,10 +1106,10 @@ INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const flo
             _mm_prefetch(pk + p, _MM_HINT_T0), _mm_prefetch(pv + p, _MM_HINT_T0);
             _mm_prefetch(pk + p + 64, _MM_HINT_T0), _mm_prefetch(pv + p + 64, _MM_HINT_T0);
         }
-        kq_store(type, k, rb, iota, q, hd, scale, s, 0, t, NR, 2);
+        kq_store(type, k + t * rb, rb, pair, q, hd, scale, s + t, 0, 0, NR, 2);
     }
     for (; p < pf_bytes; p += 64) _mm_prefetch(pk + p, _MM_HINT_T0), _mm_prefetch(pv + p, _MM_HINT_T0);
-    if (t < cnt) kq_store(type, k, rb, iota, q, hd, scale, s, 0, t, NR, 1);
+    if (t < cnt) kq_store(type, k + t * rb, rb, pair, q, hd, scale, s + t, 0, 0, NR, 1);
 }
 
 /* K.Q with rows in fours (8 dots per hsum8), P.V with rows in threes (a V block's 32 dims of three rows: 12
