@@ -2,6 +2,7 @@
 import importlib.util
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,27 @@ def test_engines_take_turns_going_first(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     order = load_script("vs_llamacpp").engine_order(3)
     assert order == ["edgellm", "llama.cpp", "llama.cpp", "edgellm", "edgellm", "llama.cpp"]
+
+
+@pytest.fixture(scope="module")
+def native_ab():
+    return load_script("native_ab")
+
+
+def test_native_ab_loads_two_copies_of_a_build(native_ab):
+    """One build under two module names (dlopen shares the one library; two builds' paths give two): the same
+    caches through both, equal outputs, a ratio per round, times that are times."""
+    so = native_ab.working_tree_build()
+    a, b, ratios = native_ab.compare(so, so, 128, 1, native_ab.GGMLType.Q8_0, rounds=2, hot=True)
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
+    assert 0 < a < 1 and 0 < b < 1   # seconds per layer for 128 keys
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None or shutil.which("cc") is None, reason="needs git and a C compiler")
+def test_native_ab_builds_a_revision(native_ab, tmp_path):
+    so = native_ab.build_revision("HEAD", tmp_path)
+    try:
+        assert so.is_file() and native_ab.load_build("rev", so).lib.el_attention
+    finally:
+        subprocess.run(["git", "-C", str(native_ab.ROOT), "worktree", "remove", "--force", str(tmp_path / "tree")])

@@ -30,7 +30,7 @@ ffibuilder.set_source(
     # fixed alignments: code added before a kernel no longer moves its hot loops (decode attention ran ~3% slower
     # at 2 threads after unrelated matmul code grew in front of it)
     extra_compile_args=["-O3", "-std=c11", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-Wall",
-                        "-falign-functions=64", "-falign-loops=32"],
+                        "-falign-functions=64", "-falign-loops=32", "-fno-wrapv"],
     extra_link_args=["-pthread"],
     libraries=["m"],
 )

@@ -580,11 +580,13 @@ INLINE __m256 hsum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* acc[r * NK + j] += q_r[c..c+7] * kv[j] (query rows hd floats apart) */
-INLINE void kq_dims(const float *q, int hd, int c, const __m256 *kv, int NR, int NK, __m256 *acc) {
+/* acc[r * NK + j] += q_r[c..c+7] * kv[j] (query rows hd floats apart); first: acc = the products (no zeroed
+ * accumulators to add to, nor the register copies an FMA into a zero costs) */
+INLINE void kq_dims(const float *q, int hd, int c, const __m256 *kv, int NR, int NK, __m256 *acc, int first) {
     for (int r = 0; r < NR; r++) {
         __m256 qv = _mm256_loadu_ps(q + (size_t)r * hd + c);
-        for (int j = 0; j < NK; j++) acc[r * NK + j] = _mm256_fmadd_ps(qv, kv[j], acc[r * NK + j]);
+        for (int j = 0; j < NK; j++)
+            acc[r * NK + j] = first ? _mm256_mul_ps(qv, kv[j]) : _mm256_fmadd_ps(qv, kv[j], acc[r * NK + j]);
     }
 }
 
@@ -595,23 +597,22 @@ INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const f
                      __m256 *acc) {
     const uint8_t *kr[4];
     for (int j = 0; j < NK; j++) kr[j] = (const uint8_t *)k + idx[j] * rb;
-    for (int i = 0; i < NR * NK; i++) acc[i] = _mm256_setzero_ps();
     if (type == EL_F16 || type == EL_F32) {
         for (int c = 0; c < hd; c += 8) {
             __m256 kv[4];
             for (int j = 0; j < NK; j++) kv[j] = load8(type, kr[j], c);
-            kq_dims(q, hd, c, kv, NR, NK, acc);
+            kq_dims(q, hd, c, kv, NR, NK, acc, c == 0);
         }
         return;
     }
     const size_t bb = block_bytes(type);
     for (int b = 0; b < hd / EL_QK; b++) {
-        __m256 d[4];   /* each key block's scale, converted once */
-        for (int j = 0; j < NK; j++) d[j] = _mm256_set1_ps(f16(*(const uint16_t *)(kr[j] + b * bb)));
+        __m256 d[4];   /* each key block's scale, converted once (broadcast as f16: 2 instructions, not 3) */
+        for (int j = 0; j < NK; j++) d[j] = _mm256_cvtph_ps(_mm_set1_epi16(*(const short *)(kr[j] + b * bb)));
         for (int g = 0; g < EL_QK / 8; g++) {
             __m256 kv[4];
             for (int j = 0; j < NK; j++) kv[j] = _mm256_mul_ps(qvals8(type, kr[j] + b * bb, g), d[j]);
-            kq_dims(q, hd, b * EL_QK + 8 * g, kv, NR, NK, acc);
+            kq_dims(q, hd, b * EL_QK + 8 * g, kv, NR, NK, acc, b == 0 && g == 0);
         }
     }
 }
@@ -1067,6 +1068,7 @@ INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *p
     __m256 acc[3][4];
     for (int i = 0; i < NH; i++)
         for (int k = 0; k < 4; k++) acc[i][k] = _mm256_loadu_ps(o + (size_t)i * hd + b * EL_QK + 8 * k);
+#pragma GCC unroll 2
     for (int t = 0; t < cnt; t++) {
         const uint8_t *blk = (const uint8_t *)v + t * rb + b * bb;
         __m256 w[3];
