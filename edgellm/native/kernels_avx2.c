@@ -681,19 +681,16 @@ INLINE void pv_heads(int type, const char *v, size_t rb, const int *idx, int cnt
     const int g0 = NC == 4 ? 0 : c % EL_QK / 8;   /* first 8-value group of the block (c is a multiple of NC * 8) */
     for (int i = 0; i < NH; i++)
         for (int k = 0; k < NC; k++) acc[i][k] = _mm256_loadu_ps(o + (size_t)i * hd + c + 8 * k);
-    for (int t = 0; t < cnt; t++) {
-        const uint8_t *row = (const uint8_t *)v + idx[t] * rb;
-        __m256 x[4];
-        if (type == EL_F16 || type == EL_F32) {
-            for (int k = 0; k < NC; k++) x[k] = load8(type, row, c + 8 * k);
-        } else {   /* the NC groups lie in one block: its scale converted once */
-            const uint8_t *blk = row + c / EL_QK * block_bytes(type);
-            const __m256 d = _mm256_set1_ps(f16(*(const uint16_t *)blk));
-            for (int k = 0; k < NC; k++) x[k] = _mm256_mul_ps(qvals8(type, blk, g0 + k), d);
-        }
-        for (int i = 0; i < NH; i++) {
-            __m256 pi = _mm256_broadcast_ss(p + i * ph + t * pt);
-            for (int k = 0; k < NC; k++) acc[i][k] = _mm256_fmadd_ps(pi, x[k], acc[i][k]);
+    const int quant = type != EL_F16 && type != EL_F32;
+    for (int t = 0; t < cnt; t++) {   /* a vector of V at a time: NH * NC + NH + 2 registers */
+        const uint8_t *row = (const uint8_t *)v + (idx ? idx[t] : t) * rb;
+        const uint8_t *blk = row + c / EL_QK * block_bytes(type);   /* quantized: the NC groups lie in one block */
+        const __m256 d = quant ? _mm256_set1_ps(f16(*(const uint16_t *)blk)) : _mm256_setzero_ps();
+        __m256 pi[4];
+        for (int i = 0; i < NH; i++) pi[i] = _mm256_broadcast_ss(p + i * ph + t * pt);
+        for (int k = 0; k < NC; k++) {
+            const __m256 xk = quant ? _mm256_mul_ps(qvals8(type, blk, g0 + k), d) : load8(type, row, c + 8 * k);
+            for (int i = 0; i < NH; i++) acc[i][k] = _mm256_fmadd_ps(pi[i], xk, acc[i][k]);
         }
     }
     for (int i = 0; i < NH; i++)
@@ -893,20 +890,31 @@ INLINE void keys_f16x16(const char *k, size_t rb, int t0, int cnt, int c0, float
     }
 }
 
+/* acc[g][r] = fma(k[c] of keys 8g.., q_r[c], acc[g][r]) for one head dimension c (kc: its keys, qc: its query values) */
+INLINE void rows_qk_dim(const float *kc, const float *qc, int R, int G, __m256 acc[4][8]) {
+    for (int r = 0; r < R; r++) {
+        const __m256 q = _mm256_broadcast_ss(qc + r);
+        for (int g = 0; g < G; g++) acc[g][r] = _mm256_fmadd_ps(_mm256_loadu_ps(kc + 8 * g), q, acc[g][r]);
+    }
+}
+
 /* sr[r][t] = scale * q_r . k_t (rows of EL_LANES_KT scores) for the G * 8 keys from t0 (kt: keys in lanes) and R rows:
- * G * R independent chains fma(k[c], q[c], .) over c = 0, 1, ..., so their FMA latencies overlap */
+ * G * R independent chains fma(k[c], q[c], .) over c = 0, 1, ..., so their FMA latencies overlap. The first
+ * dimensions also prefetch lines pf0..pf1-1 of the next tile, one of K and one of V each: a loop of their own, so the
+ * rest runs without the test and the address arithmetic */
 INLINE void rows_qk(const el_lanes *L, const float *kt, int t0, int R, int G, float *sr, int pf0, int pf1) {
-    __m256 acc[2][8];
+    __m256 acc[4][8];
     for (int g = 0; g < G; g++)
         for (int r = 0; r < R; r++) acc[g][r] = _mm256_setzero_ps();
-    for (int c = 0; c < L->hd; c++) {
-        if (pf0 + c < pf1)   /* lines pf0..pf1-1 of the next tile, one of K and one of V per dimension */
-            _mm_prefetch(L->pf_k + 64 * (pf0 + c), _MM_HINT_T0), _mm_prefetch(L->pf_v + 64 * (pf0 + c), _MM_HINT_T0);
-        for (int r = 0; r < R; r++) {
-            const __m256 q = _mm256_broadcast_ss(L->qt + (size_t)c * 8 + r);
-            for (int g = 0; g < G; g++) acc[g][r] = _mm256_fmadd_ps(_mm256_loadu_ps(kt + (size_t)c * EL_LANES_KT + t0 + 8 * g), q, acc[g][r]);
-        }
+    const int hd = L->hd, npf = pf1 - pf0 < 0 ? 0 : pf1 - pf0 < hd ? pf1 - pf0 : hd;
+    const float *qc = L->qt, *kc = kt + t0;   /* queries [hd][8], keys [hd][EL_LANES_KT] */
+    const char *pk = L->pf_k + 64 * (size_t)pf0, *pv = L->pf_v + 64 * (size_t)pf0;
+    int c = 0;
+    for (; c < npf; c++, qc += 8, kc += EL_LANES_KT, pk += 64, pv += 64) {
+        _mm_prefetch(pk, _MM_HINT_T0), _mm_prefetch(pv, _MM_HINT_T0);
+        rows_qk_dim(kc, qc, R, G, acc);
     }
+    for (; c < hd; c++, qc += 8, kc += EL_LANES_KT) rows_qk_dim(kc, qc, R, G, acc);
     for (int g = 0; g < G; g++)
         for (int r = 0; r < R; r++) _mm256_storeu_ps(sr + r * EL_LANES_KT + t0 + 8 * g, _mm256_mul_ps(acc[g][r], _mm256_set1_ps(L->scale)));
 }
@@ -979,18 +987,19 @@ INLINE void rows_tile(const el_lanes *L, int type, const char *k, const char *v,
         }
     }
     int t0 = 0, pf = 0;   /* the next tile's lines: the passes take hd of them each until all are prefetched */
-    if (R <= 6)   /* two key vectors per pass (measured: more spill) */
+    if (R <= 3)   /* four key vectors per pass: 12 FMA chains, enough to hide the FMA latency */
+        for (; t0 + 32 <= cnt8; t0 += 32, pf += hd) rows_qk(L, kt, t0, R, 4, sr, pf, L->pf_lines);
+    if (R <= 6)   /* two key vectors per pass (more: spills) */
         for (; t0 + 16 <= cnt8; t0 += 16, pf += hd) rows_qk(L, kt, t0, R, 2, sr, pf, L->pf_lines);
     for (; t0 < cnt8; t0 += 8, pf += hd) rows_qk(L, kt, t0, R, 1, sr, pf, L->pf_lines);
     rows_softmax(L, pos, cnt, partial, R, sr);
-    int idx[EL_LANES_KT];   /* the tile's rows in order, as pv_heads reads V */
-    for (int t = 0; t < cnt; t++) idx[t] = t;
     for (int r0 = 0; r0 < R; r0 += 3)   /* up to 3 rows x 32 dimensions: 12 accumulators; p[t] of row r is sr[r][t] */
         for (int c = 0; c < hd; c += hd % 32 ? 8 : 32) {
             float *o = L->orow + (size_t)r0 * hd;
             const float *p = sr + r0 * EL_LANES_KT;
-            if (hd % 32) pv_heads(type, v, rb, idx, cnt, p, EL_LANES_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 1);
-            else pv_heads(type, v, rb, idx, cnt, p, EL_LANES_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 4);
+            /* idx NULL: the tile's rows in order */
+            if (hd % 32) pv_heads(type, v, rb, NULL, cnt, p, EL_LANES_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 1);
+            else pv_heads(type, v, rb, NULL, cnt, p, EL_LANES_KT, 1, hd, o, c, R - r0 < 3 ? R - r0 : 3, 4);
         }
 }
 
