@@ -83,40 +83,59 @@ def bench_attention(t, n_keys, n_q, rng, block=64):
           f"  {gf:7.2f} GFLOP/s")
 
 
-def bench_attention_cold(t, n_keys, rng, n_layer=30, block=64):
-    """Decode attention as a decode step meets it: one query over n_keys keys for each of n_layer layers' caches (each
-    block its own allocation, as the KV manager keeps them), after reading COLD_BYTES evicted them (as the weights do
-    between two visits of a layer's K/V). Per layer; `hot`: the same sweep with the caches in L3."""
-    n_head, n_kv, hd = 9, 3, 64
-    layers, keep = [], []
-    for _ in range(n_layer):
-        blk = ffi.new("el_kvblock[]", n_keys // block)
-        for b in range(n_keys // block):
-            k, v = (quantize(rng.standard_normal(n_kv * block * hd).astype(np.float32), t) for _ in range(2))
-            pos = np.arange(b * block, (b + 1) * block, dtype=np.int32)
-            keep += [k, v, pos]
-            blk[b].k, blk[b].v, blk[b].pos = ffi.from_buffer(k), ffi.from_buffer(v), ffi.from_buffer("int32_t[]", pos)
-            blk[b].n, blk[b].cap, blk[b].dtype = block, block, int(t)
-        layers.append(blk)
-    q = rng.standard_normal((1, n_head, hd)).astype(np.float32)
-    out, lse = np.empty((1, n_head, hd), np.float32), np.empty((1, n_head), np.float32)
-    pq, po, pl = ffi.from_buffer("float[]", q), ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", lse)
-    pqp = ffi.from_buffer("int32_t[]", np.array([n_keys], np.int32))
-    junk = np.ones(COLD_BYTES // 4, np.float32)
+N_HEAD, N_KV, HD, BLOCK, N_LAYER = 9, 3, 64, 64, 30   # SmolLM2-135M's attention and the KV manager's blocks
 
-    def sweep():
+
+def random_blocks(t, n_keys, rng):
+    """N_LAYER layers' K/V of n_keys random keys each as blocks of BLOCK tokens, (k, v, pos) per block in layer
+    order, and one query [1, N_HEAD, HD]."""
+    raw = [(quantize(rng.standard_normal(N_KV * BLOCK * HD).astype(np.float32), t),
+            quantize(rng.standard_normal(N_KV * BLOCK * HD).astype(np.float32), t),
+            np.arange(b * BLOCK, (b + 1) * BLOCK, dtype=np.int32))
+           for _ in range(N_LAYER) for b in range(n_keys // BLOCK)]
+    return raw, rng.standard_normal((1, N_HEAD, HD)).astype(np.float32)
+
+
+class DecodeCaches:
+    """random_blocks' caches as one build's el_kvblock descriptors (each block its own allocation, as the KV manager
+    keeps them); module: a native library module with ffi and lib (edgellm.native, or another build of it)."""
+
+    def __init__(self, module, raw, q, n_keys: int, t):
+        self.lib, ffi, nb = module.lib, module.ffi, n_keys // BLOCK
+        self.layers = []
+        for layer in range(N_LAYER):
+            blk = ffi.new("el_kvblock[]", nb)
+            for b in range(nb):
+                k, v, pos = raw[layer * nb + b]
+                blk[b].k, blk[b].v, blk[b].pos = ffi.from_buffer(k), ffi.from_buffer(v), ffi.from_buffer("int32_t[]", pos)
+                blk[b].n, blk[b].cap, blk[b].dtype = BLOCK, BLOCK, int(t)
+            self.layers.append(blk)
+        self.out, self.lse = np.empty((1, N_HEAD, HD), np.float32), np.empty((1, N_HEAD), np.float32)
+        self.args = (ffi.from_buffer("float[]", q), 1, ffi.from_buffer("int32_t[]", np.array([n_keys], np.int32)),
+                     N_HEAD, N_KV, HD, 1 / np.sqrt(HD))
+        self.tail = (nb, ffi.from_buffer("float[]", self.out), ffi.from_buffer("float[]", self.lse))
+
+    def sweep(self) -> float:
+        """Seconds per layer of one decode query through every layer."""
         t0 = time.perf_counter()
-        for blk in layers:
-            lib.el_attention(pq, 1, pqp, n_head, n_kv, hd, 0.125, blk, n_keys // block, po, pl)
-        return (time.perf_counter() - t0) / n_layer
+        for blk in self.layers:
+            self.lib.el_attention(*self.args, blk, *self.tail)
+        return (time.perf_counter() - t0) / N_LAYER
 
-    hot = min(sweep() for _ in range(20))
+
+def bench_attention_cold(t, n_keys, rng):
+    """Decode attention as a decode step meets it: one query over n_keys keys for each of N_LAYER layers' caches,
+    after reading COLD_BYTES evicted them (as the weights do between two visits of a layer's K/V). Per layer; `hot`:
+    the same sweep with the caches in L3."""
+    caches = DecodeCaches(N, *random_blocks(t, n_keys, rng), n_keys, t)
+    junk = np.ones(COLD_BYTES // 4, np.float32)
+    hot = min(caches.sweep() for _ in range(20))
     cold = []
     for _ in range(15):
         junk.sum()
-        cold.append(sweep())
+        cold.append(caches.sweep())
     print(f"  attention {t.name:4s} keys={n_keys:<5d} n_q=1    cold {np.median(cold) * 1e6:8.1f} us/layer   "
-          f"hot {hot * 1e6:8.1f} us/layer ({n_layer} layers' K/V, blocks of {block})")
+          f"hot {hot * 1e6:8.1f} us/layer ({N_LAYER} layers' K/V, blocks of {BLOCK})")
 
 
 def bench_kv_quantize(t, rng, n_kv=3, block=64, hd=64):

@@ -15,21 +15,20 @@ Prints the medians per layer and the ratio B / A of the medians and, in brackets
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.machinery
 import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from edgellm.quant import GGMLType, quantize
+import kernels   # bench/kernels.py, beside this file: the decode caches and COLD_BYTES
+from edgellm.quant import GGMLType
 
 ROOT = Path(__file__).resolve().parent.parent
-N_HEAD, N_KV, HD, BLOCK, N_LAYER = 9, 3, 64, 64, 30   # SmolLM2-135M's attention
-COLD_BYTES = 96 << 20   # more than any L3 here (32 MiB)
 
 
 def load_build(tag: str, so: Path):
@@ -41,61 +40,38 @@ def load_build(tag: str, so: Path):
     return module
 
 
-def build_revision(rev: str, where: Path) -> Path:
-    """The native library of git revision rev, built in a worktree under where."""
-    tree = where / "tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), rev], check=True,
-                   capture_output=True)
-    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=tree, check=True,
-                   capture_output=True)
-    return next((tree / "edgellm" / "native").glob("_kernels*.so"))
+@contextlib.contextmanager
+def built_revision(rev: str):
+    """The path of git revision rev's native library, built in a temporary worktree (removed afterwards)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), rev], check=True,
+                       capture_output=True)
+        try:
+            subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=tree, check=True,
+                           capture_output=True)
+            yield next((tree / "edgellm" / "native").glob("_kernels*.so"))
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 def working_tree_build() -> Path:
     return next((ROOT / "edgellm" / "native").glob("_kernels*.so"))
 
 
-class Caches:
-    """One query and N_LAYER layers' K/V blocks, as one build's el_kvblock descriptors."""
-
-    def __init__(self, module, raw, q, n_keys: int, t: GGMLType, threads: int):
-        self.lib, ffi, nb = module.lib, module.ffi, n_keys // BLOCK
-        self.lib.el_set_threads(threads)
-        self.layers = []
-        for layer in range(N_LAYER):
-            blk = ffi.new("el_kvblock[]", nb)
-            for b in range(nb):
-                k, v, pos = raw[layer * nb + b]
-                blk[b].k, blk[b].v, blk[b].pos = ffi.from_buffer(k), ffi.from_buffer(v), ffi.from_buffer("int32_t[]", pos)
-                blk[b].n, blk[b].cap, blk[b].dtype = BLOCK, BLOCK, int(t)
-            self.layers.append(blk)
-        self.out, self.lse = np.empty((1, N_HEAD, HD), np.float32), np.empty((1, N_HEAD), np.float32)
-        self.args = (ffi.from_buffer("float[]", q), 1, ffi.from_buffer("int32_t[]", np.array([n_keys], np.int32)),
-                     N_HEAD, N_KV, HD, 1 / np.sqrt(HD))
-        self.tail = (nb, ffi.from_buffer("float[]", self.out), ffi.from_buffer("float[]", self.lse))
-
-    def sweep(self) -> float:
-        """Seconds per layer of one decode query through every layer."""
-        t0 = time.perf_counter()
-        for blk in self.layers:
-            self.lib.el_attention(*self.args, blk, *self.tail)
-        return (time.perf_counter() - t0) / N_LAYER
-
-
 def compare(so_a: Path, so_b: Path, n_keys: int, threads: int, t: GGMLType, rounds: int, hot: bool) -> tuple:
     """(median A, median B) seconds per layer and the per-round ratios B / A."""
-    rng = np.random.default_rng(0)
-    raw = [(quantize(rng.standard_normal(N_KV * BLOCK * HD).astype(np.float32), t),
-            quantize(rng.standard_normal(N_KV * BLOCK * HD).astype(np.float32), t),
-            np.arange(b * BLOCK, (b + 1) * BLOCK, dtype=np.int32))
-           for _ in range(N_LAYER) for b in range(n_keys // BLOCK)]
-    q = rng.standard_normal((1, N_HEAD, HD)).astype(np.float32)
-    runs = [Caches(load_build(tag, so), raw, q, n_keys, t, threads) for tag, so in (("a", so_a), ("b", so_b))]
+    raw, q = kernels.random_blocks(t, n_keys, np.random.default_rng(0))
+    runs = []
+    for tag, so in (("a", so_a), ("b", so_b)):
+        module = load_build(tag, so)
+        module.lib.el_set_threads(threads)
+        runs.append(kernels.DecodeCaches(module, raw, q, n_keys, t))
     for r in runs:
         r.sweep()
     if not np.allclose(runs[0].out, runs[1].out, atol=1e-4):
         raise SystemExit("the two builds' attention outputs differ")
-    junk = np.ones(COLD_BYTES // 4, np.float32)
+    junk = np.ones(kernels.COLD_BYTES // 4, np.float32)
     best = [[], []]
     for i in range(rounds):
         for which in (0, 1) if i % 2 == 0 else (1, 0):
@@ -121,18 +97,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--hot", action="store_true", help="leave the caches warm between sweeps")
     args = ap.parse_args()
-    if args.keys % BLOCK or args.keys <= 0:
-        ap.error(f"--keys: a positive multiple of {BLOCK}")
+    if args.keys % kernels.BLOCK or args.keys <= 0:
+        ap.error(f"--keys: a positive multiple of {kernels.BLOCK}")
     t = GGMLType[args.kv_dtype.upper()]
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            so_a = build_revision(args.base, Path(tmp)) if args.base else args.a
-            so_b = working_tree_build() if args.base else (args.b or ap.error("--a needs --b"))
-            ma, mb, ratios = compare(so_a, so_b, args.keys, args.threads, t, args.rounds, args.hot)
-        finally:
-            if args.base:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "tree")],
-                               capture_output=True)
+    if args.a and not args.b:
+        ap.error("--a needs --b")
+    with built_revision(args.base) if args.base else contextlib.nullcontext(args.a) as so_a:
+        so_b = working_tree_build() if args.base else args.b
+        ma, mb, ratios = compare(so_a, so_b, args.keys, args.threads, t, args.rounds, args.hot)
     print(f"{t.name} keys={args.keys} threads={args.threads} {'hot' if args.hot else 'cold'}: "
           f"A {ma * 1e6:.1f} us a layer, B {mb * 1e6:.1f}; B / A {mb / ma:.3f} ({np.median(ratios):.3f})")
 

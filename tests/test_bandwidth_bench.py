@@ -2,7 +2,6 @@
 import importlib.util
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -98,7 +97,9 @@ def test_engines_take_turns_going_first(monkeypatch):
 
 @pytest.fixture(scope="module")
 def native_ab():
-    return load_script("native_ab")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH))   # it imports bench/kernels.py
+        return load_script("native_ab")
 
 
 def test_native_ab_loads_two_copies_of_a_build(native_ab):
@@ -112,9 +113,8 @@ def test_native_ab_loads_two_copies_of_a_build(native_ab):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None or shutil.which("cc") is None, reason="needs git and a C compiler")
-def test_native_ab_builds_a_revision(native_ab, tmp_path):
-    so = native_ab.build_revision("HEAD", tmp_path)
-    try:
+def test_native_ab_builds_a_revision(native_ab):
+    with native_ab.built_revision("HEAD") as so:
         assert so.is_file() and native_ab.load_build("rev", so).lib.el_attention
-    finally:
-        subprocess.run(["git", "-C", str(native_ab.ROOT), "worktree", "remove", "--force", str(tmp_path / "tree")])
+        tree = so.parents[2]
+    assert not tree.exists()   # the worktree is gone with the context

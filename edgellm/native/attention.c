@@ -100,7 +100,8 @@ static void attend_lanes(att_ctx *c, int u, int g, long k0, long k1, const float
                          int32_t qmax, float *lanes_ws, float *o, float *mx, float *l) {
     const int gs = c->gs, hd = c->hd, w = (R + 7) / 8 * 8;
     float *qt = lanes_ws, *ot = qt + (size_t)hd * w, *kf = ot + (size_t)hd * w;
-    float *vf = kf + (size_t)EL_LANES_KT * hd, *st = vf + (size_t)EL_LANES_KT * hd, *m = st + (size_t)EL_LANES_KT * w, *lv = m + w;
+    float *vf = kf + (size_t)EL_LANES_KT * hd, *st = vf + (size_t)EL_LANES_KT * hd;
+    float *m = st + (size_t)EL_LANES_KT * w, *lv = m + w;
     int32_t *qpos = (int32_t *)(lv + w);
     memset(qt, 0, sizeof(float) * 2 * hd * w);   /* padding lanes: zero queries, no keys visible */
     for (int r = 0; r < w; r++) m[r] = -INFINITY, lv[r] = 0, qpos[r] = r < R ? qp[r / gs] : INT32_MIN;

@@ -185,8 +185,10 @@ class NativeBackend:
     def greedy_run(self, tok: int, cache: KVCache, max_n: int, stop) -> list[int] | None:
         """Up to max_n tokens after tok, each the argmax of next_logits, in one C call (el_greedy_run: no Python
         between tokens, where it runs with cold caches): tok and every returned token but the last go into the cache;
-        the last (a token of `stop`, or the max_n-th) does not. None when the tails cannot take the run whole."""
-        if cache.tail_room() <= max_n:
+        the last (a token of `stop`, or the max_n-th) does not. Fewer where the tails' room ends (no tail fills in a
+        run: the one that fills it goes by step); None when there is none."""
+        max_n = min(max_n, cache.tail_room() - 1)
+        if max_n <= 0:
             return None
         n_blocks, _ = cache.step_blocks(max_n)   # no seal table: the run leaves room in the tails
         if not n_blocks:

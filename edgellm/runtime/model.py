@@ -98,8 +98,7 @@ class Model:
         run = getattr(self.backend, "greedy_run", None)
         if run is None or type(cache) is not KVCache or not 0 <= tok < self.config.vocab_size:
             return None
-        max_n = min(max_n, cache.tail_room() - 1)
-        return run(tok, cache, max_n, stop) if max_n > 0 else None
+        return run(tok, cache, max_n, stop)
 
     def _run(self, ids: np.ndarray, cache) -> np.ndarray:
         pos = np.arange(cache.next_pos, cache.next_pos + ids.size, dtype=np.int32)
