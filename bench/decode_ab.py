@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Decode speed of two ways of running edgellm, rounds alternating in one process.
 
-    python bench/decode_ab.py --what huge-pages|greedy-runs [--threads 2] [--rounds 10] [--prompt-tokens 512]
+    python bench/decode_ab.py --what huge-pages|greedy-runs|slabs [--threads 2] [--rounds 10] [--prompt-tokens 512]
                               [--gen-tokens 64] [--kv-dtype q8_0]
 
 --what huge-pages: the weights in the huge-page arena (WeightArena, the default) against EDGELLM_HUGE_PAGES=0, where
 they are repacked in place in the GGUF file's private map, which the kernel backs with 4 KiB pages only.
 --what greedy-runs: greedy decoding in runs of LLM.greedy_run_tokens tokens per native call (the default) against
 one call per token (greedy_run_tokens = 0).
+--what slabs: a quantized cache's full tails gathered into slabs of KVCache.slab_blocks tails (the default) against
+a slab per tail (slab_blocks = 1: each kv head's rows in runs of one block).
 The model is loaded once per way and decode rounds alternate between the two (which goes first swaps every round),
 so the host's drift from minute to minute falls on both alike. It prints each round's tok/s, the ratio of the
 medians and the median of the rounds' ratios (new / old). `python bench/bandwidth.py --huge-pages` measures the
@@ -24,7 +26,8 @@ import numpy as np
 import edgellm
 
 
-def load(threads: int, kv_dtype: str, huge_pages: bool = True, run_tokens: int | None = None) -> edgellm.LLM:
+def load(threads: int, kv_dtype: str, huge_pages: bool = True, run_tokens: int | None = None,
+         slab_blocks: int | None = None) -> edgellm.LLM:
     saved = os.environ.get("EDGELLM_HUGE_PAGES")
     os.environ["EDGELLM_HUGE_PAGES"] = "1" if huge_pages else "0"
     try:
@@ -36,6 +39,8 @@ def load(threads: int, kv_dtype: str, huge_pages: bool = True, run_tokens: int |
             os.environ["EDGELLM_HUGE_PAGES"] = saved
     if run_tokens is not None:
         llm.greedy_run_tokens = run_tokens
+    if slab_blocks is not None:
+        llm._cache.slab_blocks = slab_blocks
     return llm
 
 
@@ -50,7 +55,7 @@ def huge_kb() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--what", choices=("huge-pages", "greedy-runs"), required=True)
+    ap.add_argument("--what", choices=("huge-pages", "greedy-runs", "slabs"), required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=512)
@@ -59,8 +64,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.what == "huge-pages":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, huge_pages=False)}
-    else:
+    elif args.what == "greedy-runs":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, run_tokens=0)}
+    else:
+        llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, slab_blocks=1)}
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 40000, args.prompt_tokens)]
     rates: dict[str, list[float]] = {k: [] for k in llms}
     for r in range(args.rounds):

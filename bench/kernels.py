@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from edgellm import native as N
+from edgellm.kv.cache import KVCache
 from edgellm.quant import GGMLType, quantize, row_bytes
 
 ffi, lib = N.ffi, N.lib
@@ -86,13 +87,15 @@ def bench_attention(t, n_keys, n_q, rng, block=64):
 N_HEAD, N_KV, HD, BLOCK, N_LAYER = 9, 3, 64, 64, 30   # SmolLM2-135M's attention and the KV manager's blocks
 
 
-def random_blocks(t, n_keys, rng):
-    """N_LAYER layers' K/V of n_keys random keys each as blocks of BLOCK tokens, (k, v, pos) per block in layer
-    order, and one query [1, N_HEAD, HD]."""
-    raw = [(quantize(rng.standard_normal(N_KV * BLOCK * HD).astype(np.float32), t),
-            quantize(rng.standard_normal(N_KV * BLOCK * HD).astype(np.float32), t),
-            np.arange(b * BLOCK, (b + 1) * BLOCK, dtype=np.int32))
-           for _ in range(N_LAYER) for b in range(n_keys // BLOCK)]
+def random_blocks(t, n_keys, rng, block=BLOCK):
+    """N_LAYER layers' K/V of n_keys random keys each as blocks of `block` tokens, (k, v, pos) per block in layer
+    order, and one query [1, N_HEAD, HD]. The same rng state gives the same keys whatever the block size."""
+    raw = []
+    for _ in range(N_LAYER):
+        kv = rng.standard_normal((2, N_KV, n_keys, HD)).astype(np.float32)
+        for b in range(0, n_keys, block):
+            k, v = (quantize(np.ascontiguousarray(x[:, b:b + block]).reshape(-1), t) for x in kv)
+            raw.append((k, v, np.arange(b, b + block, dtype=np.int32)))
     return raw, rng.standard_normal((1, N_HEAD, HD)).astype(np.float32)
 
 
@@ -101,18 +104,22 @@ class DecodeCaches:
     keeps them); module: a native library module with ffi and lib (edgellm.native, or another build of it)."""
 
     def __init__(self, module, raw, q, n_keys: int, t):
-        self.lib, ffi, nb = module.lib, module.ffi, n_keys // BLOCK
+        block = len(raw[0][2])
+        self.lib, ffi, nb = module.lib, module.ffi, n_keys // block
         self.layers = []
         for layer in range(N_LAYER):
             blk = ffi.new("el_kvblock[]", nb)
             for b in range(nb):
                 k, v, pos = raw[layer * nb + b]
                 blk[b].k, blk[b].v, blk[b].pos = ffi.from_buffer(k), ffi.from_buffer(v), ffi.from_buffer("int32_t[]", pos)
-                blk[b].n, blk[b].cap, blk[b].dtype = BLOCK, BLOCK, int(t)
+                blk[b].n, blk[b].cap, blk[b].dtype = block, block, int(t)
             self.layers.append(blk)
         self.out, self.lse = np.empty((1, N_HEAD, HD), np.float32), np.empty((1, N_HEAD), np.float32)
-        self.args = (ffi.from_buffer("float[]", q), 1, ffi.from_buffer("int32_t[]", np.array([n_keys], np.int32)),
-                     N_HEAD, N_KV, HD, 1 / np.sqrt(HD))
+        # the descriptors and arguments point into these arrays: they live as long as the caches (a block of 512
+        # keys is an mmap of its own, unmapped when freed)
+        self.held = (raw, q, np.array([n_keys], np.int32))
+        self.args = (ffi.from_buffer("float[]", q), 1, ffi.from_buffer("int32_t[]", self.held[2]), N_HEAD, N_KV, HD,
+                     1 / np.sqrt(HD))
         self.tail = (nb, ffi.from_buffer("float[]", self.out), ffi.from_buffer("float[]", self.lse))
 
     def sweep(self) -> float:
@@ -123,11 +130,11 @@ class DecodeCaches:
         return (time.perf_counter() - t0) / N_LAYER
 
 
-def bench_attention_cold(t, n_keys, rng):
+def bench_attention_cold(t, n_keys, rng, block=BLOCK):
     """Decode attention as a decode step meets it: one query over n_keys keys for each of N_LAYER layers' caches,
     after reading COLD_BYTES evicted them (as the weights do between two visits of a layer's K/V). Per layer; `hot`:
-    the same sweep with the caches in L3."""
-    caches = DecodeCaches(N, *random_blocks(t, n_keys, rng), n_keys, t)
+    the same sweep again at once. block: tokens per block (a kv head's rows in runs of that many)."""
+    caches = DecodeCaches(N, *random_blocks(t, n_keys, rng, block), n_keys, t)
     junk = np.ones(COLD_BYTES // 4, np.float32)
     hot = min(caches.sweep() for _ in range(20))
     cold = []
@@ -135,7 +142,7 @@ def bench_attention_cold(t, n_keys, rng):
         junk.sum()
         cold.append(caches.sweep())
     print(f"  attention {t.name:4s} keys={n_keys:<5d} n_q=1    cold {np.median(cold) * 1e6:8.1f} us/layer   "
-          f"hot {hot * 1e6:8.1f} us/layer ({N_LAYER} layers' K/V, blocks of {BLOCK})")
+          f"hot {hot * 1e6:8.1f} us/layer ({N_LAYER} layers' K/V, blocks of {block})")
 
 
 def bench_kv_quantize(t, rng, n_kv=3, block=64, hd=64):
@@ -171,6 +178,8 @@ def main():
                 bench_attention(t, n_keys, 1, rng)
         for t in () if CALLS else (GGMLType.F16, GGMLType.Q8_0):
             bench_attention_cold(t, 640, rng)
+        for block in () if CALLS else (BLOCK, BLOCK * KVCache.slab_blocks):   # a quantized cache's tails, its slabs
+            bench_attention_cold(GGMLType.Q8_0, 4096, rng, block)
         for t in () if args.decode_only else (GGMLType.F16, GGMLType.Q8_0):
             for n_keys in (512, 4096):   # a prefill chunk of 512 queries at the end of the context
                 bench_attention(t, n_keys, 512, rng)

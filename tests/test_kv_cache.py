@@ -28,9 +28,12 @@ def test_blocks_quantized_once_when_full(dtype, tol):
     cache = KVCache(1, H, D, max_tokens=200, kv_dtype=dtype, block_size=BS)
     k1, v1 = _fill(cache, 40)
     k2, v2 = _fill(cache, 50, seed=1)
-    types = [b.dtype for b in cache.blocks[0]]
-    full = GGMLType.F16 if dtype == "f16" else GGMLType[dtype.upper()]
-    assert types == [full, full, GGMLType.F16] and [b.n for b in cache.blocks[0]] == [32, 32, 26]
+    blocks = cache.blocks[0]
+    if dtype == "f16":   # f16 tails stay as they filled
+        assert [b.dtype for b in blocks] == [GGMLType.F16] * 3 and [b.n for b in blocks] == [32, 32, 26]
+    else:   # both full tails quantized into one slab, the third still f16
+        assert [b.dtype for b in blocks] == [GGMLType[dtype.upper()], GGMLType.F16]
+        assert [b.n for b in blocks] == [64, 26] and blocks[0].cap == BS * KVCache.slab_blocks
     np.testing.assert_allclose(_stored(cache, "k"), np.concatenate([k1, k2]), atol=tol * 4, rtol=0)
     assert np.abs(_stored(cache, "v") - np.concatenate([v1, v2])).mean() < tol
     assert len(cache) == 90
@@ -49,7 +52,7 @@ def test_full_block_is_the_reference_quantization_of_its_f16_rows(dtype):
     assert blk.dtype == t and not cache.rotated
     for x, stored in ((k, blk.k), (v, blk.v)):
         rows = x.transpose(1, 0, 2).astype(np.float16).astype(np.float32)   # [H, BS, d], as the block lays them out
-        np.testing.assert_array_equal(stored.ravel(), quantize(rows.ravel(), t))
+        np.testing.assert_array_equal(stored[:, :BS].ravel(), quantize(rows.ravel(), t))
 
 
 def test_bytes_per_token():
@@ -110,6 +113,30 @@ def test_truncate_then_append_matches_straight_fill(dtype):
     cut.append(0, k[35:], v[35:], np.arange(35, 70, dtype=np.int32))
     q = np.random.default_rng(4).standard_normal((1, 9, D)).astype(np.float32)
     q_pos = np.array([69], np.int32)
+    np.testing.assert_allclose(_attend_cache(cut, q, q_pos)[0], _attend_cache(straight, q, q_pos)[0], atol=0.02)
+
+
+def test_slabs_hold_runs_of_tails_and_truncate_inside_them():
+    """Full tails of a quantized cache go into slabs of slab_blocks tails (a kv head's rows in one run); a cut inside
+    a slab keeps its whole tails and turns the rest back into an f16 tail, and filling on matches a straight fill."""
+    slab = BS * KVCache.slab_blocks
+    straight = KVCache(1, H, D, 4 * slab, "q8_0", BS)
+    k, v = _fill(straight, 2 * slab + 2 * BS + 24)
+    assert [b.n for b in straight.blocks[0]] == [slab, slab, 2 * BS, 24]
+    assert [b.cap for b in straight.blocks[0]] == [slab, slab, slab, BS]
+    assert [b.dtype for b in straight.blocks[0]] == [GGMLType.Q8_0] * 3 + [GGMLType.F16]
+    np.testing.assert_array_equal(straight.dequantized(0)[2], np.arange(len(straight)))
+    cut = KVCache(1, H, D, 4 * slab, "q8_0", BS)
+    cut.append(0, k, v, np.arange(len(k), dtype=np.int32))
+    cut.truncate(slab + BS + 5)
+    assert [b.n for b in cut.blocks[0]] == [slab, BS, 5] and cut.blocks[0][-1].dtype == GGMLType.F16
+    n, kept, full = slab + BS + 5, cut.dequantized(0)[0], straight.dequantized(0)[0]
+    np.testing.assert_array_equal(kept[:, :slab + BS], full[:, :slab + BS])   # whole tails: the same bytes
+    np.testing.assert_allclose(kept[:, slab + BS:], full[:, slab + BS:n], atol=2e-3)   # the rest, as f16
+    cut.append(0, k[n:], v[n:], np.arange(n, len(k), dtype=np.int32))
+    assert [b.n for b in cut.blocks[0]] == [b.n for b in straight.blocks[0]]
+    q = np.random.default_rng(6).standard_normal((1, 9, D)).astype(np.float32)
+    q_pos = np.array([len(k) - 1], np.int32)
     np.testing.assert_allclose(_attend_cache(cut, q, q_pos)[0], _attend_cache(straight, q, q_pos)[0], atol=0.02)
 
 

@@ -25,6 +25,7 @@ class RopeSpec:
 
 class BudgetKVCache(KVCache):
     """`budget` tokens hot per layer; `headroom` extra slots hold a catalyst prompt while it scores."""
+    slab_blocks = 1   # compaction rewrites the cache a block at a time: no slabs
 
     def __init__(self, n_layer: int, n_head: int, n_head_kv: int, head_dim: int, budget: int, keep: int,
                  policy: Policy, rope: RopeSpec, kv_dtype: str = "f16", block_size: int = 64,

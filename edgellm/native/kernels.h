@@ -147,8 +147,9 @@ typedef struct {
 /* n tokens at positions pos through every layer, x [n][dim] in place, each layer's K/V appended to its tail block
  * descs[l][n_blocks - 1] (f16, and rotated first when `rotate`, as KVCache stores them) and attention over its
  * n_blocks blocks (q rotated in and the output back when `rotate`). Exactly the per-layer calls of the Python
- * backend. seal: NULL, or per layer where a tail that these tokens fill is quantized to (k, v arrays
- * [n_kv_head][cap][row] and dtype) before attention reads it; the tail's descriptor then points there.
+ * backend. seal: NULL, or per layer where a tail that these tokens fill is quantized to (k, v: the first of the tail's
+ * rows, a head's rows cap rows apart, e.g. inside a larger block; dtype) before attention reads it; the tail's
+ * descriptor then points there (k, v, cap, dtype).
  * Returns -1 and changes nothing unless every layer's tail is f16 with room for n more tokens (or out of memory). */
 int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
                       float *x, const el_buffers *b, const el_kvblock *seal);

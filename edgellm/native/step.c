@@ -13,12 +13,16 @@ static int tails_have_room(el_kvblock *const *descs, int n_layer, int n_blocks, 
     return 1;
 }
 
-/* A full f16 tail becomes the quantized block `to` (KVCache._quantize's conversion) */
+/* A full f16 tail becomes quantized rows at `to` (KVCache._seal's conversion): a head's rows to->cap rows apart, so
+ * `to` may be rows of a larger block (a slab); the tail's descriptor then describes them there */
 static void seal_tail(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd) {
-    const long values = (long)n_kv_head * tail->cap * hd;
-    el_kv_quantize(tail->k, (void *)to->k, values, to->dtype);
-    el_kv_quantize(tail->v, (void *)to->v, values, to->dtype);
-    tail->k = to->k, tail->v = to->v, tail->dtype = to->dtype;
+    const long values = (long)tail->cap * hd;   /* a head's rows */
+    const size_t rb = el_row_bytes(to->dtype, hd);
+    for (int h = 0; h < n_kv_head; h++) {
+        el_kv_quantize((const uint16_t *)tail->k + h * values, (char *)to->k + h * to->cap * rb, values, to->dtype);
+        el_kv_quantize((const uint16_t *)tail->v + h * values, (char *)to->v + h * to->cap * rb, values, to->dtype);
+    }
+    tail->k = to->k, tail->v = to->v, tail->dtype = to->dtype, tail->cap = to->cap;
 }
 
 int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
