@@ -273,7 +273,8 @@ typedef struct {
     void (*mm_rows)(const el_mm *m, int r0, int r1);
     /* Attention over a tile of cnt <= EL_KT keys (rows idx[t] of k / v, rb bytes apart) for the gs query heads
      * of one kv head. kq: s[h*EL_KT + t] = scale * q_h . k_t, with q gs rows of hd f32 and k_t as f32 (quantized
-     * keys: each value d * q, rounded, as el_dequantize_row gives it). pv: o[h*hd + c] += sum_t p[h*EL_KT + t] v_t[c]. */
+     * keys: a block's values times its scale d; a table may take the block's dot product first and multiply it by d
+     * once, which rounds differently). pv: o[h*hd + c] += sum_t p[h*EL_KT + t] v_t[c]. */
     void (*kq)(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd, float scale, float *s);
     void (*pv)(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o);
     /* x[i] = exp(x[i] - sub) (0 where that underflows, e.g. masked -inf scores); returns the sum. SIMD tables: one

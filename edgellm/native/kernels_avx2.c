@@ -590,9 +590,8 @@ INLINE void kq_dims(const float *q, int hd, int c, const __m256 *kv, int NR, int
     }
 }
 
-/* Scores of NR query rows x NK keys (compile-time, NR * NK <= 8, NK <= 4): every key vector loaded (quantized:
- * dequantized, each value d * q as el_dequantize_row gives it) serves NR rows and every query vector NK keys. acc[r * NK + k] gets 8 lanes
- * whose sum is q_r . k_k. */
+/* Scores of NR query rows x NK keys (compile-time, NR * NK <= 8, NK <= 4): every key vector loaded serves NR rows and
+ * every query vector NK keys. acc[r * NK + k] gets 8 lanes whose sum is q_r . k_k. */
 INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const float *q, int hd, int NR, int NK,
                      __m256 *acc) {
     const uint8_t *kr[4];
@@ -605,14 +604,20 @@ INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const f
         }
         return;
     }
+    /* a block's values before their scale against q, then the scale once per (row, key): acc = blk_0 d_0, then
+     * acc += blk_b d_b (the next block's chains run beside the last ones' scaling) */
     const size_t bb = block_bytes(type);
+    __m256 blk[8];
     for (int b = 0; b < hd / EL_QK; b++) {
-        __m256 d[4];   /* each key block's scale, converted once (broadcast as f16: 2 instructions, not 3) */
-        for (int j = 0; j < NK; j++) d[j] = _mm256_cvtph_ps(_mm_set1_epi16(*(const short *)(kr[j] + b * bb)));
         for (int g = 0; g < EL_QK / 8; g++) {
             __m256 kv[4];
-            for (int j = 0; j < NK; j++) kv[j] = _mm256_mul_ps(qvals8(type, kr[j] + b * bb, g), d[j]);
-            kq_dims(q, hd, b * EL_QK + 8 * g, kv, NR, NK, acc, b == 0 && g == 0);
+            for (int j = 0; j < NK; j++) kv[j] = qvals8(type, kr[j] + b * bb, g);
+            kq_dims(q, hd, b * EL_QK + 8 * g, kv, NR, NK, b ? blk : acc, g == 0);
+        }
+        for (int j = 0; j < NK; j++) {   /* the key block's scale, broadcast as f16 (2 instructions, not 3) */
+            const __m256 d = _mm256_cvtph_ps(_mm_set1_epi16(*(const short *)(kr[j] + b * bb)));
+            for (int r = 0; r < NR; r++)
+                acc[r * NK + j] = b ? _mm256_fmadd_ps(blk[r * NK + j], d, acc[r * NK + j]) : _mm256_mul_ps(acc[r * NK + j], d);
         }
     }
 }
@@ -1123,18 +1128,17 @@ INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const flo
     if (t < cnt) kq_store(type, k + t * rb, rb, pair, q, hd, scale, s + t, 0, 0, NR, 1);
 }
 
-/* K.Q with rows in fours (8 dots per hsum8), P.V with rows in threes (a V block's 32 dims of three rows: 12
+/* K.Q with rows in threes (12 accumulators with the next block's), P.V with rows in threes (a V block's 32 dims of three rows: 12
  * accumulators) */
 INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const char *v, size_t rb, const int32_t *pos,
                        int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
     const int R = T->rows, cnt8 = (cnt + 7) & ~7;
     const size_t bb = block_bytes(type);
-    for (int r = 0; r < R; r += 4) {
+    for (int r = 0; r < R; r += 3) {
         const float *q = T->q + (size_t)r * hd;
         float *s = T->s + r * EL_KT;
         const size_t pf = r == 0 ? nbytes : 0;   /* the first row group prefetches */
-        switch (R - r < 4 ? R - r : 4) {
-        case 4: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 4, nk, nv, pf); break;
+        switch (R - r < 3 ? R - r : 3) {
         case 3: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 3, nk, nv, pf); break;
         case 2: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 2, nk, nv, pf); break;
         default: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 1, nk, nv, pf); break;
