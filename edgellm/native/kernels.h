@@ -11,6 +11,7 @@
 enum { EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q8_0 = 8, EL_Q4_0R = 102, EL_Q4_1R = 103, EL_Q8_0R = 108,
        EL_Q4_0X = 112, EL_Q4_1X = 113 };
 
+/* n tokens of one layer's K/V: kv head h's rows at k (v) + h * cap rows, n of them, in dtype; positions pos[0..n) */
 typedef struct {
     const void *k;
     const void *v;
