@@ -56,3 +56,21 @@ def test_one_call_step_equals_layer_by_layer(model, parity_ref, kind):
     if kind == "infinipot":
         assert fast_cache.compactions == ref_cache.compactions > 0
         np.testing.assert_array_equal(fast_cache.origin[5], ref_cache.origin[5])
+
+
+def test_slabs_change_the_layout_not_the_numbers(model, parity_ref):
+    """A q8_0 cache's tails gathered into slabs (runs of 8 tails a kv head) against a slab per tail: the same logits
+    bit for bit, through prefill chunks and one-call decode steps that seal tails into a slab and start the next."""
+    ids = np.concatenate(parity_ref["ids"])[:600]
+    chunks = [300, 212] + [1] * 88   # decode crosses 512 (the first slab full) and 576 (a tail sealed into the next)
+    out = []
+    for slab_blocks in (1, 8):
+        cache = model.new_cache(640, "q8_0")
+        cache.slab_blocks = slab_blocks
+        s, logits = 0, []
+        for n in chunks:
+            logits.append(model.forward(ids[s:s + n], cache, logits="last", chunk=n))
+            s += n
+        out.append(np.concatenate(logits))
+        assert [b.n for b in cache.blocks[0]] == ([64] * 9 if slab_blocks == 1 else [512, 64]) + [24]
+    np.testing.assert_array_equal(out[1], out[0])
