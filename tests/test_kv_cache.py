@@ -41,7 +41,7 @@ def test_blocks_quantized_once_when_full(dtype, tol):
 
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_full_block_is_the_reference_quantization_of_its_f16_rows(dtype):
-    """The one-time conversion (el_kv_quantize, which el_forward_layers' seal shares) is ggml's quantizer applied to
+    """The one-time conversion (el_kv_seal, which el_forward_layers shares) is ggml's quantizer applied to
     the f16 rows the tail held (head_dim 96: no rotation, so those rows are the inputs rounded to f16)."""
     d, t = 96, GGMLType[dtype.upper()]
     cache = KVCache(1, H, d, max_tokens=BS, kv_dtype=dtype, block_size=BS)

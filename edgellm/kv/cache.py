@@ -143,10 +143,9 @@ class KVCache(GrowingCache):
         i = len(self.blocks[layer]) - 1
         if tail.n == self.block_size and self.dtype != GGMLType.F16:
             slab, row = self._slab_for(layer)
-            for src, dst in ((tail.k, slab.k), (tail.v, slab.v)):
-                for h in range(self.n_head_kv):   # a head's rows go `cap` rows apart in the slab
-                    lib.el_kv_quantize(ffi.cast("uint16_t *", src[h].ctypes.data),
-                                       ffi.cast("void *", dst[h, row].ctypes.data), src[h].size, int(self.dtype))
+            to = ffi.new("el_kvblock *")
+            self._seal_into(to, slab, row)
+            lib.el_kv_seal(self._descs[layer] + i, to, self.n_head_kv, self.head_dim)
             self._sealed_into(layer, slab, row)
         else:
             self._descs[layer][i].n = tail.n
@@ -206,9 +205,13 @@ class KVCache(GrowingCache):
         self._sealed = [self._slab_for(layer) for layer in range(self.n_layer)]
         self._seal = ffi.new("el_kvblock[]", self.n_layer)
         for d, (slab, row) in zip(self._seal, self._sealed):
-            d.k, d.v = ffi.cast("void *", slab.k[0, row].ctypes.data), ffi.cast("void *", slab.v[0, row].ctypes.data)
-            d.cap, d.dtype = slab.cap, int(self.dtype)
+            self._seal_into(d, slab, row)
         return self._seal
+
+    def _seal_into(self, d, slab: KVBlock, row: int) -> None:
+        """Descriptor d as el_kv_seal's destination: the slab's rows from `row`."""
+        d.k, d.v = ffi.cast("void *", slab.k[0, row].ctypes.data), ffi.cast("void *", slab.v[0, row].ctypes.data)
+        d.cap, d.dtype = slab.cap, int(self.dtype)
 
     def stepped(self, n: int) -> None:
         """el_forward_layers appended n tokens to every layer's tail (its descriptor holds the new count) and, where
@@ -255,7 +258,7 @@ class KVCache(GrowingCache):
         if whole == n:
             return head
         rows = slice(whole, whole + self.block_size)
-        k, v = (np.ascontiguousarray(self._to_f32(a, blk.dtype)[:, rows]).astype(np.float16) for a in (blk.k, blk.v))
+        k, v = (self._to_f32(np.ascontiguousarray(a[:, rows]), blk.dtype).astype(np.float16) for a in (blk.k, blk.v))
         return head + [KVBlock(k, v, blk.pos[rows].copy(), n - whole, GGMLType.F16)]
 
     # -- reading -----------------------------------------------------------------------------

@@ -651,6 +651,16 @@ void el_kv_quantize(const uint16_t *x, void *dst, long n, int type) {
     }
 }
 
+void el_kv_seal(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd) {
+    const long values = (long)tail->cap * hd;   /* a head's rows */
+    const size_t rb = el_row_bytes(to->dtype, hd);
+    for (int h = 0; h < n_kv_head; h++) {
+        el_kv_quantize((const uint16_t *)tail->k + h * values, (char *)to->k + h * to->cap * rb, values, to->dtype);
+        el_kv_quantize((const uint16_t *)tail->v + h * values, (char *)to->v + h * to->cap * rb, values, to->dtype);
+    }
+    tail->k = to->k, tail->v = to->v, tail->dtype = to->dtype, tail->cap = to->cap;
+}
+
 void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int n_kv_head, int hd, int rotate,
                   void *k16, void *v16, int32_t *pos16, int row0, int cap) {
     if (n <= 0 || hd <= 0 || row0 < 0 || row0 + n > cap) return;

@@ -56,6 +56,11 @@ int el_attention_mass(const float *q, int n_q, const int32_t *q_pos, int n_head,
 /* n f16 values (a multiple of 32 for the block types) quantized to `type`: el_quantize_row of their f32 values */
 void el_kv_quantize(const uint16_t *x, void *dst, long n, int type);
 
+/* A full f16 tail (n_kv_head heads of tail->cap rows) quantized to the rows at `to` (k, v: the first of them, a head's
+ * rows to->cap rows apart, e.g. inside a larger block, a slab; dtype); the tail's descriptor then describes them there
+ * (k, v, cap, dtype). KVCache's one conversion of a tail, from Python and from el_forward_layers alike. */
+void el_kv_seal(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd);
+
 /* Append n tokens of K and V (f32 [n][n_kv_head][hd]) and their positions to a block: rows row0 .. row0 + n - 1 of
  * its f16 arrays k16, v16 ([n_kv_head][cap][hd]) and of pos16 ([cap]). rotate: each head vector goes through the
  * normalized Walsh-Hadamard transform first (as el_hadamard; hd a power of 2). The inputs are not modified. */

@@ -1128,8 +1128,8 @@ INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const flo
     if (t < cnt) kq_store(type, k + t * rb, rb, pair, q, hd, scale, s + t, 0, 0, NR, 1);
 }
 
-/* K.Q with rows in threes (12 accumulators with the next block's), P.V with rows in threes (a V block's 32 dims of three rows: 12
- * accumulators) */
+/* K.Q with rows in threes (12 accumulators with the next block's), P.V with rows in threes (a V block's 32 dims of
+ * three rows: 12 accumulators) */
 INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const char *v, size_t rb, const int32_t *pos,
                        int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
     const int R = T->rows, cnt8 = (cnt + 7) & ~7;

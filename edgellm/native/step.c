@@ -13,18 +13,6 @@ static int tails_have_room(el_kvblock *const *descs, int n_layer, int n_blocks, 
     return 1;
 }
 
-/* A full f16 tail becomes quantized rows at `to` (KVCache._seal's conversion): a head's rows to->cap rows apart, so
- * `to` may be rows of a larger block (a slab); the tail's descriptor then describes them there */
-static void seal_tail(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd) {
-    const long values = (long)tail->cap * hd;   /* a head's rows */
-    const size_t rb = el_row_bytes(to->dtype, hd);
-    for (int h = 0; h < n_kv_head; h++) {
-        el_kv_quantize((const uint16_t *)tail->k + h * values, (char *)to->k + h * to->cap * rb, values, to->dtype);
-        el_kv_quantize((const uint16_t *)tail->v + h * values, (char *)to->v + h * to->cap * rb, values, to->dtype);
-    }
-    tail->k = to->k, tail->v = to->v, tail->dtype = to->dtype, tail->cap = to->cap;
-}
-
 int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
                       float *x, const el_buffers *b, const el_kvblock *seal) {
     if (n <= 0 || n_blocks <= 0 || !tails_have_room(descs, m->n_layer, n_blocks, n)) return -1;
@@ -40,7 +28,7 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
         el_kv_append(b->k, b->v, pos, n, G, hd, rotate, (void *)tail->k, (void *)tail->v, (int32_t *)tail->pos, tail->n,
                      tail->cap);
         tail->n += n;
-        if (seal && tail->n == tail->cap) seal_tail(tail, &seal[l], G, hd);
+        if (seal && tail->n == tail->cap) el_kv_seal(tail, &seal[l], G, hd);
         if (rotate) el_hadamard(b->q, (long)n * H, hd);
         el_attention(b->q, n, pos, H, G, hd, m->scale, descs[l], n_blocks, b->att, b->lse);
         if (rotate) el_hadamard(b->att, (long)n * H, hd);
