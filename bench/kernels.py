@@ -12,7 +12,8 @@ import numpy as np
 
 from edgellm import native as N
 from edgellm.kv.cache import KVCache
-from edgellm.quant import GGMLType, quantize, row_bytes
+from edgellm.native import GROUPED_KEYS
+from edgellm.quant import GGMLType, group_keys, quantize, row_bytes
 
 ffi, lib = N.ffi, N.lib
 COLD_BYTES = 96 << 20   # more than any L3 here (32 MiB): the GEMV reads from DRAM
@@ -69,6 +70,7 @@ def bench_attention(t, n_keys, n_q, rng, block=64):
     q_pos = np.arange(n_keys - n_q, n_keys, dtype=np.int32)
     out = np.empty((n_q, n_head, hd), np.float32)
     lse = np.empty((n_q, n_head), np.float32)
+    k = np.stack([keys_for(N, kb, t) for kb in k])
     blk = ffi.new("el_kvblock[]", n_blocks)
     for b in range(n_blocks):
         blk[b].k, blk[b].v, blk[b].pos = ffi.from_buffer(k[b]), ffi.from_buffer(v[b]), ffi.from_buffer("int32_t[]", pos[b])
@@ -99,6 +101,13 @@ def random_blocks(t, n_keys, rng, block=BLOCK):
     return raw, rng.standard_normal((1, N_HEAD, HD)).astype(np.float32)
 
 
+def keys_for(module, k: np.ndarray, t) -> np.ndarray:
+    """Quantized key rows as a build reads them: grouped (el_kv_group) where it has the grouped layout, else rows
+    (builds before it), so that native_ab times builds of either layout on the same keys."""
+    grouped = t in GROUPED_KEYS and hasattr(module.lib, "el_kv_group")
+    return group_keys(k, t, HD).reshape(-1) if grouped else k
+
+
 class DecodeCaches:
     """random_blocks' caches as one build's el_kvblock descriptors (each block its own allocation, as the KV manager
     keeps them); module: a native library module with ffi and lib (edgellm.native, or another build of it)."""
@@ -106,6 +115,7 @@ class DecodeCaches:
     def __init__(self, module, raw, q, n_keys: int, t):
         block = len(raw[0][2])
         self.lib, ffi, nb = module.lib, module.ffi, n_keys // block
+        raw = [(keys_for(module, k, t), v, pos) for k, v, pos in raw]
         self.layers = []
         for layer in range(N_LAYER):
             blk = ffi.new("el_kvblock[]", nb)

@@ -4,7 +4,7 @@ import pytest
 
 from edgellm.kv.cache import KVCache
 from edgellm.native.reference import attention as ref_attention
-from edgellm.quant.blocks import GGMLType, quantize
+from edgellm.quant.blocks import GGMLType, group_keys, quantize
 
 H, D, BS = 3, 64, 32
 
@@ -42,7 +42,8 @@ def test_blocks_quantized_once_when_full(dtype, tol):
 @pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
 def test_full_block_is_the_reference_quantization_of_its_f16_rows(dtype):
     """The one-time conversion (el_kv_seal, which el_forward_layers shares) is ggml's quantizer applied to
-    the f16 rows the tail held (head_dim 96: no rotation, so those rows are the inputs rounded to f16)."""
+    the f16 rows the tail held (head_dim 96: no rotation, so those rows are the inputs rounded to f16), the keys
+    then grouped as the numpy twin groups them."""
     d, t = 96, GGMLType[dtype.upper()]
     cache = KVCache(1, H, d, max_tokens=BS, kv_dtype=dtype, block_size=BS)
     rng = np.random.default_rng(3)
@@ -50,9 +51,12 @@ def test_full_block_is_the_reference_quantization_of_its_f16_rows(dtype):
     cache.append(0, k, v, np.arange(BS, dtype=np.int32))
     blk = cache.blocks[0][0]
     assert blk.dtype == t and not cache.rotated
-    for x, stored in ((k, blk.k), (v, blk.v)):
+    for x, stored, keys in ((k, blk.k, True), (v, blk.v, False)):
         rows = x.transpose(1, 0, 2).astype(np.float16).astype(np.float32)   # [H, BS, d], as the block lays them out
-        np.testing.assert_array_equal(stored[:, :BS].ravel(), quantize(rows.ravel(), t))
+        want = quantize(rows.ravel(), t)
+        if keys:
+            want = group_keys(want, t, d)
+        np.testing.assert_array_equal(stored[:, :BS].ravel(), want.ravel())
 
 
 def test_bytes_per_token():

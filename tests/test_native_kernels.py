@@ -4,7 +4,7 @@ import pytest
 
 from edgellm import native as N
 from edgellm.native import reference as R
-from edgellm.quant import BLOCK_DTYPES, GGMLType, dequantize, quantize, row_bytes
+from edgellm.quant import BLOCK_DTYPES, GGMLType, dequantize, group_keys, quantize, row_bytes, ungroup_keys
 
 QTYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
 WTYPES = QTYPES + [GGMLType.F16, GGMLType.F32]
@@ -195,6 +195,31 @@ def test_attention_decode_long(simd, threads):
         blk = kv_block(t, 3, 2048, 64, 2048, np.arange(2048), rng)
         q = rng.standard_normal((1, 9, 64)).astype(np.float32) * 2
         check_attention(q, [2047], 3, [blk])
+
+
+def test_attention_tiles_inside_key_groups(simd, threads):
+    """A 37-key block first: the decode chunks of the next block start inside its 8-key groups (and tiles end
+    inside them), so the grouped kernels score whole groups and keep only the tile's keys."""
+    rng = np.random.default_rng(14)
+    for t in (GGMLType.Q8_0, GGMLType.Q4_0):
+        blocks = [kv_block(t, 3, 40, 64, 37, np.arange(37), rng), kv_block(t, 3, 1000, 64, 999, np.arange(37, 1036), rng)]
+        q = rng.standard_normal((1, 9, 64)).astype(np.float32) * 2
+        check_attention(q, [1035], 3, blocks)
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("hd", [32, 64, 96])
+def test_kv_group_matches_numpy(t, hd):
+    """el_kv_group / el_kv_ungroup (the seal's and the gather's) against their numpy twins group_keys / ungroup_keys."""
+    rng = np.random.default_rng(hd)
+    rows = quantize(rng.standard_normal(24 * hd).astype(np.float32), t).reshape(24, -1)
+    grouped = np.empty_like(rows)
+    N.lib.el_kv_group(int(t), N.ffi.from_buffer(rows), 24, hd, N.ffi.from_buffer(grouped))
+    np.testing.assert_array_equal(grouped, group_keys(rows, t, hd))
+    np.testing.assert_array_equal(ungroup_keys(grouped, t, hd), rows)
+    back = np.empty((5, rows.shape[1]), np.uint8)   # rows 11..15: across a group boundary
+    N.lib.el_kv_ungroup(int(t), N.ffi.from_buffer(grouped), 11, 5, hd, N.ffi.from_buffer(back))
+    np.testing.assert_array_equal(back, rows[11:16])
 
 
 def test_attention_rejects_bad_args():

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..native import ffi, lib
-from ..quant.blocks import GGMLType, row_bytes
+from ..native import GROUPED_KEYS, ffi, lib
+from ..quant.blocks import GGMLType, row_bytes, ungroup_keys
 
 NO_STEP = (0, ffi.NULL)   # step_blocks' refusal
 DTYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
@@ -68,6 +68,8 @@ class KVCache(GrowingCache):
                  kv_dtype: str = "f16", block_size: int = 64):
         if kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype {kv_dtype!r}: choose one of {', '.join(DTYPES)}")
+        if DTYPES[kv_dtype] in GROUPED_KEYS and block_size % 8:
+            raise ValueError(f"a {kv_dtype} cache stores keys in groups of 8: block_size {block_size} must be a multiple")
         self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
         self.dtype, self.block_size, self.max_tokens = DTYPES[kv_dtype], block_size, max_tokens
         self._max_blocks = -(-max_tokens // block_size)
@@ -258,7 +260,7 @@ class KVCache(GrowingCache):
         if whole == n:
             return head
         rows = slice(whole, whole + self.block_size)
-        k, v = (self._to_f32(np.ascontiguousarray(a[:, rows]), blk.dtype).astype(np.float16) for a in (blk.k, blk.v))
+        k, v = (self._to_f32(a[:, rows], blk.dtype, keys).astype(np.float16) for a, keys in ((blk.k, True), (blk.v, False)))
         return head + [KVBlock(k, v, blk.pos[rows].copy(), n - whole, GGMLType.F16)]
 
     # -- reading -----------------------------------------------------------------------------
@@ -267,7 +269,7 @@ class KVCache(GrowingCache):
         For tests and inspection only: attention and compaction (el_kv_gather) read the blocks in place."""
         ks, vs, ps = [], [], []
         for b in self.blocks[layer]:
-            ks.append(self._to_f32(b.k, b.dtype)[:, :b.n])
+            ks.append(self._to_f32(b.k, b.dtype, keys=True)[:, :b.n])
             vs.append(self._to_f32(b.v, b.dtype)[:, :b.n])
             ps.append(b.pos[:b.n])
         shape = (self.n_head_kv, 0, self.head_dim)
@@ -277,10 +279,16 @@ class KVCache(GrowingCache):
             k, v = _rotate(np.ascontiguousarray(k)), _rotate(np.ascontiguousarray(v))
         return k, v, np.concatenate(ps) if ps else np.zeros(0, np.int32)
 
-    def _to_f32(self, arr: np.ndarray, dtype: GGMLType) -> np.ndarray:
+    def _to_f32(self, arr: np.ndarray, dtype: GGMLType, keys: bool = False) -> np.ndarray:
+        """[n_kv_head, rows, row bytes] of dtype as float32 [n_kv_head, rows, head_dim]; keys: quantized ones are
+        grouped (el_kv_group), rows a multiple of 8."""
         if dtype == GGMLType.F16:
             return arr.astype(np.float32)
-        out = np.empty((self.n_head_kv, arr.shape[1], self.head_dim), np.float32)
+        if keys:
+            arr = ungroup_keys(arr.reshape(-1, arr.shape[2]), dtype, self.head_dim)
+        arr = np.ascontiguousarray(arr)
+        out = np.empty((self.n_head_kv, arr.size // self.n_head_kv // row_bytes(dtype, self.head_dim), self.head_dim),
+                       np.float32)
         lib.el_dequantize_row(ffi.cast("void *", arr.ctypes.data), _fp(out), out.size, int(dtype))
         return out
 

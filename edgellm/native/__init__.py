@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgellm.quant.blocks import INTERLEAVED, GGMLType, row_bytes
+from edgellm.quant.blocks import INTERLEAVED, GGMLType, group_keys, row_bytes
 
 try:
     from ._kernels import ffi, lib
@@ -23,6 +23,7 @@ __all__ = ["ffi", "lib", "simd_level", "set_simd", "set_threads", "get_threads",
 
 SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni", 10: "neon", 11: "neon-dotprod"}
 KV_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0)
+GROUPED_KEYS = (GGMLType.Q8_0, GGMLType.Q4_0)   # the kernels read these keys grouped (el_kv_group)
 MAX_GROUP, MAX_HEAD_DIM = 32, 512   # el_attention's stack limits
 INT_MAX = 2**31 - 1
 
@@ -252,12 +253,22 @@ def _attention_args(q, q_pos, n_kv_head, blocks, scale):
         if not 0 <= n <= cap:
             raise ValueError(f"block {i}: n={n} outside [0, cap={cap}]")
         k, v = _bytes(k, "k", 0), _bytes(v, "v", 0)
+        if t in GROUPED_KEYS:
+            k, v, cap = _grouped(k, v, t, n_kv_head, cap, hd)
         pos = _i32(np.asarray(pos).reshape(-1)[:n], "pos", n)
         keep += [k, v, pos]
         cb = cblocks[i]
         cb.k, cb.v, cb.pos = _ptr(k), _ptr(v), _ptr(pos, "int32_t *")
         cb.n, cb.cap, cb.dtype = n, cap, int(t)
     return q, q_pos, n_kv_head, scale, cblocks, keep
+
+
+def _grouped(k: np.ndarray, v: np.ndarray, t: GGMLType, n_kv_head: int, cap: int, hd: int):
+    """A quantized block's K rows in the kernels' grouped layout (el_kv_group), each head's rows padded with zero rows
+    to a multiple of 8 (V alike, a head's rows cap apart in both): (k, v, cap)."""
+    rb, padded = row_bytes(t, hd), -(-cap // 8) * 8
+    k, v = (np.pad(a.reshape(n_kv_head, cap, rb), ((0, 0), (0, padded - cap), (0, 0))) for a in (k, v))
+    return group_keys(k.reshape(-1, rb), t, hd), v, padded
 
 
 def attention(q: np.ndarray, q_pos, n_kv_head: int, blocks: Sequence[tuple], scale: float | None = None):

@@ -89,9 +89,9 @@ static size_t part_floats(const att_ctx *c) { return ((size_t)max_rows(c) * (c->
 
 static size_t workspace_floats(const att_ctx *c) {
     size_t R = (size_t)max_rows(c), w = (R + 7) / 8 * 8;
+    size_t lanes = 2 * c->hd * w + 2 * EL_KT * c->hd + EL_KT * w + 3 * w + 16;
     /* q rows, o, m, l, scores; el_lanes: qt, ot, kf, vf, st, m, l, qpos (el_qtile: pd instead) */
-    return (R * c->hd + 15) / 16 * 16 + part_floats(c) + R * EL_KT + 16 + 2 * c->hd * w + 2 * EL_KT * c->hd + EL_KT * w +
-           3 * w + 16;
+    return (R * c->hd + 15) / 16 * 16 + part_floats(c) + R * EL_ST + 16 + (lanes > R * EL_ST ? lanes : R * EL_ST);
 }
 
 /* Rows in vector lanes (prefill, F16/F32 keys): transpose the rows' queries in, run every visible key tile,
@@ -129,6 +129,36 @@ static void attend_lanes(att_ctx *c, int u, int g, long k0, long k1, const float
     for (int r = 0; r < R; r++) {
         mx[r] = m[r], l[r] = lv[r];
         for (int d = 0; d < hd; d++) o[(size_t)r * hd + d] = L.orow ? L.orow[(size_t)r * hd + d] : ot[(size_t)d * w + r];
+    }
+}
+
+void el_kq_grouped(int type, const char *kg, long j, int cnt, const float *q, int gs, int hd, float scale, float *s) {
+    const size_t rb = el_row_bytes(type, hd), qb = el_row_bytes(type, EL_QK) - 2;
+    const int nb = hd / EL_QK;
+    for (long g0 = j - j % EL_KG; g0 < j + cnt; g0 += EL_KG) {
+        const uint8_t *grp = (const uint8_t *)kg + g0 * rb;
+        for (int h = 0; h < gs; h++) {
+            const float *qh = q + (size_t)h * hd;
+            float tot[EL_KG] = {0};
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *x = grp + nb * 16 + b * qb * EL_KG;   /* the block's values, EL_KG keys per byte */
+                float acc[EL_KG] = {0};
+                for (size_t i = 0; i < qb; i++, x += EL_KG)
+                    for (int r = 0; r < EL_KG; r++) {
+                        if (type == EL_Q8_0) {
+                            acc[r] += qh[b * EL_QK + i] * (float)(int8_t)x[r];
+                        } else {   /* Q4_0: a byte holds values i (low nibble) and i + 16 */
+                            acc[r] += qh[b * EL_QK + i] * (float)((x[r] & 15) - 8);
+                            acc[r] += qh[b * EL_QK + i + 16] * (float)((x[r] >> 4) - 8);
+                        }
+                    }
+                for (int r = 0; r < EL_KG; r++) tot[r] += acc[r] * el_f16_to_f32(((const uint16_t *)grp)[b * EL_KG + r]);
+            }
+            for (int r = 0; r < EL_KG; r++) {
+                const long t = g0 + r - j;
+                if (t >= 0 && t < cnt) s[h * EL_KT + t] = scale * tot[r];
+            }
+        }
     }
 }
 
@@ -178,7 +208,7 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
 
     /* quantized tiles: the table's fused kernel where it has one (pd in the lanes' part of the workspace) */
     const el_qtile T = {.hd = hd, .rows = R, .gs = gs, .scale = c->scale, .q = qf, .qpos = qp, .o = o, .m = mx, .l = l,
-                        .s = s, .pd = s + (size_t)R * EL_KT + 16};
+                        .s = s, .pd = s + (size_t)R * EL_ST + 16};
     int idx[EL_KT];
     long base = 0;
     for (int bi = 0; bi < c->n_blocks && base < k1; base += c->blocks[bi].n, bi++) {
@@ -196,11 +226,12 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             if (el_kern->attend_quant && el_is_quant(B->dtype)) {
                 const char *nk = NULL, *nv = NULL;
                 size_t nbytes = next_tile(c, u, g, bi, j, j1, base, k1, &nk, &nv);
-                el_kern->attend_quant(&T, B->dtype, kh + j * rb, vh + j * rb, rb, B->pos + j, cnt, partial, nk, nv, nbytes);
+                el_kern->attend_quant(&T, B->dtype, kh, j, vh + j * rb, rb, B->pos + j, cnt, partial, nk, nv, nbytes);
                 continue;
             }
             for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
-            el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
+            if (el_is_quant(B->dtype)) el_kq_grouped(B->dtype, kh, j, cnt, qf, R, hd, c->scale, s);
+            else el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
             for (int r = 0; r < R; r++)
                 el_softmax_row(s + r * EL_KT, cnt, B->pos + j, partial ? qp[r / gs] : INT32_MAX, o + (size_t)r * hd, hd,
                                mx + r, l + r);

@@ -651,11 +651,39 @@ void el_kv_quantize(const uint16_t *x, void *dst, long n, int type) {
     }
 }
 
+/* Where byte p of key row r % EL_KG (rb bytes, blocks of a 2-byte scale and qb value bytes) lies in its group */
+static size_t group_at(size_t bb, size_t nb, int r, size_t p) {
+    const size_t b = p / bb, i = p % bb;
+    return i < 2 ? b * 16 + (size_t)r * 2 + i : nb * 16 + (b * (bb - 2) + i - 2) * EL_KG + (size_t)r;
+}
+
+void el_kv_group(int type, const void *rows, long n, int hd, void *out) {
+    const size_t rb = el_row_bytes(type, hd), bb = el_row_bytes(type, EL_QK), nb = (size_t)hd / EL_QK;
+    for (long g = 0; g < n; g += EL_KG)
+        for (int r = 0; r < EL_KG; r++)
+            for (size_t p = 0; p < rb; p++)
+                ((char *)out)[g * rb + group_at(bb, nb, r, p)] = ((const char *)rows)[(g + r) * rb + p];
+}
+
+void el_kv_ungroup(int type, const void *kg, long j, int n, int hd, void *out) {
+    const size_t rb = el_row_bytes(type, hd), bb = el_row_bytes(type, EL_QK), nb = (size_t)hd / EL_QK;
+    for (int t = 0; t < n; t++) {
+        const long row = j + t;
+        const char *g = (const char *)kg + (row - row % EL_KG) * rb;
+        for (size_t p = 0; p < rb; p++) ((char *)out)[t * rb + p] = g[group_at(bb, nb, (int)(row % EL_KG), p)];
+    }
+}
+
 void el_kv_seal(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd) {
     const long values = (long)tail->cap * hd;   /* a head's rows */
     const size_t rb = el_row_bytes(to->dtype, hd);
+    char rows[EL_KG * EL_MAX_QROW];   /* 8 quantized keys, then grouped */
     for (int h = 0; h < n_kv_head; h++) {
-        el_kv_quantize((const uint16_t *)tail->k + h * values, (char *)to->k + h * to->cap * rb, values, to->dtype);
+        char *k = (char *)to->k + h * to->cap * rb;
+        for (int r = 0; r < tail->cap; r += EL_KG) {
+            el_kv_quantize((const uint16_t *)tail->k + h * values + (long)r * hd, rows, (long)EL_KG * hd, to->dtype);
+            el_kv_group(to->dtype, rows, EL_KG, hd, k + r * rb);
+        }
         el_kv_quantize((const uint16_t *)tail->v + h * values, (char *)to->v + h * to->cap * rb, values, to->dtype);
     }
     tail->k = to->k, tail->v = to->v, tail->dtype = to->dtype, tail->cap = to->cap;
@@ -725,10 +753,16 @@ static void gather_task(void *p, int ith, int nth) {
         const int g = (int)(t / c->keep), i = (int)(t % c->keep);
         int r;
         const el_kvblock *B = gather_locate(c, c->idx[t], &r);
-        const size_t rb = el_row_bytes(B->dtype, hd), off = ((size_t)g * B->cap + r) * rb;
+        const size_t rb = el_row_bytes(B->dtype, hd), head = (size_t)g * B->cap * rb;
         float *ko = c->k + ((size_t)i * H + g) * hd, *vo = c->v + ((size_t)i * H + g) * hd;
-        el_dequantize_row((const char *)B->k + off, ko, hd, B->dtype);
-        el_dequantize_row((const char *)B->v + off, vo, hd, B->dtype);
+        char key[EL_MAX_QROW];
+        const char *kr = (const char *)B->k + head + r * rb;
+        if (el_is_quant(B->dtype)) {   /* grouped keys: the row put back together first */
+            el_kv_ungroup(B->dtype, (const char *)B->k + head, r, 1, hd, key);
+            kr = key;
+        }
+        el_dequantize_row(kr, ko, hd, B->dtype);
+        el_dequantize_row((const char *)B->v + head + r * rb, vo, hd, B->dtype);
         if (c->rotated) {   /* back to the model's basis: H is its own inverse */
             hadamard_rows(ko, 1, hd, norm);
             hadamard_rows(vo, 1, hd, norm);

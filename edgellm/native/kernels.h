@@ -11,7 +11,8 @@
 enum { EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q8_0 = 8, EL_Q4_0R = 102, EL_Q4_1R = 103, EL_Q8_0R = 108,
        EL_Q4_0X = 112, EL_Q4_1X = 113 };
 
-/* n tokens of one layer's K/V: kv head h's rows at k (v) + h * cap rows, n of them, in dtype; positions pos[0..n) */
+/* n tokens of one layer's K/V: kv head h's rows at k (v) + h * cap rows, n of them, in dtype; positions pos[0..n).
+ * Quantized keys (Q8_0, Q4_0) are grouped: see el_kv_group (cap a multiple of 8). */
 typedef struct {
     const void *k;
     const void *v;
@@ -53,12 +54,22 @@ void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int
 int el_attention_mass(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
                       const el_kvblock *blocks, int n_blocks, const float *lse, int reduce_max, float *out);
 
+/* The grouped key layout of quantized blocks: n rows (a multiple of 8) of hd values of `type` (Q8_0, Q4_0; rb bytes
+ * each) from `rows` into `out`, 8 rows at a time with their bytes transposed, so that K.Q runs with 8 keys in vector
+ * lanes and needs no horizontal sums. A group takes its rows' 8 * rb bytes: per 32-value block b, the 8 rows' f16
+ * scales (16 bytes at b * 16), then per byte i of the block's quantized values the 8 rows' bytes (at
+ * nb * 16 + (b * qb + i) * 8, nb blocks per row, qb value bytes per block). Rows at multiples of 8 stay where they
+ * are in row layout. el_kv_ungroup: rows [j, j + n) of grouped keys kg back as rows. */
+void el_kv_group(int type, const void *rows, long n, int hd, void *out);
+void el_kv_ungroup(int type, const void *kg, long j, int n, int hd, void *out);
+
 /* n f16 values (a multiple of 32 for the block types) quantized to `type`: el_quantize_row of their f32 values */
 void el_kv_quantize(const uint16_t *x, void *dst, long n, int type);
 
-/* A full f16 tail (n_kv_head heads of tail->cap rows) quantized to the rows at `to` (k, v: the first of them, a head's
- * rows to->cap rows apart, e.g. inside a larger block, a slab; dtype); the tail's descriptor then describes them there
- * (k, v, cap, dtype). KVCache's one conversion of a tail, from Python and from el_forward_layers alike. */
+/* A full f16 tail (n_kv_head heads of tail->cap rows, a multiple of 8) quantized to the rows at `to` (k, v: the first
+ * of them, a head's rows to->cap rows apart, e.g. inside a larger block, a slab; dtype; keys grouped); the tail's
+ * descriptor then describes them there (k, v, cap, dtype). KVCache's one conversion of a tail, from Python and from
+ * el_forward_layers alike. */
 void el_kv_seal(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd);
 
 /* Append n tokens of K and V (f32 [n][n_kv_head][hd]) and their positions to a block: rows row0 .. row0 + n - 1 of
@@ -268,7 +279,7 @@ typedef struct {
     const float *q;          /* [rows][hd] */
     const int32_t *qpos;     /* [rows / gs] */
     float *o, *m, *l;        /* [rows][hd] unnormalized output; [rows] running max and sum */
-    float *s, *pd;           /* scratch [rows][EL_KT] each: scores / weights, weights times a V block's scales */
+    float *s, *pd;           /* scratch [rows][EL_ST] each: scores / weights, weights times a V block's scales */
 } el_qtile;
 
 /* One table of kernels per SIMD level; the active one is el_kern. */
@@ -278,9 +289,8 @@ typedef struct {
     /* rows [r0, r1) of Y for all n tokens */
     void (*mm_rows)(const el_mm *m, int r0, int r1);
     /* Attention over a tile of cnt <= EL_KT keys (rows idx[t] of k / v, rb bytes apart) for the gs query heads
-     * of one kv head. kq: s[h*EL_KT + t] = scale * q_h . k_t, with q gs rows of hd f32 and k_t as f32 (quantized
-     * keys: a block's values times its scale d; a table may take the block's dot product first and multiply it by d
-     * once, which rounds differently). pv: o[h*hd + c] += sum_t p[h*EL_KT + t] v_t[c]. */
+     * of one kv head. kq (F16 / F32 keys; grouped quantized keys take el_kq_grouped): s[h*EL_KT + t] = scale *
+     * q_h . k_t, with q gs rows of hd f32. pv: o[h*hd + c] += sum_t p[h*EL_KT + t] v_t[c]. */
     void (*kq)(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd, float scale, float *s);
     void (*pv)(int type, const char *v, size_t rb, const int *idx, int cnt, const float *p, int gs, int hd, float *o);
     /* x[i] = exp(x[i] - sub) (0 where that underflows, e.g. masked -inf scores); returns the sum. SIMD tables: one
@@ -301,17 +311,23 @@ typedef struct {
     void (*hadamard)(float *x, long rows, int dim, float norm);
     /* Optional (NULL: el_f16_to_f32 per value): n f16 values to f32, exactly */
     void (*f16_row)(const uint16_t *x, float *y, long n);
-    /* Optional (NULL: attention uses kq / exp_sum / pv): one tile of cnt <= EL_KT quantized keys (Q8_0 / Q4_0, hd a
-     * multiple of EL_QK; rows of k / v rb bytes apart, positions pos) for all of T's rows, their online-softmax state
-     * updated in place. A row's arithmetic must not depend on the other rows (decode equals prefill bit for bit).
-     * next_k / next_v: next_bytes of the unit's next tile, prefetched while this one computes (next_bytes 0: none). */
-    void (*attend_quant)(const el_qtile *T, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
-                         int cnt, int partial, const char *next_k, const char *next_v, size_t next_bytes);
+    /* Optional (NULL: attention uses el_kq_grouped / exp_sum / pv): one tile of cnt <= EL_KT quantized keys (Q8_0 /
+     * Q4_0, hd a multiple of EL_QK), keys j .. j + cnt - 1 of a kv head's grouped keys kg, their V rows from v (rb
+     * bytes apart) and positions from pos, for all of T's rows, their online-softmax state updated in place. A row's
+     * arithmetic must not depend on the other rows (decode equals prefill bit for bit). next_k / next_v: next_bytes
+     * of the unit's next tile, prefetched while this one computes (next_bytes 0: none). */
+    void (*attend_quant)(const el_qtile *T, int type, const char *kg, long j, const char *v, size_t rb,
+                         const int32_t *pos, int cnt, int partial, const char *next_k, const char *next_v,
+                         size_t next_bytes);
     /* Optional (NULL: the portable loop): the largest of m and x[0..n) (a maximum: the same in any order) */
     float (*max)(const float *x, int n, float m);
     /* Optional (NULL: el_f32_to_f16 per value): n f32 values to f16, bit for bit as el_f32_to_f16 rounds them */
     void (*to_f16_row)(const float *x, uint16_t *y, long n);
 } el_kernels;
+
+/* The kq of grouped quantized keys, portable (keys in lanes, no horizontal sums): s[h * EL_KT + t] = scale * q_h . k_t
+ * for keys j .. j + cnt - 1 of a kv head's grouped keys kg (el_kv_group) and the gs query rows q (hd apart) */
+void el_kq_grouped(int type, const char *kg, long j, int cnt, const float *q, int gs, int hd, float scale, float *s);
 
 /* One row's online-softmax step over a key tile (attention.c; the attention kernels share it): its scores s[0..cnt)
  * become weights e^(s - m), keys past qpos (positions kpos; INT32_MAX: none masked) weighing 0; the row's unnormalized
@@ -338,6 +354,11 @@ extern const el_kernels el_kernels_neon_dot;   /* level 11: + dotprod (Pi 5) */
  * stride of 256 bytes maps the 64 dimensions onto a quarter of L1's sets: f16 decode ran 12% slower) */
 #define EL_LANES_KT 32
 #define EL_MAX_HD 512   /* head_dim el_attention / el_attention_mass take (the kernels' row buffers) */
+#define EL_KG 8          /* keys per group of the grouped key layout (el_kv_group) */
+#define EL_MAX_QROW (EL_MAX_HD / EL_QK * 34)   /* bytes of the largest quantized KV row (Q8_0) */
+/* row stride of the quantized tiles' scores (el_qtile.s / pd): a tile starting inside a key group scores the whole
+ * group, its first keys left unused */
+#define EL_ST (EL_KT + EL_KG)
 
 /* Scratch memory owned by the library, grown on demand; slot 0 is matmul activations, 1 attention.
  * Only used under the library lock (el_matmul / el_attention serialize). */

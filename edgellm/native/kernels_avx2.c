@@ -596,29 +596,10 @@ INLINE void kq_block(int type, const char *k, size_t rb, const int *idx, const f
                      __m256 *acc) {
     const uint8_t *kr[4];
     for (int j = 0; j < NK; j++) kr[j] = (const uint8_t *)k + idx[j] * rb;
-    if (type == EL_F16 || type == EL_F32) {
-        for (int c = 0; c < hd; c += 8) {
-            __m256 kv[4];
-            for (int j = 0; j < NK; j++) kv[j] = load8(type, kr[j], c);
-            kq_dims(q, hd, c, kv, NR, NK, acc, c == 0);
-        }
-        return;
-    }
-    /* a block's values before their scale against q, then the scale once per (row, key): acc = blk_0 d_0, then
-     * acc += blk_b d_b (the next block's chains run beside the last ones' scaling) */
-    const size_t bb = block_bytes(type);
-    __m256 blk[8];
-    for (int b = 0; b < hd / EL_QK; b++) {
-        for (int g = 0; g < EL_QK / 8; g++) {
-            __m256 kv[4];
-            for (int j = 0; j < NK; j++) kv[j] = qvals8(type, kr[j] + b * bb, g);
-            kq_dims(q, hd, b * EL_QK + 8 * g, kv, NR, NK, b ? blk : acc, g == 0);
-        }
-        for (int j = 0; j < NK; j++) {   /* the key block's scale, broadcast as f16 (2 instructions, not 3) */
-            const __m256 d = _mm256_cvtph_ps(_mm_set1_epi16(*(const short *)(kr[j] + b * bb)));
-            for (int r = 0; r < NR; r++)
-                acc[r * NK + j] = b ? _mm256_fmadd_ps(blk[r * NK + j], d, acc[r * NK + j]) : _mm256_mul_ps(acc[r * NK + j], d);
-        }
+    for (int c = 0; c < hd; c += 8) {
+        __m256 kv[4];
+        for (int j = 0; j < NK; j++) kv[j] = load8(type, kr[j], c);
+        kq_dims(q, hd, c, kv, NR, NK, acc, c == 0);
     }
 }
 
@@ -672,8 +653,6 @@ static void kq_avx2(int type, const char *k, size_t rb, const int *idx, int cnt,
     switch (type) {
     case EL_F16: kq_tile(EL_F16, k, rb, idx, cnt, q, gs, hd, scale, s); break;
     case EL_F32: kq_tile(EL_F32, k, rb, idx, cnt, q, gs, hd, scale, s); break;
-    case EL_Q8_0: kq_tile(EL_Q8_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
-    case EL_Q4_0: kq_tile(EL_Q4_0, k, rb, idx, cnt, q, gs, hd, scale, s); break;
     }
 }
 
@@ -1086,7 +1065,7 @@ INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *p
     for (int t = 0; t < cnt; t++) {
         const uint8_t *blk = (const uint8_t *)v + t * rb + b * bb;
         __m256 w[3];
-        for (int i = 0; i < NH; i++) w[i] = _mm256_broadcast_ss(pd + i * EL_KT + t);
+        for (int i = 0; i < NH; i++) w[i] = _mm256_broadcast_ss(pd + i * EL_ST + t);
         for (int k = 0; k < 4; k++) {
             __m256 x = qvals8(type, blk, k);
             for (int i = 0; i < NH; i++) acc[i][k] = _mm256_fmadd_ps(w[i], x, acc[i][k]);
@@ -1109,52 +1088,91 @@ INLINE void block_scales(const char *x, size_t rb, int cnt, float *d) {
     }
 }
 
-/* Scores of NR rows for the whole tile, keys in pairs (kq_store's, the tile's rows consecutive); pf_bytes of the next
- * tile's K and V (from pk, pv) are prefetched along the way, spread over the pairs so the misses overlap the
- * arithmetic instead of queueing at once */
-INLINE void quant_qk_rows(int type, const char *k, size_t rb, int cnt, const float *q, int hd, float scale, float *s,
-                          int NR, const char *pk, const char *pv, size_t pf_bytes) {
-    static const int pair[2] = {0, 1};   /* the pair's rows, from the pair's first key */
-    size_t p = 0;   /* two lines of K and of V per pair of keys (a key's row: ~1 line of each) */
-    int t = 0;
-    for (; t + 2 <= cnt; t += 2, p += 128) {
-        if (p < pf_bytes) {
-            _mm_prefetch(pk + p, _MM_HINT_T0), _mm_prefetch(pv + p, _MM_HINT_T0);
-            _mm_prefetch(pk + p + 64, _MM_HINT_T0), _mm_prefetch(pv + p + 64, _MM_HINT_T0);
-        }
-        kq_store(type, k + t * rb, rb, pair, q, hd, scale, s + t, 0, 0, NR, 2);
+/* Value i of a quantized block for a group's EL_KG keys (their 8 bytes at x) as floats, before the keys' scales: Q8_0
+ * value i; Q4_0 value i (hi 0: the low nibbles) or i + 16 (hi 1) */
+INLINE __m256 group_vals(int type, const uint8_t *x, int hi) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)x);
+    if (type == EL_Q4_0) {
+        if (hi) b = _mm_srli_epi16(b, 4);
+        b = _mm_sub_epi8(_mm_and_si128(b, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
     }
-    for (; p < pf_bytes; p += 64) _mm_prefetch(pk + p, _MM_HINT_T0), _mm_prefetch(pv + p, _MM_HINT_T0);
-    if (t < cnt) kq_store(type, k + t * rb, rb, pair, q, hd, scale, s + t, 0, 0, NR, 1);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
-/* K.Q with rows in threes (12 accumulators with the next block's), P.V with rows in threes (a V block's 32 dims of
- * three rows: 12 accumulators) */
-INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const char *v, size_t rb, const int32_t *pos,
-                       int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
-    const int R = T->rows, cnt8 = (cnt + 7) & ~7;
-    const size_t bb = block_bytes(type);
+/* Scores of NR query rows (hd apart) for NG key groups (gb bytes apart from kg), a group's 8 keys in the lanes of one
+ * accumulator, so no horizontal sums: s[r * EL_ST + 8 j + lane] = scale * q_r . k. A block's values go against q
+ * first, then the 8 keys' scales once. Compile-time NR * NG <= 9. Spread over the dimensions: `lines` cache lines of
+ * the next tile's K and V from pk, pv, so the misses overlap the arithmetic instead of queueing at once. */
+INLINE void kq_groups(int type, const uint8_t *kg, size_t gb, int hd, const float *q, float scale, float *s, int NR,
+                      int NG, const char *pk, const char *pv, int lines) {
+    const int nb = hd / EL_QK, qb = type == EL_Q8_0 ? EL_QK : EL_QK / 2, halves = type == EL_Q8_0 ? 1 : 2;
+    __m256 acc[9];
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *x = kg + nb * 16 + (size_t)b * qb * EL_KG;
+        for (int k = 0; k < NR * NG; k++) acc[k] = _mm256_setzero_ps();
+        for (int i = 0; i < qb; i++, x += EL_KG) {
+            const int line = b * qb + i;
+            if (line < lines) _mm_prefetch(pk + 64 * line, _MM_HINT_T0), _mm_prefetch(pv + 64 * line, _MM_HINT_T0);
+            for (int h = 0; h < halves; h++) {
+                __m256 kv[3];
+                for (int j = 0; j < NG; j++) kv[j] = group_vals(type, x + j * gb, h);
+                for (int r = 0; r < NR; r++) {
+                    const __m256 qv = _mm256_broadcast_ss(q + (size_t)r * hd + b * EL_QK + i + 16 * h);
+                    for (int j = 0; j < NG; j++)
+                        acc[r * NG + j] = _mm256_fmadd_ps(qv, kv[j], acc[r * NG + j]);
+                }
+            }
+        }
+        for (int j = 0; j < NG; j++) {
+            const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kg + j * gb + b * 16))),
+                                           _mm256_set1_ps(scale));
+            for (int r = 0; r < NR; r++) {
+                float *o = s + r * EL_ST + 8 * j;
+                _mm256_storeu_ps(o, b ? _mm256_fmadd_ps(acc[r * NG + j], d, _mm256_loadu_ps(o)) : _mm256_mul_ps(acc[r * NG + j], d));
+            }
+        }
+    }
+}
+
+/* K.Q with rows and key groups in threes (9 accumulators), P.V with rows in threes (a V block's 32 dims of three rows:
+ * 12 accumulators). A tile starting inside a group (off keys in) scores the whole group. */
+INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *kh, long j, const char *v, size_t rb,
+                       const int32_t *pos, int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
+    const int R = T->rows, cnt8 = (cnt + 7) & ~7, off = (int)(j % EL_KG), ng = (off + cnt + EL_KG - 1) / EL_KG;
+    const size_t bb = block_bytes(type), gb = EL_KG * rb;
+    const uint8_t *kg = (const uint8_t *)kh + (j - off) * rb;
     for (int r = 0; r < R; r += 3) {
         const float *q = T->q + (size_t)r * hd;
-        float *s = T->s + r * EL_KT;
-        const size_t pf = r == 0 ? nbytes : 0;   /* the first row group prefetches */
-        switch (R - r < 3 ? R - r : 3) {
-        case 3: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 3, nk, nv, pf); break;
-        case 2: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 2, nk, nv, pf); break;
-        default: quant_qk_rows(type, k, rb, cnt, q, hd, T->scale, s, 1, nk, nv, pf); break;
+        float *s = T->s + r * EL_ST;
+        for (int g = 0; g < ng; g += 3) {
+            /* the first rows prefetch the next tile, a share per group chunk */
+            const size_t from = r ? nbytes : g * gb, to = g + 3 >= ng ? nbytes : (g + 3) * gb;
+            const int lines = from < to && to <= nbytes ? (int)((to - from + 63) / 64) : 0;
+            const char *pk = nk + from, *pv = nv + from;
+            switch ((R - r < 3 ? R - r : 3) * 10 + (ng - g < 3 ? ng - g : 3)) {   /* compile-time shapes */
+            case 33: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 3, 3, pk, pv, lines); break;
+            case 32: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 3, 2, pk, pv, lines); break;
+            case 31: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 3, 1, pk, pv, lines); break;
+            case 23: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 2, 3, pk, pv, lines); break;
+            case 22: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 2, 2, pk, pv, lines); break;
+            case 21: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 2, 1, pk, pv, lines); break;
+            case 13: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 1, 3, pk, pv, lines); break;
+            case 12: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 1, 2, pk, pv, lines); break;
+            default: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 1, 1, pk, pv, lines); break;
+            }
         }
     }
     for (int r = 0; r < R; r++)
-        el_softmax_row(T->s + r * EL_KT, cnt, pos, partial ? T->qpos[r / T->gs] : INT32_MAX, T->o + (size_t)r * hd, hd,
-                       T->m + r, T->l + r);
+        el_softmax_row(T->s + r * EL_ST + off, cnt, pos, partial ? T->qpos[r / T->gs] : INT32_MAX, T->o + (size_t)r * hd,
+                       hd, T->m + r, T->l + r);
     float dv[EL_KT];
     for (int b = 0; b < hd / EL_QK; b++) {
         block_scales(v + b * bb, rb, cnt, dv);
         for (int r = 0; r < R; r++)   /* weights times this block's scales: the scale leaves the inner loop */
             for (int t = 0; t < cnt8; t += 8)
-                _mm256_storeu_ps(T->pd + r * EL_KT + t, _mm256_mul_ps(_mm256_loadu_ps(T->s + r * EL_KT + t), _mm256_loadu_ps(dv + t)));
+                _mm256_storeu_ps(T->pd + r * EL_ST + t, _mm256_mul_ps(_mm256_loadu_ps(T->s + r * EL_ST + off + t), _mm256_loadu_ps(dv + t)));
         for (int r = 0; r < R; r += 3) {
-            const float *pd = T->pd + r * EL_KT;
+            const float *pd = T->pd + r * EL_ST;
             float *o = T->o + (size_t)r * hd;
             switch (R - r < 3 ? R - r : 3) {
             case 3: quant_pv(type, v, rb, cnt, pd, b, o, hd, 3); break;
@@ -1165,13 +1183,13 @@ INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *k, const
     }
 }
 
-static void attend_quant_avx2(const el_qtile *T, int type, const char *k, const char *v, size_t rb, const int32_t *pos,
-                              int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
+static void attend_quant_avx2(const el_qtile *T, int type, const char *kg, long j, const char *v, size_t rb,
+                              const int32_t *pos, int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
     /* head_dim 64 (SmolLM2, Llama 3.2 1B) as a constant: the block loops unroll */
-    if (type == EL_Q8_0) T->hd == 64 ? quant_tile(T, EL_Q8_0, 64, k, v, rb, pos, cnt, partial, nk, nv, nbytes)
-                                     : quant_tile(T, EL_Q8_0, T->hd, k, v, rb, pos, cnt, partial, nk, nv, nbytes);
-    else T->hd == 64 ? quant_tile(T, EL_Q4_0, 64, k, v, rb, pos, cnt, partial, nk, nv, nbytes)
-                     : quant_tile(T, EL_Q4_0, T->hd, k, v, rb, pos, cnt, partial, nk, nv, nbytes);
+    if (type == EL_Q8_0) T->hd == 64 ? quant_tile(T, EL_Q8_0, 64, kg, j, v, rb, pos, cnt, partial, nk, nv, nbytes)
+                                     : quant_tile(T, EL_Q8_0, T->hd, kg, j, v, rb, pos, cnt, partial, nk, nv, nbytes);
+    else T->hd == 64 ? quant_tile(T, EL_Q4_0, 64, kg, j, v, rb, pos, cnt, partial, nk, nv, nbytes)
+                     : quant_tile(T, EL_Q4_0, T->hd, kg, j, v, rb, pos, cnt, partial, nk, nv, nbytes);
 }
 
 static void silu_mul_avx2(float *g, const float *u, long n) {

@@ -202,20 +202,16 @@ static void pv_neon(int type, const char *v, size_t rb, const int *idx, int cnt,
     }
 }
 
-/* s[h * EL_KT + t] = scale * q_h . k_t, quantized keys dequantized first (every table scores f32 queries) */
+/* s[h * EL_KT + t] = scale * q_h . k_t (F16 / F32 keys: quantized ones are grouped, el_kq_grouped scores them) */
 static void kq_neon(int type, const char *k, size_t rb, const int *idx, int cnt, const float *q, int gs, int hd, float scale,
                     float *s) {
     if (hd % 16 || hd > EL_MAX_HD) {
         el_kernels_scalar.kq(type, k, rb, idx, cnt, q, gs, hd, scale, s);
         return;
     }
-    float row[EL_MAX_HD];
-    const int quant = el_is_quant(type);
     for (int t = 0; t < cnt; t++) {
         const uint8_t *key = (const uint8_t *)k + idx[t] * rb;
-        if (quant) v_row(type, key, hd, row);
-        for (int h = 0; h < gs; h++)
-            s[h * EL_KT + t] = scale * (quant ? fdot(EL_F32, row, q + (size_t)h * hd, hd) : fdot(type, key, q + (size_t)h * hd, hd));
+        for (int h = 0; h < gs; h++) s[h * EL_KT + t] = scale * fdot(type, key, q + (size_t)h * hd, hd);
     }
 }
 

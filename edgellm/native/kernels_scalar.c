@@ -84,7 +84,7 @@ static void kq_scalar(int type, const char *k, size_t rb, const int *idx, int cn
                       float *s) {
     float row[EL_MAX_HD];   /* checked by el_attention / el_attention_mass */
     for (int t = 0; t < cnt; t++) {
-        el_dequantize_row(k + idx[t] * rb, row, hd, type);   /* the key as f32, whatever its type */
+        el_dequantize_row(k + idx[t] * rb, row, hd, type);   /* the F16 / F32 key as f32 */
         for (int h = 0; h < gs; h++) {
             double acc = 0;   /* the portable path sums exactly enough to serve as the SIMD tables' reference */
             for (int c = 0; c < hd; c++) acc += (double)row[c] * q[(size_t)h * hd + c];

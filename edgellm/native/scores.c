@@ -33,7 +33,9 @@ static void mass_unit(mass_ctx *c, int g, int b) {
         for (int t = 0; t < cnt; t++) idx[t] = j0 + t;
         for (int i = 0; i < c->n_q; i++) {
             size_t head0 = (size_t)i * c->n_head + (size_t)g * gs;
-            el_kern->kq(B->dtype, kh, rb, idx, cnt, c->q + head0 * hd, gs, hd, c->scale, s);   /* as el_attention */
+            const float *q = c->q + head0 * hd;   /* scored as el_attention scores */
+            if (el_is_quant(B->dtype)) el_kq_grouped(B->dtype, kh, j0, cnt, q, gs, hd, c->scale, s);
+            else el_kern->kq(B->dtype, kh, rb, idx, cnt, q, gs, hd, c->scale, s);
             for (int h = 0; h < gs; h++) {
                 float l = c->lse[head0 + h];
                 if (l == -INFINITY) continue;

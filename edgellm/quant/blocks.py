@@ -261,3 +261,33 @@ def unpack_rows(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
         out["qs"][:, :nb // 2 * 2] = _pack(q.reshape(-1, QK)).reshape(n, -1, 16)
         out["qs"][:, nb // 2 * 2:] = qs[:, nb // 2 * QK:].reshape(n, -1, 16)
     return out.view(np.uint8).reshape(n, -1)
+
+
+def _key_fields(t: GGMLType, cols: int):
+    """(blocks per row, value bytes per block) of a grouped-key type (Q8_0, Q4_0)."""
+    if t not in (GGMLType.Q8_0, GGMLType.Q4_0):
+        raise ValueError(f"grouped keys are Q8_0 or Q4_0, not {t.name}")
+    return cols // QK, row_bytes(t, QK) - 2
+
+
+def group_keys(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
+    """Quantized key rows (a multiple of 8) -> el_kv_group's layout (uint8 [rows, row bytes]; each 8 rows' bytes hold
+    one group): per block the 8 rows' f16 scales, then per byte of the blocks' values the 8 rows' bytes."""
+    t = GGMLType.parse(t)
+    nb, qb = _key_fields(t, cols)
+    g, ng, _ = _groups(raw, t, cols)
+    b = g.reshape(ng, 8, nb, qb + 2)                                          # [group, row, block, bytes]
+    d = np.ascontiguousarray(b[..., :2].transpose(0, 2, 1, 3)).reshape(ng, -1)  # [group, block, row, 2]
+    qs = np.ascontiguousarray(b[..., 2:].transpose(0, 2, 3, 1)).reshape(ng, -1)  # [group, block, byte, row]
+    return np.concatenate([d, qs], 1).reshape(ng * 8, -1)
+
+
+def ungroup_keys(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
+    """Inverse of group_keys: grouped key rows -> rows (uint8 [rows, row bytes])."""
+    t = GGMLType.parse(t)
+    nb, qb = _key_fields(t, cols)
+    g, ng, _ = _groups(raw, t, cols)
+    out = np.empty((ng, 8, nb, qb + 2), np.uint8)
+    out[..., :2] = g[:, :nb * 16].reshape(ng, nb, 8, 2).transpose(0, 2, 1, 3)
+    out[..., 2:] = g[:, nb * 16:].reshape(ng, nb, qb, 8).transpose(0, 3, 1, 2)
+    return out.reshape(ng * 8, -1)
