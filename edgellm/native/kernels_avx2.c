@@ -1056,7 +1056,8 @@ static float max_avx2(const float *x, int n, float m) {
 
 /* o rows i < NH (hd apart), the 32 dims of V block b, += sum_t pd[i][t] v_t with v_t's values before their scale
  * (pd holds weight times scale): 4 NH accumulators, each V vector converted once for NH rows */
-INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *pd, int b, float *o, int hd, int NH) {
+INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *pd, int b, float *o, int hd, int NH,
+                     const char *pv, int lines) {
     const size_t bb = block_bytes(type);
     __m256 acc[3][4];
     for (int i = 0; i < NH; i++)
@@ -1064,6 +1065,7 @@ INLINE void quant_pv(int type, const char *v, size_t rb, int cnt, const float *p
 #pragma GCC unroll 2
     for (int t = 0; t < cnt; t++) {
         const uint8_t *blk = (const uint8_t *)v + t * rb + b * bb;
+        if (t < lines) _mm_prefetch(pv + 64 * t, _MM_HINT_T0);   /* the next tile's V, one line a key */
         __m256 w[3];
         for (int i = 0; i < NH; i++) w[i] = _mm256_broadcast_ss(pd + i * EL_ST + t);
         for (int k = 0; k < 4; k++) {
@@ -1101,10 +1103,11 @@ INLINE __m256 group_vals(int type, const uint8_t *x, int hi) {
 
 /* Scores of NR query rows (hd apart) for NG key groups (gb bytes apart from kg), a group's 8 keys in the lanes of one
  * accumulator, so no horizontal sums: s[r * EL_ST + 8 j + lane] = scale * q_r . k. A block's values go against q
- * first, then the 8 keys' scales once. Compile-time NR * NG <= 9. Spread over the dimensions: `lines` cache lines of
- * the next tile's K and V from pk, pv, so the misses overlap the arithmetic instead of queueing at once. */
+ * first, then the 8 keys' scales once. Compile-time NR * NG <= 9. Every other dimension prefetches one of `lines`
+ * cache lines from pk (the next tile's K): spread out, so that the misses queue no faster than memory serves them
+ * (a burst of prefetches fills the load queue and stalls the arithmetic behind it). */
 INLINE void kq_groups(int type, const uint8_t *kg, size_t gb, int hd, const float *q, float scale, float *s, int NR,
-                      int NG, const char *pk, const char *pv, int lines) {
+                      int NG, const char *pk, int lines) {
     const int nb = hd / EL_QK, qb = type == EL_Q8_0 ? EL_QK : EL_QK / 2, halves = type == EL_Q8_0 ? 1 : 2;
     __m256 acc[9];
     for (int b = 0; b < nb; b++) {
@@ -1112,7 +1115,7 @@ INLINE void kq_groups(int type, const uint8_t *kg, size_t gb, int hd, const floa
         for (int k = 0; k < NR * NG; k++) acc[k] = _mm256_setzero_ps();
         for (int i = 0; i < qb; i++, x += EL_KG) {
             const int line = b * qb + i;
-            if (line < lines) _mm_prefetch(pk + 64 * line, _MM_HINT_T0), _mm_prefetch(pv + 64 * line, _MM_HINT_T0);
+            if (!(line & 1) && line / 2 < lines) _mm_prefetch(pk + 32 * line, _MM_HINT_T0);
             for (int h = 0; h < halves; h++) {
                 __m256 kv[3];
                 for (int j = 0; j < NG; j++) kv[j] = group_vals(type, x + j * gb, h);
@@ -1145,20 +1148,20 @@ INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *kh, long
         const float *q = T->q + (size_t)r * hd;
         float *s = T->s + r * EL_ST;
         for (int g = 0; g < ng; g += 3) {
-            /* the first rows prefetch the next tile, a share per group chunk */
+            /* the first rows prefetch the next tile's K, a share per group chunk */
             const size_t from = r ? nbytes : g * gb, to = g + 3 >= ng ? nbytes : (g + 3) * gb;
             const int lines = from < to && to <= nbytes ? (int)((to - from + 63) / 64) : 0;
-            const char *pk = nk + from, *pv = nv + from;
+            const char *pk = nk + from;
             switch ((R - r < 3 ? R - r : 3) * 10 + (ng - g < 3 ? ng - g : 3)) {   /* compile-time shapes */
-            case 33: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 3, 3, pk, pv, lines); break;
-            case 32: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 3, 2, pk, pv, lines); break;
-            case 31: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 3, 1, pk, pv, lines); break;
-            case 23: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 2, 3, pk, pv, lines); break;
-            case 22: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 2, 2, pk, pv, lines); break;
-            case 21: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 2, 1, pk, pv, lines); break;
-            case 13: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 1, 3, pk, pv, lines); break;
-            case 12: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 1, 2, pk, pv, lines); break;
-            default: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 1, 1, pk, pv, lines); break;
+            case 33: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 3, 3, pk, lines); break;
+            case 32: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 3, 2, pk, lines); break;
+            case 31: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 3, 1, pk, lines); break;
+            case 23: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 2, 3, pk, lines); break;
+            case 22: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 2, 2, pk, lines); break;
+            case 21: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 2, 1, pk, lines); break;
+            case 13: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 1, 3, pk, lines); break;
+            case 12: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 1, 2, pk, lines); break;
+            default: kq_groups(type, kg + g * gb, gb, hd, q, T->scale, s + 8 * g, 1, 1, pk, lines); break;
             }
         }
     }
@@ -1171,13 +1174,17 @@ INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *kh, long
         for (int r = 0; r < R; r++)   /* weights times this block's scales: the scale leaves the inner loop */
             for (int t = 0; t < cnt8; t += 8)
                 _mm256_storeu_ps(T->pd + r * EL_ST + t, _mm256_mul_ps(_mm256_loadu_ps(T->s + r * EL_ST + off + t), _mm256_loadu_ps(dv + t)));
+        /* the first rows prefetch the next tile's V, a share per block */
+        const size_t vfrom = nbytes * b / (hd / EL_QK), vto = nbytes * (b + 1) / (hd / EL_QK);
         for (int r = 0; r < R; r += 3) {
             const float *pd = T->pd + r * EL_ST;
             float *o = T->o + (size_t)r * hd;
+            const char *pv = nv + vfrom / 64 * 64;
+            const int lines = r ? 0 : (int)((vto + 63) / 64 - vfrom / 64);
             switch (R - r < 3 ? R - r : 3) {
-            case 3: quant_pv(type, v, rb, cnt, pd, b, o, hd, 3); break;
-            case 2: quant_pv(type, v, rb, cnt, pd, b, o, hd, 2); break;
-            default: quant_pv(type, v, rb, cnt, pd, b, o, hd, 1); break;
+            case 3: quant_pv(type, v, rb, cnt, pd, b, o, hd, 3, pv, lines); break;
+            case 2: quant_pv(type, v, rb, cnt, pd, b, o, hd, 2, pv, lines); break;
+            default: quant_pv(type, v, rb, cnt, pd, b, o, hd, 1, pv, lines); break;
             }
         }
     }
