@@ -1,6 +1,7 @@
 """bench/bandwidth.py, whose bound the README's decode share divides by: its C read and its bytes per token."""
 import importlib.util
 import math
+import platform
 import shutil
 from pathlib import Path
 
@@ -121,3 +122,13 @@ def test_native_ab_builds_a_revision(native_ab):
         assert so.is_file() and native_ab.load_build("rev", so).lib.el_attention
         tree = so.parents[2]
     assert not tree.exists()   # the worktree is gone with the context
+
+
+@pytest.mark.slow   # builds the whole library with -O3 (~50 s)
+@pytest.mark.skipif(shutil.which("cc") is None or platform.machine() != "x86_64", reason="x86-64 with a C compiler")
+@pytest.mark.parametrize("kv_type", ["q8_0", "q4_0"])
+def test_tile_cycles_times_the_tile(kv_type):
+    """bench/tile_cycles.py builds the library's sources with its harness and times a tile: a time, and no fewer
+    FMA cycles a key than its 48 FMAs (K.Q and P.V of 3 rows of 64 dimensions) take at 2 a cycle."""
+    ns, cycles = load_script("tile_cycles").measure(BENCH.parent, kv_type, rows=3, reps=1)
+    assert 0 < ns < 1000 and cycles >= 24

@@ -6,7 +6,9 @@ tail) is f16 with room for `block_size` tokens; when it fills and the cache dtyp
 quantized once into the layer's current slab, a quantized block of `slab_blocks` tails' rows (a new
 one when the last is full). A kv head's keys then lie in runs of slab_blocks * block_size rows, long
 enough for the hardware prefetchers: decode attention over 4096 q8_0 keys takes ~6% less time than
-over runs of 64 rows (`python bench/native_ab.py --a SO --b SO --block-a 64`). Attention reads the
+over runs of 64 rows (`python bench/native_ab.py --a SO --b SO --block-a 64`). A quantized block's keys are
+grouped (el_kv_group: 8 rows' bytes transposed, keys in vector lanes for K.Q); `ungroup_keys` gives rows back,
+as the slicing here needs them. Attention reads the
 blocks in place through a per-layer array of `el_kvblock` descriptors that this class keeps current,
 so a decode step touches only the tail's descriptor.
 
