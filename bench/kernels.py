@@ -12,8 +12,7 @@ import numpy as np
 
 from edgellm import native as N
 from edgellm.kv.cache import KVCache
-from edgellm.native import GROUPED_KEYS
-from edgellm.quant import GGMLType, group_keys, quantize, row_bytes
+from edgellm.quant import GROUPED_KEYS, GGMLType, group_keys, quantize, row_bytes
 
 ffi, lib = N.ffi, N.lib
 COLD_BYTES = 96 << 20   # more than any L3 here (32 MiB): the GEMV reads from DRAM

@@ -7,10 +7,9 @@ quantized once into the layer's current slab, a quantized block of `slab_blocks`
 one when the last is full). A kv head's keys then lie in runs of slab_blocks * block_size rows, long
 enough for the hardware prefetchers: decode attention over 4096 q8_0 keys takes ~6% less time than
 over runs of 64 rows (`python bench/native_ab.py --a SO --b SO --block-a 64`). A quantized block's keys are
-grouped (el_kv_group: 8 rows' bytes transposed, keys in vector lanes for K.Q); `ungroup_keys` gives rows back,
-as the slicing here needs them. Attention reads the
-blocks in place through a per-layer array of `el_kvblock` descriptors that this class keeps current,
-so a decode step touches only the tail's descriptor.
+grouped (el_kv_group: 8 rows' bytes transposed, keys in vector lanes for K.Q); `ungroup_keys` gives rows back
+where this class reads them. Attention reads the blocks in place through a per-layer array of `el_kvblock`
+descriptors that this class keeps current, so a decode step touches only the tail's descriptor.
 
 Quantized caches store K and V in a rotated basis: each head vector times the normalized
 Walsh-Hadamard matrix H (orthogonal, H = H^-1). Keys and values have a few outlier channels that
@@ -23,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..native import GROUPED_KEYS, ffi, lib
-from ..quant.blocks import GGMLType, row_bytes, ungroup_keys
+from ..native import ffi, lib
+from ..quant.blocks import GROUPED_KEYS, GGMLType, row_bytes, ungroup_keys
 
 NO_STEP = (0, ffi.NULL)   # step_blocks' refusal
 DTYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
@@ -71,7 +70,7 @@ class KVCache(GrowingCache):
         if kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype {kv_dtype!r}: choose one of {', '.join(DTYPES)}")
         if DTYPES[kv_dtype] in GROUPED_KEYS and block_size % 8:
-            raise ValueError(f"a {kv_dtype} cache stores keys in groups of 8: block_size {block_size} must be a multiple")
+            raise ValueError(f"a {kv_dtype} cache groups its keys by 8: block_size {block_size} is not a multiple of 8")
         self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
         self.dtype, self.block_size, self.max_tokens = DTYPES[kv_dtype], block_size, max_tokens
         self._max_blocks = -(-max_tokens // block_size)
@@ -262,7 +261,8 @@ class KVCache(GrowingCache):
         if whole == n:
             return head
         rows = slice(whole, whole + self.block_size)
-        k, v = (self._to_f32(a[:, rows], blk.dtype, keys).astype(np.float16) for a, keys in ((blk.k, True), (blk.v, False)))
+        k = self._to_f32(blk.k[:, rows], blk.dtype, keys=True).astype(np.float16)
+        v = self._to_f32(blk.v[:, rows], blk.dtype).astype(np.float16)
         return head + [KVBlock(k, v, blk.pos[rows].copy(), n - whole, GGMLType.F16)]
 
     # -- reading -----------------------------------------------------------------------------
@@ -286,11 +286,8 @@ class KVCache(GrowingCache):
         grouped (el_kv_group), rows a multiple of 8."""
         if dtype == GGMLType.F16:
             return arr.astype(np.float32)
-        if keys:
-            arr = ungroup_keys(arr.reshape(-1, arr.shape[2]), dtype, self.head_dim)
-        arr = np.ascontiguousarray(arr)
-        out = np.empty((self.n_head_kv, arr.size // self.n_head_kv // row_bytes(dtype, self.head_dim), self.head_dim),
-                       np.float32)
+        out = np.empty((self.n_head_kv, arr.shape[1], self.head_dim), np.float32)
+        arr = ungroup_keys(arr.reshape(-1, arr.shape[2]), dtype, self.head_dim) if keys else np.ascontiguousarray(arr)
         lib.el_dequantize_row(ffi.cast("void *", arr.ctypes.data), _fp(out), out.size, int(dtype))
         return out
 

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgellm.quant.blocks import INTERLEAVED, GGMLType, group_keys, row_bytes
+from edgellm.quant.blocks import GROUPED_KEYS, INTERLEAVED, GGMLType, group_keys, row_bytes
 
 try:
     from ._kernels import ffi, lib
@@ -23,7 +23,6 @@ __all__ = ["ffi", "lib", "simd_level", "set_simd", "set_threads", "get_threads",
 
 SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni", 10: "neon", 11: "neon-dotprod"}
 KV_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0)
-GROUPED_KEYS = (GGMLType.Q8_0, GGMLType.Q4_0)   # the kernels read these keys grouped (el_kv_group)
 MAX_GROUP, MAX_HEAD_DIM = 32, 512   # el_attention's stack limits
 INT_MAX = 2**31 - 1
 

@@ -263,9 +263,12 @@ def unpack_rows(raw: np.ndarray, t: GGMLType | int, cols: int) -> np.ndarray:
     return out.view(np.uint8).reshape(n, -1)
 
 
+GROUPED_KEYS = (GGMLType.Q8_0, GGMLType.Q4_0)   # KV types whose keys the kernels read grouped (el_kv_group)
+
+
 def _key_fields(t: GGMLType, cols: int):
-    """(blocks per row, value bytes per block) of a grouped-key type (Q8_0, Q4_0)."""
-    if t not in (GGMLType.Q8_0, GGMLType.Q4_0):
+    """(blocks per row, value bytes per block) of a grouped-key type."""
+    if t not in GROUPED_KEYS:
         raise ValueError(f"grouped keys are Q8_0 or Q4_0, not {t.name}")
     return cols // QK, row_bytes(t, QK) - 2
 
