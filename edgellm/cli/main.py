@@ -98,20 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.set_defaults(func=cmd_pull)
 
-    p = parser.run_parser = sub.add_parser("run", help="complete one prompt, streaming to stdout")
-    common.add_model_arg(p)
+    def generating(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        """A command that loads a model and samples from it: the model argument, load and sampling flags."""
+        p = sub.add_parser(name, help=help_text)
+        common.add_model_arg(p)
+        common.add_load_flags(p)
+        common.add_sampling_flags(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = parser.run_parser = generating("run", "complete one prompt, streaming to stdout", cmd_run)
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    common.add_load_flags(p)
-    common.add_sampling_flags(p)
-    p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("chat", help="interactive chat (reads lines from stdin)")
-    common.add_model_arg(p)
+    p = generating("chat", "interactive chat (reads lines from stdin)", cmd_chat)
     p.add_argument("--system", metavar="TEXT", help="system prompt, kept across /reset")
-    common.add_load_flags(p)
-    common.add_sampling_flags(p)
-    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="model architecture, quantization and memory estimate")
     common.add_model_arg(p)

@@ -84,6 +84,40 @@ static inline void pos_span(const int32_t *pos, int cnt, int32_t *pmin, int32_t 
     for (int t = 1; t < cnt; t++) *pmin = pos[t] < *pmin ? pos[t] : *pmin, *pmax = pos[t] > *pmax ? pos[t] : *pmax;
 }
 
+/* A unit's key tiles in order: tile_next fills in the next one that some query of the unit sees */
+typedef struct {
+    int bi;                  /* block index, and its first key's number */
+    long base;
+    const el_kvblock *B;
+    long j, j1;              /* the tile's first row in B, the unit's end in B */
+    int cnt, partial;        /* keys; some query misses some key (mask per query and key) */
+    size_t rb;
+    const char *kh, *vh;     /* the kv head's K and V rows in B */
+} tile_it;
+
+static tile_it tiles_of(void) { return (tile_it){.bi = -1}; }   /* before the first tile */
+
+/* The tile after *t among kv head g's keys [k0, k1) for queries at positions qmin .. qmax; 0: none left */
+static int tile_next(const att_ctx *c, int g, long k0, long k1, int32_t qmin, int32_t qmax, tile_it *t) {
+    for (;;) {
+        if (t->bi >= 0 && t->j + c->kt < t->j1) {
+            t->j += c->kt;
+        } else {   /* the next block that holds keys of the unit */
+            if (t->bi >= 0) t->base += t->B->n;
+            if (++t->bi >= c->n_blocks || t->base >= k1) return 0;
+            t->B = &c->blocks[t->bi];
+            block_slice(t->B, g, c->hd, t->base, k0, k1, &t->j, &t->j1, &t->rb, &t->kh, &t->vh);
+            if (t->j >= t->j1) continue;
+        }
+        t->cnt = t->j1 - t->j < c->kt ? (int)(t->j1 - t->j) : c->kt;
+        int32_t pmin, pmax;
+        pos_span(t->B->pos + t->j, t->cnt, &pmin, &pmax);
+        if (pmin > qmax) continue;   /* no query of the unit sees any of these keys */
+        t->partial = pmax > qmin;
+        return 1;
+    }
+}
+
 /* whole cache lines per unit: two threads' units side by side would share a line that both write every tile */
 static size_t part_floats(const att_ctx *c) { return ((size_t)max_rows(c) * (c->hd + 2) + 15) / 16 * 16; }
 
@@ -110,21 +144,9 @@ static void attend_lanes(att_ctx *c, int u, int g, long k0, long k1, const float
     /* one vector of rows (decode): the output stays as rows, in ot's memory (R * hd <= w * hd, zeroed above) */
     el_lanes L = {.hd = hd, .w = w, .scale = c->scale, .qt = qt, .qpos = qpos, .ot = ot, .m = m, .l = lv, .kf = kf,
                   .vf = vf, .st = st, .orow = w == 8 ? ot : NULL, .rows = R};
-    long base = 0;
-    for (int bi = 0; bi < c->n_blocks && base < k1; base += c->blocks[bi].n, bi++) {
-        const el_kvblock *B = &c->blocks[bi];
-        long j0, j1;
-        size_t rb;
-        const char *kh, *vh;
-        block_slice(B, g, hd, base, k0, k1, &j0, &j1, &rb, &kh, &vh);
-        for (long j = j0; j < j1; j += c->kt) {
-            int cnt = j1 - j < c->kt ? (int)(j1 - j) : c->kt;
-            int32_t pmin, pmax;
-            pos_span(B->pos + j, cnt, &pmin, &pmax);
-            if (pmin > qmax) continue;
-            L.pf_lines = (int)((next_tile(c, u, g, bi, j, j1, base, k1, &L.pf_k, &L.pf_v) + 63) / 64);
-            el_kern->attend_lanes(&L, B->dtype, kh + j * rb, vh + j * rb, rb, B->pos + j, cnt, pmax > qmin);
-        }
+    for (tile_it t = tiles_of(); tile_next(c, g, k0, k1, qmin, qmax, &t);) {
+        L.pf_lines = (int)((next_tile(c, u, g, t.bi, t.j, t.j1, t.base, k1, &L.pf_k, &L.pf_v) + 63) / 64);
+        el_kern->attend_lanes(&L, t.B->dtype, t.kh + t.j * t.rb, t.vh + t.j * t.rb, t.rb, t.B->pos + t.j, t.cnt, t.partial);
     }
     for (int r = 0; r < R; r++) {
         mx[r] = m[r], l[r] = lv[r];
@@ -210,33 +232,22 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
     const el_qtile T = {.hd = hd, .rows = R, .gs = gs, .scale = c->scale, .q = qf, .qpos = qp, .o = o, .m = mx, .l = l,
                         .s = s, .pd = s + (size_t)R * EL_ST + 16};
     int idx[EL_KT];
-    long base = 0;
-    for (int bi = 0; bi < c->n_blocks && base < k1; base += c->blocks[bi].n, bi++) {
-        const el_kvblock *B = &c->blocks[bi];
-        long j0, j1;
-        size_t rb;
-        const char *kh, *vh;
-        block_slice(B, g, hd, base, k0, k1, &j0, &j1, &rb, &kh, &vh);
-        for (long j = j0; j < j1; j += c->kt) {
-            int cnt = j1 - j < c->kt ? (int)(j1 - j) : c->kt;
-            int32_t pmin, pmax;
-            pos_span(B->pos + j, cnt, &pmin, &pmax);
-            if (pmin > qmax) continue;   /* no query of the tile sees any of these keys */
-            int partial = pmax > qmin;   /* some query misses some key: mask per (query, key) */
-            if (el_kern->attend_quant && el_is_quant(B->dtype)) {
-                const char *nk = NULL, *nv = NULL;
-                size_t nbytes = next_tile(c, u, g, bi, j, j1, base, k1, &nk, &nv);
-                el_kern->attend_quant(&T, B->dtype, kh, j, vh + j * rb, rb, B->pos + j, cnt, partial, nk, nv, nbytes);
-                continue;
-            }
-            for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
-            if (el_is_quant(B->dtype)) el_kq_grouped(B->dtype, kh, j, cnt, qf, R, hd, c->scale, s);
-            else el_kern->kq(B->dtype, kh, rb, idx, cnt, qf, R, hd, c->scale, s);
-            for (int r = 0; r < R; r++)
-                el_softmax_row(s + r * EL_KT, cnt, B->pos + j, partial ? qp[r / gs] : INT32_MAX, o + (size_t)r * hd, hd,
-                               mx + r, l + r);
-            el_kern->pv(B->dtype, vh, rb, idx, cnt, s, R, hd, o);
+    for (tile_it t = tiles_of(); tile_next(c, g, k0, k1, qmin, qmax, &t);) {
+        const int type = t.B->dtype, cnt = t.cnt;
+        const int32_t *kpos = t.B->pos + t.j;
+        if (el_kern->attend_quant && el_is_quant(type)) {
+            const char *nk = NULL, *nv = NULL;
+            size_t nbytes = next_tile(c, u, g, t.bi, t.j, t.j1, t.base, k1, &nk, &nv);
+            el_kern->attend_quant(&T, type, t.kh, t.j, t.vh + t.j * t.rb, t.rb, kpos, cnt, t.partial, nk, nv, nbytes);
+            continue;
         }
+        for (int i = 0; i < cnt; i++) idx[i] = (int)(t.j + i);
+        if (el_is_quant(type)) el_kq_grouped(type, t.kh, t.j, cnt, qf, R, hd, c->scale, s);
+        else el_kern->kq(type, t.kh, t.rb, idx, cnt, qf, R, hd, c->scale, s);
+        for (int r = 0; r < R; r++)
+            el_softmax_row(s + r * EL_KT, cnt, kpos, t.partial ? qp[r / gs] : INT32_MAX, o + (size_t)r * hd, hd, mx + r,
+                           l + r);
+        el_kern->pv(type, t.vh, t.rb, idx, cnt, s, R, hd, o);
     }
 done:
     if (c->nchunk > 1) return;
