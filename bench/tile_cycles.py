@@ -109,19 +109,29 @@ int main(int argc, char **argv) {
 """
 
 
-def measure(tree: Path, kv_type: str = "q8_0", rows: int = 3, reps: int = 10) -> tuple[float, float]:
-    """(ns, FMA cycles) a key and kv head of the tile, with tree's sources built by the system cc."""
+TYPE_IDS = {"q8_0": 8, "q4_0": 2}
+
+
+def build(tree: Path, c_source: str, tmp: str) -> str:
+    """c_source (a harness that includes kernels.h) linked with tree's native sources by the system cc, with the
+    library's flags, into tmp; returns the program's path."""
     native = tree / "edgellm" / "native"
     sources = [native / f for f in ("core.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_neon.c", "attention.c",
                                     "scores.c", "step.c")]
+    src, exe = os.path.join(tmp, "harness.c"), os.path.join(tmp, "harness")
+    with open(src, "w") as f:
+        f.write(c_source)
+    flags = ["-O3", "-std=c11", "-pthread", "-ffp-contract=off", "-fno-math-errno", f"-I{native}"]
+    subprocess.run([os.environ.get("CC", "cc"), *flags, src, *map(str, sources), "-o", exe, "-lm"], check=True)
+    return exe
+
+
+def measure(tree: Path, kv_type: str = "q8_0", rows: int = 3, reps: int = 10) -> tuple[float, float]:
+    """(ns, FMA cycles) a key and kv head of the tile, with tree's sources built by the system cc."""
     with tempfile.TemporaryDirectory() as tmp:
-        src, exe = os.path.join(tmp, "tile.c"), os.path.join(tmp, "tile")
-        with open(src, "w") as f:
-            f.write(C_SOURCE)
-        flags = ["-O3", "-std=c11", "-pthread", "-ffp-contract=off", "-fno-math-errno", f"-I{native}"]
-        subprocess.run([os.environ.get("CC", "cc"), *flags, src, *map(str, sources), "-o", exe, "-lm"], check=True)
-        type_id = {"q8_0": 8, "q4_0": 2}[kv_type]
-        out = subprocess.run([exe, str(type_id), str(rows), str(reps)], capture_output=True, text=True, check=True)
+        exe = build(tree, C_SOURCE, tmp)
+        out = subprocess.run([exe, str(TYPE_IDS[kv_type]), str(rows), str(reps)], capture_output=True, text=True,
+                             check=True)
     ns, cycles = out.stdout.split(" ns a key")[0], out.stdout.split("), ")[1].split(" FMA")[0]
     return float(ns), float(cycles)
 

@@ -132,3 +132,15 @@ def test_tile_cycles_times_the_tile(kv_type):
     FMA cycles a key than its 48 FMAs (K.Q and P.V of 3 rows of 64 dimensions) take at 2 a cycle."""
     ns, cycles = load_script("tile_cycles").measure(BENCH.parent, kv_type, rows=3, reps=1)
     assert 0 < ns < 1000 and cycles >= 24
+
+
+@pytest.mark.slow   # builds the whole library with -O3 (~50 s)
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_attention_sweep_times_cold_layers(monkeypatch):
+    """bench/attention_sweep.py builds the library's sources with its driver and times every layer's decode attention
+    over a cold cache: one time a sweep, each a fraction of a second (its driver fails on a NaN output)."""
+    monkeypatch.syspath_prepend(str(BENCH))   # it imports tile_cycles' build from beside it
+    per_layer = load_script("attention_sweep").sweep(BENCH.parent, "q8_0", keys=1024, layers=4, threads=2, sweeps=2)
+    assert len(per_layer) == 2 and all(0 < s < 0.1 for s in per_layer)
+    with pytest.raises(ValueError):
+        load_script("attention_sweep").sweep(BENCH.parent, keys=1000)
