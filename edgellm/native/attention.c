@@ -184,6 +184,17 @@ void el_kq_grouped(int type, const char *kg, long j, int cnt, const float *q, in
     }
 }
 
+void el_kq_keys(int type, const char *kh, size_t rb, long j, int cnt, const float *q, int gs, int hd, float scale,
+                float *s) {
+    if (el_is_quant(type)) {
+        el_kq_grouped(type, kh, j, cnt, q, gs, hd, scale, s);
+        return;
+    }
+    int idx[EL_KT];
+    for (int t = 0; t < cnt; t++) idx[t] = (int)(j + t);
+    el_kern->kq(type, kh, rb, idx, cnt, q, gs, hd, scale, s);
+}
+
 void el_softmax_row(float *s, int cnt, const int32_t *kpos, int32_t qpos, float *o, int hd, float *m, float *l) {
     float m_new = *m;
     if (qpos != INT32_MAX)
@@ -241,12 +252,11 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
             el_kern->attend_quant(&T, type, t.kh, t.j, t.vh + t.j * t.rb, t.rb, kpos, cnt, t.partial, nk, nv, nbytes);
             continue;
         }
-        for (int i = 0; i < cnt; i++) idx[i] = (int)(t.j + i);
-        if (el_is_quant(type)) el_kq_grouped(type, t.kh, t.j, cnt, qf, R, hd, c->scale, s);
-        else el_kern->kq(type, t.kh, t.rb, idx, cnt, qf, R, hd, c->scale, s);
+        el_kq_keys(type, t.kh, t.rb, t.j, cnt, qf, R, hd, c->scale, s);
         for (int r = 0; r < R; r++)
             el_softmax_row(s + r * EL_KT, cnt, kpos, t.partial ? qp[r / gs] : INT32_MAX, o + (size_t)r * hd, hd, mx + r,
                            l + r);
+        for (int i = 0; i < cnt; i++) idx[i] = (int)(t.j + i);
         el_kern->pv(type, t.vh, t.rb, idx, cnt, s, R, hd, o);
     }
 done:

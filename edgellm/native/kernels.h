@@ -329,6 +329,11 @@ typedef struct {
  * for keys j .. j + cnt - 1 of a kv head's grouped keys kg (el_kv_group) and the gs query rows q (hd apart) */
 void el_kq_grouped(int type, const char *kg, long j, int cnt, const float *q, int gs, int hd, float scale, float *s);
 
+/* The same scores for keys j .. j + cnt - 1 of a kv head's rows kh (rb bytes each) in either layout: grouped quantized
+ * keys through el_kq_grouped, F16 / F32 rows through the active table's kq */
+void el_kq_keys(int type, const char *kh, size_t rb, long j, int cnt, const float *q, int gs, int hd, float scale,
+                float *s);
+
 /* One row's online-softmax step over a key tile (attention.c; the attention kernels share it): its scores s[0..cnt)
  * become weights e^(s - m), keys past qpos (positions kpos; INT32_MAX: none masked) weighing 0; the row's unnormalized
  * output o (hd values), running max *m and sum *l move to the new maximum and *l takes the weights' sum. A row that

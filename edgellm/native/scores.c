@@ -26,16 +26,13 @@ static void mass_unit(mass_ctx *c, int g, int b) {
     const char *kh = (const char *)B->k + (size_t)g * B->cap * rb;
     float *out = c->out + (size_t)g * c->first[c->n_blocks] + c->first[b];
     float s[EL_KT * 32];   /* up to 32 query heads */
-    int idx[EL_KT];
     for (int j = 0; j < B->n; j++) out[j] = 0;
     for (int j0 = 0; j0 < B->n; j0 += EL_KT) {
         int cnt = B->n - j0 < EL_KT ? B->n - j0 : EL_KT;
-        for (int t = 0; t < cnt; t++) idx[t] = j0 + t;
         for (int i = 0; i < c->n_q; i++) {
             size_t head0 = (size_t)i * c->n_head + (size_t)g * gs;
             const float *q = c->q + head0 * hd;   /* scored as el_attention scores */
-            if (el_is_quant(B->dtype)) el_kq_grouped(B->dtype, kh, j0, cnt, q, gs, hd, c->scale, s);
-            else el_kern->kq(B->dtype, kh, rb, idx, cnt, q, gs, hd, c->scale, s);
+            el_kq_keys(B->dtype, kh, rb, j0, cnt, q, gs, hd, c->scale, s);
             for (int h = 0; h < gs; h++) {
                 float l = c->lse[head0 + h];
                 if (l == -INFINITY) continue;
