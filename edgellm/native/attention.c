@@ -80,8 +80,9 @@ static size_t next_tile(const att_ctx *c, int u, int g, int bi, long j, long j1,
 
 /* Smallest and largest position of a key tile: decides whether the tile is skipped, masked or fully visible */
 static inline void pos_span(const int32_t *pos, int cnt, int32_t *pmin, int32_t *pmax) {
-    *pmin = *pmax = pos[0];
-    for (int t = 1; t < cnt; t++) *pmin = pos[t] < *pmin ? pos[t] : *pmin, *pmax = pos[t] > *pmax ? pos[t] : *pmax;
+    int32_t lo = pos[0], hi = pos[0];   /* locals, not *pmin / *pmax: the loop then vectorizes */
+    for (int t = 1; t < cnt; t++) lo = pos[t] < lo ? pos[t] : lo, hi = pos[t] > hi ? pos[t] : hi;
+    *pmin = lo, *pmax = hi;
 }
 
 /* A unit's key tiles in order: tile_next fills in the next one that some query of the unit sees */

@@ -1137,6 +1137,67 @@ INLINE void kq_groups(int type, const uint8_t *kg, size_t gb, int hd, const floa
     }
 }
 
+/* P.V of V block b for the tile's rows in threes, pd: weights times the block's scales [rows][EL_ST]; the first rows
+ * prefetch the next tile's V, a share per block */
+INLINE void pv_rows(const el_qtile *T, int type, int hd, int R, const char *v, size_t rb, int cnt, int b,
+                    const float *pdb, const char *nv, size_t nbytes) {
+    const int nb = hd / EL_QK;
+    const size_t vfrom = nbytes * b / nb, vto = nbytes * (b + 1) / nb;
+    for (int r = 0; r < R; r += 3) {
+        const float *pd = pdb + r * EL_ST;
+        float *o = T->o + (size_t)r * hd;
+        const char *pv = nv + vfrom / 64 * 64;
+        const int lines = r ? 0 : (int)((vto + 63) / 64 - vfrom / 64);
+        switch (R - r < 3 ? R - r : 3) {
+        case 3: quant_pv(type, v, rb, cnt, pd, b, o, hd, 3, pv, lines); break;
+        case 2: quant_pv(type, v, rb, cnt, pd, b, o, hd, 2, pv, lines); break;
+        default: quant_pv(type, v, rb, cnt, pd, b, o, hd, 1, pv, lines); break;
+        }
+    }
+}
+
+/* el_softmax_row for each row of the tile (row r sees the keys at positions <= qpos[r / gs] when partial), fused with
+ * the weights times V's scales: T->pd row r gets p[r][t] dv0[t], and T->s row r (in place, from t = 0) p[r][t] dv1[t],
+ * or p[r][t] where dv1 is NULL. The same values as el_softmax_row then the products: max is exact in any order, the
+ * exps, lanes and sum order are exp_sum_avx2's (masked keys and the tail -inf), expf gives the rescale. */
+INLINE void softmax_pd(const el_qtile *T, int R, int off, const int32_t *pos, int cnt, int partial, const float *dv0,
+                       const float *dv1) {
+    const int nv = (cnt + 7) / 8;
+    int32_t pp[EL_KT];   /* positions, past the tile INT32_MAX: later than any query */
+    for (int t = 0; t < 8 * nv; t++) pp[t] = t < cnt ? pos[t] : INT32_MAX;
+    for (int r = 0; r < R; r++) {
+        float *s = T->s + r * EL_ST, *pd = T->pd + r * EL_ST;
+        const __m256i qp = _mm256_set1_epi32(partial ? T->qpos[r / T->gs] : INT32_MAX - 1);
+        __m256 x[EL_KT / 8], mv = _mm256_set1_ps(T->m[r]);
+        for (int i = 0; i < nv; i++) {
+            const __m256i later = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(pp + 8 * i)), qp);
+            x[i] = _mm256_blendv_ps(_mm256_loadu_ps(s + off + 8 * i), _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(later));
+            mv = _mm256_max_ps(x[i], mv);
+        }
+        const float m_new = hmax(mv);
+        if (m_new == -INFINITY) {   /* nothing visible to this row yet: it takes no part in P.V */
+            for (int i = 0; i < nv; i++) _mm256_storeu_ps(pd + 8 * i, _mm256_setzero_ps()), _mm256_storeu_ps(s + 8 * i, _mm256_setzero_ps());
+            continue;
+        }
+        if (m_new > T->m[r]) {   /* rescale what was accumulated under the old maximum */
+            const float f = expf(T->m[r] - m_new);
+            float *o = T->o + (size_t)r * T->hd;
+            for (int d = 0; d < T->hd; d++) o[d] *= f;
+            T->l[r] *= f;
+            T->m[r] = m_new;
+        }
+        const __m256 mu = _mm256_set1_ps(m_new);
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < nv; i++) {
+            const __m256 e = exp8z(_mm256_sub_ps(x[i], mu));
+            acc = _mm256_add_ps(acc, e);
+            _mm256_storeu_ps(pd + 8 * i, _mm256_mul_ps(e, _mm256_loadu_ps(dv0 + 8 * i)));
+            _mm256_storeu_ps(s + 8 * i, dv1 ? _mm256_mul_ps(e, _mm256_loadu_ps(dv1 + 8 * i)) : e);
+        }
+        T->l[r] += hsum(acc);
+    }
+}
+
 /* K.Q with rows and key groups in threes (9 accumulators), P.V with rows in threes (a V block's 32 dims of three rows:
  * 12 accumulators). A tile starting inside a group (off keys in) scores the whole group. */
 INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *kh, long j, const char *v, size_t rb,
@@ -1165,28 +1226,23 @@ INLINE void quant_tile(const el_qtile *T, int type, int hd, const char *kh, long
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        el_softmax_row(T->s + r * EL_ST + off, cnt, pos, partial ? T->qpos[r / T->gs] : INT32_MAX, T->o + (size_t)r * hd,
-                       hd, T->m + r, T->l + r);
-    float dv[EL_KT];
-    for (int b = 0; b < hd / EL_QK; b++) {
-        block_scales(v + b * bb, rb, cnt, dv);
-        for (int r = 0; r < R; r++)   /* weights times this block's scales: the scale leaves the inner loop */
+    /* two blocks (head_dim 64): the softmax writes both blocks' weights; more: the later ones from the p it leaves */
+    const int nb = hd / EL_QK;
+    float dv[2][EL_KT];
+    block_scales(v, rb, cnt, dv[0]);
+    if (nb == 2) block_scales(v + bb, rb, cnt, dv[1]);
+    softmax_pd(T, R, off, pos, cnt, partial, dv[0], nb == 2 ? dv[1] : NULL);
+    pv_rows(T, type, hd, R, v, rb, cnt, 0, T->pd, nv, nbytes);
+    if (nb == 2) {
+        pv_rows(T, type, hd, R, v, rb, cnt, 1, T->s, nv, nbytes);
+        return;
+    }
+    for (int b = 1; b < nb; b++) {
+        block_scales(v + b * bb, rb, cnt, dv[0]);
+        for (int r = 0; r < R; r++)
             for (int t = 0; t < cnt8; t += 8)
-                _mm256_storeu_ps(T->pd + r * EL_ST + t, _mm256_mul_ps(_mm256_loadu_ps(T->s + r * EL_ST + off + t), _mm256_loadu_ps(dv + t)));
-        /* the first rows prefetch the next tile's V, a share per block */
-        const size_t vfrom = nbytes * b / (hd / EL_QK), vto = nbytes * (b + 1) / (hd / EL_QK);
-        for (int r = 0; r < R; r += 3) {
-            const float *pd = T->pd + r * EL_ST;
-            float *o = T->o + (size_t)r * hd;
-            const char *pv = nv + vfrom / 64 * 64;
-            const int lines = r ? 0 : (int)((vto + 63) / 64 - vfrom / 64);
-            switch (R - r < 3 ? R - r : 3) {
-            case 3: quant_pv(type, v, rb, cnt, pd, b, o, hd, 3, pv, lines); break;
-            case 2: quant_pv(type, v, rb, cnt, pd, b, o, hd, 2, pv, lines); break;
-            default: quant_pv(type, v, rb, cnt, pd, b, o, hd, 1, pv, lines); break;
-            }
-        }
+                _mm256_storeu_ps(T->pd + r * EL_ST + t, _mm256_mul_ps(_mm256_loadu_ps(T->s + r * EL_ST + t), _mm256_loadu_ps(dv[0] + t)));
+        pv_rows(T, type, hd, R, v, rb, cnt, b, T->pd, nv, nbytes);
     }
 }
 
