@@ -12,7 +12,8 @@ against the working tree's build; or two built .so files) and times one decode q
 layers' caches (blocks each its own allocation, as the KV manager keeps them: a quantized cache's slabs of 512 keys,
 an f16 cache's blocks of 64; --block N), after reading 96 MiB to evict them as a decode step's weights do (--hot: not),
 each round the best of 3 sweeps, the first build alternating. Prints the medians per layer and the ratio B / A of the
-medians and, in brackets, the median of the rounds' ratios. --block-a N gives A's caches blocks of N keys (the same
+medians and, in brackets, the median of the rounds' ratios, and whether the two builds' outputs are bit for bit the
+same (outputs apart by more than 1e-4 stop it). --block-a N gives A's caches blocks of N keys (the same
 keys): with one build as both A and B, that times a layout, e.g. --block-a 64 a quantized cache before slabs.
 """
 from __future__ import annotations
@@ -65,8 +66,8 @@ def working_tree_build() -> Path:
 
 def compare(so_a: Path, so_b: Path, n_keys: int, threads: int, t: GGMLType, rounds: int, hot: bool,
             block: int, block_a: int | None = None) -> tuple:
-    """(median A, median B) seconds per layer and the per-round ratios B / A; A's caches in blocks of block_a keys
-    (default: block), the same keys."""
+    """(median A, median B) seconds per layer, the per-round ratios B / A and whether the two builds' outputs are
+    bit for bit the same; A's caches in blocks of block_a keys (default: block), the same keys."""
     runs = []
     for tag, so, size in (("a", so_a, block_a or block), ("b", so_b, block)):
         module = load_build(tag, so)
@@ -77,6 +78,7 @@ def compare(so_a: Path, so_b: Path, n_keys: int, threads: int, t: GGMLType, roun
         r.sweep()
     if not np.allclose(runs[0].out, runs[1].out, atol=1e-4):
         raise SystemExit("the two builds' attention outputs differ")
+    same = np.array_equal(runs[0].out, runs[1].out)
     junk = np.ones(kernels.COLD_BYTES // 4, np.float32)
     best = [[], []]
     for i in range(rounds):
@@ -88,7 +90,7 @@ def compare(so_a: Path, so_b: Path, n_keys: int, threads: int, t: GGMLType, roun
                 times.append(runs[which].sweep())
             best[which].append(min(times))
     a, b = np.array(best[0]), np.array(best[1])
-    return float(np.median(a)), float(np.median(b)), b / a
+    return float(np.median(a)), float(np.median(b)), b / a, same
 
 
 def main() -> None:
@@ -115,10 +117,11 @@ def main() -> None:
         ap.error("--a needs --b")
     with built_revision(args.base) if args.base else contextlib.nullcontext(args.a) as so_a:
         so_b = working_tree_build() if args.base else args.b
-        ma, mb, ratios = compare(so_a, so_b, args.keys, args.threads, t, args.rounds, args.hot, block, args.block_a)
+        ma, mb, ratios, same = compare(so_a, so_b, args.keys, args.threads, t, args.rounds, args.hot, block, args.block_a)
     print(f"{t.name} keys={args.keys} blocks of {args.block_a or block} / {block} threads={args.threads} "
           f"{'hot' if args.hot else 'cold'}: "
-          f"A {ma * 1e6:.1f} us a layer, B {mb * 1e6:.1f}; B / A {mb / ma:.3f} ({np.median(ratios):.3f})")
+          f"A {ma * 1e6:.1f} us a layer, B {mb * 1e6:.1f}; B / A {mb / ma:.3f} ({np.median(ratios):.3f}); outputs "
+          + ("bit for bit the same" if same else "within 1e-4, not bit for bit"))
 
 
 if __name__ == "__main__":

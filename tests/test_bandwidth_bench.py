@@ -105,10 +105,10 @@ def native_ab():
 
 def test_native_ab_loads_two_copies_of_a_build(native_ab):
     """One build under two module names (dlopen shares the one library; two builds' paths give two): the same
-    caches through both, equal outputs, a ratio per round, times that are times."""
+    caches through both, outputs bit for bit the same, a ratio per round, times that are times."""
     so = native_ab.working_tree_build()
-    a, b, ratios = native_ab.compare(so, so, 128, 1, native_ab.GGMLType.Q8_0, rounds=2, hot=True, block=64)
-    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
+    a, b, ratios, same = native_ab.compare(so, so, 128, 1, native_ab.GGMLType.Q8_0, rounds=2, hot=True, block=64)
+    assert same and len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios)
     assert 0 < a < 1 and 0 < b < 1   # seconds per layer for 128 keys
     # a layout against another: the same keys in blocks of 64 and of 128 (compare exits if the outputs differ)
     assert len(native_ab.compare(so, so, 128, 1, native_ab.GGMLType.Q8_0, rounds=1, hot=True, block=128,
