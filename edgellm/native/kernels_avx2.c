@@ -1167,6 +1167,7 @@ INLINE void softmax_pd(const el_qtile *T, int R, int off, const int32_t *pos, in
     for (int t = 0; t < 8 * nv; t++) pp[t] = t < cnt ? pos[t] : INT32_MAX;
     for (int r = 0; r < R; r++) {
         float *s = T->s + r * EL_ST, *pd = T->pd + r * EL_ST;
+        /* not partial: every key of the tile is visible, only the padding past it is masked */
         const __m256i qp = _mm256_set1_epi32(partial ? T->qpos[r / T->gs] : INT32_MAX - 1);
         __m256 x[EL_KT / 8], mv = _mm256_set1_ps(T->m[r]);
         for (int i = 0; i < nv; i++) {
