@@ -20,6 +20,18 @@ def test_model_is_optional_before_the_prompt():
     assert (parse_args(["run", "--chat", "hi"]).model, parse_args(["run", "--chat", "hi"]).prompt) == (None, "hi")
 
 
+def test_chat_samples_by_default_and_run_is_greedy():
+    """chat's defaults are llama.cpp's / Ollama's sampling; run completes greedily; flags override both."""
+    keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+    sampling = common.sampling_kwargs(build_parser().parse_args(["chat"]))
+    assert {k: sampling[k] for k in keys} == {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                                              "repeat_penalty": 1.1}
+    greedy = common.sampling_kwargs(parse_args(["run", "hi"]))
+    assert {k: greedy[k] for k in keys} == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                                            "repeat_penalty": 1.0}
+    assert common.sampling_kwargs(build_parser().parse_args(["chat", "--temperature", "0"]))["temperature"] == 0.0
+
+
 def test_bench_passkey_takes_kv_fields():
     args = build_parser().parse_args(["bench-passkey", "--kv", "alpha=0.25", "--kv", "pool=1", "--kv", "query_aware=true"])
     assert dict(args.kv) == {"alpha": 0.25, "pool": 1, "query_aware": True}

@@ -20,14 +20,20 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="f16", help="KV cache element type")
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+# an interactive chat samples as llama.cpp's and Ollama's do by default (their temperature, top-k, top-p and min-p,
+# Ollama's repeat penalty): greedy replies of a small model loop on a phrase
+CHAT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1}
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, defaults: dict = GREEDY) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-tokens", type=int, default=128, metavar="N")
-    group.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
-    group.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
-    group.add_argument("--top-p", type=float, default=1.0, metavar="P")
-    group.add_argument("--min-p", type=float, default=0.0, metavar="P")
-    group.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R")
+    group.add_argument("--temperature", type=float, default=defaults["temperature"], metavar="T", help="0 = greedy")
+    group.add_argument("--top-k", type=int, default=defaults["top_k"], metavar="K", help="0 = off")
+    group.add_argument("--top-p", type=float, default=defaults["top_p"], metavar="P")
+    group.add_argument("--min-p", type=float, default=defaults["min_p"], metavar="P")
+    group.add_argument("--repeat-penalty", type=float, default=defaults["repeat_penalty"], metavar="R")
     group.add_argument("--seed", type=int, default=None)
 
 

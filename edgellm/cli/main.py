@@ -98,12 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.set_defaults(func=cmd_pull)
 
-    def generating(name: str, help_text: str, func) -> argparse.ArgumentParser:
+    def generating(name: str, help_text: str, func, sampling: dict = common.GREEDY) -> argparse.ArgumentParser:
         """A command that loads a model and samples from it: the model argument, load and sampling flags."""
         p = sub.add_parser(name, help=help_text)
         common.add_model_arg(p)
         common.add_load_flags(p)
-        common.add_sampling_flags(p)
+        common.add_sampling_flags(p, sampling)
         p.set_defaults(func=func)
         return p
 
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
 
-    p = generating("chat", "interactive chat (reads lines from stdin)", cmd_chat)
+    p = generating("chat", "interactive chat (reads lines from stdin); samples as llama.cpp and Ollama do, "
+                   "--temperature 0 for greedy replies", cmd_chat, common.CHAT_SAMPLING)
     p.add_argument("--system", metavar="TEXT", help="system prompt, kept across /reset")
 
     p = sub.add_parser("info", help="model architecture, quantization and memory estimate")
