@@ -52,26 +52,32 @@ class Sampler:
             logits = _penalize(logits, history[-p.repeat_last_n:], p.repeat_penalty)
         if p.temperature == 0.0:
             return int(np.argmax(logits))
-        return self._sample(logits / p.temperature)
+        return self._sample(logits)
 
     def _sample(self, logits: np.ndarray) -> int:
+        """A draw at the temperature from the filtered candidates. Every filter ranks the logits the same before and
+        after dividing by the temperature, so only the candidates are divided (a chat draws once a token: the
+        vocabulary-wide passes were most of its cost)."""
         p = self.p
-        k = logits.size if p.top_k == 0 else min(p.top_k, logits.size)
-        cand = np.argpartition(-logits, k - 1)[:k] if k < logits.size else np.arange(logits.size)
+        n = logits.size
+        k = n if p.top_k == 0 else min(p.top_k, n)
+        cand = np.argpartition(logits, n - k)[n - k:] if k < n else np.arange(n)
         cand = cand[np.argsort(-logits[cand], kind="stable")]
-        probs = np.exp(logits[cand] - logits[cand[0]])
+        z = logits[cand] / np.float32(p.temperature)
+        probs = np.exp(z - z[0])
         probs /= probs.sum()
         keep = probs >= p.min_p * probs[0]
         if p.top_p < 1.0:  # smallest prefix whose mass reaches top_p
             keep &= np.arange(probs.size) <= np.searchsorted(np.cumsum(probs), p.top_p)
-        probs = probs[keep] / probs[keep].sum()
-        return int(cand[:probs.size][self.rng.choice(probs.size, p=probs)])
+        cdf = np.cumsum(probs[keep])   # kept candidates stay a prefix: inverse CDF of one uniform draw
+        return int(cand[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), cdf.size - 1)])
 
 
 def _penalize(logits: np.ndarray, recent, penalty: float) -> np.ndarray:
-    """llama.cpp/CTRL style: divide positive logits of recently seen tokens by the penalty, multiply negative ones."""
+    """llama.cpp/CTRL style: divide positive logits of recently seen tokens by the penalty, multiply negative ones.
+    A token seen twice gets its new value twice (from the same old one), not the penalty twice."""
     out = logits.copy()
-    ids = np.unique(np.asarray(recent, np.int64))
-    v = out[ids]
+    ids = np.asarray(recent, np.int64)
+    v = logits[ids]
     out[ids] = np.where(v > 0, v / penalty, v * penalty)
     return out
