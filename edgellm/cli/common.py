@@ -28,12 +28,14 @@ CHAT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, defaults: dict = GREEDY) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=128, metavar="N")
-    group.add_argument("--temperature", type=float, default=defaults["temperature"], metavar="T", help="0 = greedy")
-    group.add_argument("--top-k", type=int, default=defaults["top_k"], metavar="K", help="0 = off")
-    group.add_argument("--top-p", type=float, default=defaults["top_p"], metavar="P")
-    group.add_argument("--min-p", type=float, default=defaults["min_p"], metavar="P")
-    group.add_argument("--repeat-penalty", type=float, default=defaults["repeat_penalty"], metavar="R")
+    group.add_argument("--max-tokens", type=int, default=128, metavar="N", help="default: %(default)s")
+    group.add_argument("--temperature", type=float, default=defaults["temperature"], metavar="T",
+                       help="0 = greedy (default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=defaults["top_k"], metavar="K", help="0 = off (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=defaults["top_p"], metavar="P", help="default: %(default)s")
+    group.add_argument("--min-p", type=float, default=defaults["min_p"], metavar="P", help="default: %(default)s")
+    group.add_argument("--repeat-penalty", type=float, default=defaults["repeat_penalty"], metavar="R",
+                       help="over the last 64 tokens (default: %(default)s)")
     group.add_argument("--seed", type=int, default=None)
 
 
