@@ -6,6 +6,7 @@ import sys
 
 import edgellm
 from edgellm.kv.config import KV_DTYPES
+from edgellm.runtime.sampling import SamplingParams
 from edgellm.runtime.registry import DEFAULT_MODEL, resolve
 
 
@@ -20,7 +21,7 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="f16", help="KV cache element type")
 
 
-GREEDY = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+GREEDY = {f: getattr(SamplingParams, f) for f in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")}
 # an interactive chat samples as llama.cpp's and Ollama's do by default (their temperature, top-k, top-p and min-p,
 # Ollama's repeat penalty): greedy replies of a small model loop on a phrase
 CHAT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1}
@@ -35,7 +36,7 @@ def add_sampling_flags(parser: argparse.ArgumentParser, defaults: dict = GREEDY)
     group.add_argument("--top-p", type=float, default=defaults["top_p"], metavar="P", help="default: %(default)s")
     group.add_argument("--min-p", type=float, default=defaults["min_p"], metavar="P", help="default: %(default)s")
     group.add_argument("--repeat-penalty", type=float, default=defaults["repeat_penalty"], metavar="R",
-                       help="over the last 64 tokens (default: %(default)s)")
+                       help=f"over the last {SamplingParams.repeat_last_n} tokens (default: %(default)s)")
     group.add_argument("--seed", type=int, default=None)
 
 

@@ -196,7 +196,11 @@ void el_kq_keys(int type, const char *kh, size_t rb, long j, int cnt, const floa
     el_kern->kq(type, kh, rb, idx, cnt, q, gs, hd, scale, s);
 }
 
-void el_softmax_row(float *s, int cnt, const int32_t *kpos, int32_t qpos, float *o, int hd, float *m, float *l) {
+/* One row's online-softmax step over a key tile (the portable path; the AVX2 quantized tile fuses its own,
+ * softmax_pd): its scores s[0..cnt) become weights e^(s - m), keys past qpos (positions kpos; INT32_MAX: none masked)
+ * weighing 0; the row's unnormalized output o (hd values), running max *m and sum *l move to the new maximum and *l
+ * takes the weights' sum. A row that has seen no key yet gets weights 0. */
+static void softmax_row(float *s, int cnt, const int32_t *kpos, int32_t qpos, float *o, int hd, float *m, float *l) {
     float m_new = *m;
     if (qpos != INT32_MAX)
         for (int t = 0; t < cnt; t++)
@@ -255,7 +259,7 @@ static void attend_unit(att_ctx *c, int u, float *ws) {
         }
         el_kq_keys(type, t.kh, t.rb, t.j, cnt, qf, R, hd, c->scale, s);
         for (int r = 0; r < R; r++)
-            el_softmax_row(s + r * EL_KT, cnt, kpos, t.partial ? qp[r / gs] : INT32_MAX, o + (size_t)r * hd, hd, mx + r,
+            softmax_row(s + r * EL_KT, cnt, kpos, t.partial ? qp[r / gs] : INT32_MAX, o + (size_t)r * hd, hd, mx + r,
                            l + r);
         for (int i = 0; i < cnt; i++) idx[i] = (int)(t.j + i);
         el_kern->pv(type, t.vh, t.rb, idx, cnt, s, R, hd, o);

@@ -334,12 +334,6 @@ void el_kq_grouped(int type, const char *kg, long j, int cnt, const float *q, in
 void el_kq_keys(int type, const char *kh, size_t rb, long j, int cnt, const float *q, int gs, int hd, float scale,
                 float *s);
 
-/* One row's online-softmax step over a key tile (attention.c; the attention kernels share it): its scores s[0..cnt)
- * become weights e^(s - m), keys past qpos (positions kpos; INT32_MAX: none masked) weighing 0; the row's unnormalized
- * output o (hd values), running max *m and sum *l move to the new maximum and *l takes the weights' sum. A row that
- * has seen no key yet gets weights 0. */
-void el_softmax_row(float *s, int cnt, const int32_t *kpos, int32_t qpos, float *o, int hd, float *m, float *l);
-
 /* out[r] = sum_b wmax_rb v[b] for rows r0..r1-1 of m's weights (wmax_rb: el_weight_l1_ratio's bound on |w| in block
  * b; v padded with zeros to el_ds_blocks(nb)): el_mm.bound where a kernel has no faster way */
 void el_row_bounds(const el_mm *m, int r0, int r1, const float *v, float *out);

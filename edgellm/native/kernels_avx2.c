@@ -1156,10 +1156,10 @@ INLINE void pv_rows(const el_qtile *T, int type, int hd, int R, const char *v, s
     }
 }
 
-/* el_softmax_row for each row of the tile (row r sees the keys at positions <= qpos[r / gs] when partial), fused with
- * the weights times V's scales: T->pd row r gets p[r][t] dv0[t], and T->s row r (in place, from t = 0) p[r][t] dv1[t],
- * or p[r][t] where dv1 is NULL. The same values as el_softmax_row then the products: max is exact in any order, the
- * exps, lanes and sum order are exp_sum_avx2's (masked keys and the tail -inf), expf gives the rescale. */
+/* attention.c's softmax_row for each row of the tile (row r sees the keys at positions <= qpos[r / gs] when partial),
+ * fused with the weights times V's scales: T->pd row r gets p[r][t] dv0[t], and T->s row r (in place, from t = 0)
+ * p[r][t] dv1[t], or p[r][t] where dv1 is NULL. The same values as softmax_row then the products: max is exact in any
+ * order, the exps, lanes and sum order are exp_sum_avx2's (masked keys and the tail -inf), expf gives the rescale. */
 INLINE void softmax_pd(const el_qtile *T, int R, int off, const int32_t *pos, int cnt, int partial, const float *dv0,
                        const float *dv1) {
     const int nv = (cnt + 7) / 8;
