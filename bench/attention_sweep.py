@@ -2,6 +2,7 @@
 """Decode attention over a cold KV cache, driven from C: the time a layer, against the time to read its K/V.
 
     python bench/attention_sweep.py [--keys 4096] [--threads 1 2] [--layers 30] [--sweeps 15] [--type q8_0] [--tree DIR]
+                                    [--simd avx2]
 
 A C program built with the system cc from the library's sources (as bench/tile_cycles.py builds its harness; --tree:
 another checkout, e.g. a throwaway one whose kernel only loads its K/V) fills --layers layers of --keys quantized
@@ -10,7 +11,7 @@ manager keeps them, then --sweeps times: reads a 96 MiB buffer (more than any L3
 evict the cache) and runs one decode query through every layer with el_attention, timing each call. No Python
 between the calls, unlike bench/kernels.py's cold line. Prints the median sweep's time a layer and the rate its K/V
 bytes went at; set beside bench/bandwidth.py's plain read (what memory allows) and bench/tile_cycles.py's tile in L1
-times the keys (what the arithmetic takes).
+times the keys (what the arithmetic takes). --simd: a table below the detected one, as in tile_cycles.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tile_cycles import ROOT, TYPE_IDS, build
+from tile_cycles import ROOT, SIMD_LEVELS, TYPE_IDS, build
 
 from edgellm.quant import GGMLType, row_bytes
 
@@ -53,9 +54,11 @@ static void *random_rows(int type, long n, int keys) {
     return out;
 }
 
-/* argv: type, keys (a multiple of SLAB), layers, threads, sweeps; prints each sweep's seconds a layer */
+SIMD_ARG
+
+/* argv: type, keys (a multiple of SLAB), layers, threads, sweeps, SIMD level; prints each sweep's seconds a layer */
 int main(int argc, char **argv) {
-    if (argc != 6) return 1;
+    if (argc != 7 || use_simd(atoi(argv[6]))) return 1;
     const int type = atoi(argv[1]), keys = atoi(argv[2]), layers = atoi(argv[3]), sweeps = atoi(argv[5]);
     const int nb = keys / SLAB;
     el_set_threads(atoi(argv[4]));
@@ -87,15 +90,16 @@ int main(int argc, char **argv) {
 
 
 def sweep(tree: Path, kv_type: str = "q8_0", keys: int = 4096, layers: int = 30, threads: int = 1,
-          sweeps: int = 15, exe: str | None = None) -> list[float]:
-    """Seconds a layer of each sweep; exe: the program from build() (default: build tree's now)."""
+          sweeps: int = 15, exe: str | None = None, simd: str | None = None) -> list[float]:
+    """Seconds a layer of each sweep; exe: the program from build() (default: build tree's now); simd: a table's
+    name (None: the detected one)."""
     if keys % 512:
         raise ValueError("keys: a multiple of 512 (the slabs)")
     if exe is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return sweep(tree, kv_type, keys, layers, threads, sweeps, build(tree, C_SOURCE, tmp))
-    out = subprocess.run([exe, str(TYPE_IDS[kv_type]), str(keys), str(layers), str(threads), str(sweeps)],
-                         capture_output=True, text=True, check=True)
+            return sweep(tree, kv_type, keys, layers, threads, sweeps, build(tree, C_SOURCE, tmp), simd)
+    out = subprocess.run([exe, str(TYPE_IDS[kv_type]), str(keys), str(layers), str(threads), str(sweeps),
+                          str(SIMD_LEVELS.get(simd, -1))], capture_output=True, text=True, check=True)
     return [float(x) for x in out.stdout.split()]
 
 
@@ -107,14 +111,15 @@ def main() -> None:
     ap.add_argument("--sweeps", type=int, default=15)
     ap.add_argument("--type", choices=sorted(TYPE_IDS), default="q8_0")
     ap.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose sources are timed")
+    ap.add_argument("--simd", choices=sorted(SIMD_LEVELS), help="a SIMD table at or below the detected one")
     args = ap.parse_args()
     kv_bytes = 2 * 3 * args.keys * row_bytes(GGMLType.parse(args.type), 64)   # K and V of 3 kv heads, head_dim 64
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(args.tree, C_SOURCE, tmp)
         for t in args.threads:
-            s = sweep(args.tree, args.type, args.keys, args.layers, t, args.sweeps, exe)
+            s = sweep(args.tree, args.type, args.keys, args.layers, t, args.sweeps, exe, args.simd)
             med = statistics.median(s)
-            print(f"{args.type}, {args.keys} keys, {t} thread(s): {med * 1e6:7.1f} us a layer (median of {len(s)} cold "
+            print(f"{args.type}{f' ({args.simd})' if args.simd else ''}, {args.keys} keys, {t} thread(s): {med * 1e6:7.1f} us a layer (median of {len(s)} cold "
                   f"sweeps of {args.layers} layers; fastest {min(s) * 1e6:.1f}), K/V read at {kv_bytes / med / 1e9:.2f} GB/s")
 
 

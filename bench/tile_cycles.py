@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cycles per key of one quantized decode-attention tile with its K/V in L1: the kernel's arithmetic alone.
 
-    python bench/tile_cycles.py [--type q8_0|q4_0] [--rows 3] [--reps 10] [--tree DIR]
+    python bench/tile_cycles.py [--type q8_0|q4_0] [--rows 3] [--reps 10] [--tree DIR] [--simd avx2]
 
 Timings of whole decode steps and of attention over a cold cache move by +-30% on a shared host from one minute to
 the next, and an attention kernel that is faster in the core need not be faster from DRAM. This times the active
@@ -10,7 +10,8 @@ head) called again and again, the best of --reps runs, in a C program built with
 sources, one thread. The same program times a loop of independent FMAs, whose rate is 2 a cycle on the x86-64 parts
 seen here (Zen 3 and AVX-512 parts alike), and gives the tile's time in those cycles, so that the figure does not
 depend on the clock the host happens to run at. --tree: another checkout's sources (e.g. a `git worktree` of an
-older commit; checkouts from before grouped keys, whose kernel reads key rows, work too).
+older commit; checkouts from before grouped keys, whose kernel reads key rows, work too). --simd: a table below the
+detected one (e.g. avx2 on an AVX-512 part), to compare the two in one build.
 """
 from __future__ import annotations
 
@@ -62,8 +63,11 @@ __attribute__((target("avx2,fma"))) static double fma_cycle(int reps) {
     return best;
 }
 
+SIMD_ARG
+
 int main(int argc, char **argv) {
     const int type = atoi(argv[1]), rows = atoi(argv[2]), reps = atoi(argv[3]), hd = 64;
+    if (use_simd(atoi(argv[4]))) return 2;
     if (!el_kern->attend_quant) {
         fputs("no attend_quant in the active SIMD table\n", stderr);
         return 2;
@@ -110,28 +114,39 @@ int main(int argc, char **argv) {
 
 
 TYPE_IDS = {"q8_0": 8, "q4_0": 2}
+SIMD_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}   # edgellm.native.SIMD_NAMES' x86 levels
+
+# the harnesses' last argument: a SIMD level to run (-1: the detected one), refused if the build does not have it
+SIMD_ARG = r"""
+static int use_simd(int level) {
+    if (level < 0 || el_set_simd(level) == level) return 0;
+    fprintf(stderr, "SIMD level %d is not available here\n", level);
+    return 1;
+}
+"""
 
 
 def build(tree: Path, c_source: str, tmp: str) -> str:
     """c_source (a harness that includes kernels.h) linked with tree's native sources by the system cc, with the
     library's flags, into tmp; returns the program's path."""
     native = tree / "edgellm" / "native"
-    sources = [native / f for f in ("core.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_neon.c", "attention.c",
-                                    "scores.c", "step.c")]
+    sources = sorted(native.glob("*.c"))
     src, exe = os.path.join(tmp, "harness.c"), os.path.join(tmp, "harness")
     with open(src, "w") as f:
-        f.write(c_source)
+        f.write(c_source.replace("SIMD_ARG", SIMD_ARG))
     flags = ["-O3", "-std=c11", "-pthread", "-ffp-contract=off", "-fno-math-errno", f"-I{native}"]
     subprocess.run([os.environ.get("CC", "cc"), *flags, src, *map(str, sources), "-o", exe, "-lm"], check=True)
     return exe
 
 
-def measure(tree: Path, kv_type: str = "q8_0", rows: int = 3, reps: int = 10) -> tuple[float, float]:
-    """(ns, FMA cycles) a key and kv head of the tile, with tree's sources built by the system cc."""
+def measure(tree: Path, kv_type: str = "q8_0", rows: int = 3, reps: int = 10,
+            simd: str | None = None) -> tuple[float, float]:
+    """(ns, FMA cycles) a key and kv head of the tile, with tree's sources built by the system cc; simd: a table's
+    name (None: the detected one)."""
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(tree, C_SOURCE, tmp)
-        out = subprocess.run([exe, str(TYPE_IDS[kv_type]), str(rows), str(reps)], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([exe, str(TYPE_IDS[kv_type]), str(rows), str(reps), str(SIMD_LEVELS.get(simd, -1))],
+                             capture_output=True, text=True, check=True)
     ns, cycles = out.stdout.split(" ns a key")[0], out.stdout.split("), ")[1].split(" FMA")[0]
     return float(ns), float(cycles)
 
@@ -142,11 +157,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose sources are timed")
+    ap.add_argument("--simd", choices=sorted(SIMD_LEVELS), help="a SIMD table at or below the detected one")
     args = ap.parse_args()
     if platform.machine() not in ("x86_64", "AMD64"):
         raise SystemExit("bench/tile_cycles.py: x86-64 only (its cycle comes from AVX2 FMAs)")
-    ns, cycles = measure(args.tree, args.type, args.rows, args.reps)
-    print(f"{args.type} tile: {ns:.2f} ns a key and kv head ({args.rows} query rows), {cycles:.1f} FMA cycles")
+    ns, cycles = measure(args.tree, args.type, args.rows, args.reps, args.simd)
+    print(f"{args.type} tile{f' ({args.simd})' if args.simd else ''}: {ns:.2f} ns a key and kv head "
+          f"({args.rows} query rows), {cycles:.1f} FMA cycles")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,18 @@ from edgellm import native as N
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(params=sorted({0, N.lib.el_simd_level()}), ids=lambda lv: N.SIMD_NAMES[lv])
+def simd_levels() -> list[int]:
+    """The kernel tables this machine runs: scalar, the detected SIMD level and those below it on the same ISA."""
+    best = N.lib.el_simd_level()
+    levels = sorted({N.set_simd(lv) for lv in N.SIMD_NAMES})
+    N.set_simd(best)
+    return levels
+
+
+@pytest.fixture(params=simd_levels(), ids=lambda lv: N.SIMD_NAMES[lv])
 def simd(request):
-    """Each kernel table in turn: scalar and the detected SIMD level."""
+    """Each kernel table in turn: scalar, the detected SIMD level and the levels below it (AVX2 on AVX-512 parts,
+    NEON without dotprod on a Pi 5)."""
     best = N.lib.el_simd_level()
     assert N.set_simd(request.param) == request.param
     yield request.param

@@ -222,6 +222,27 @@ def test_kv_group_matches_numpy(t, hd):
     np.testing.assert_array_equal(back, rows[11:16])
 
 
+@pytest.mark.skipif(N.SIMD_NAMES[N.lib.el_simd_level()] != "avx512", reason="no AVX-512 here")
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("n_head,n_kv,hd", [(9, 3, 64), (8, 2, 128), (4, 4, 32), (6, 2, 96)])
+@pytest.mark.parametrize("n_q", [1, 5, 17])
+def test_avx512_attention_is_avx2s_bit_for_bit(threads, t, n_head, n_kv, hd, n_q):
+    """The AVX-512 quantized tile does each lane's arithmetic in AVX2's order: the same outputs to the bit, for tiles
+    that start inside key groups (a 37-key block first), partial tiles, masked keys and odd group counts."""
+    rng = np.random.default_rng(n_head + hd + n_q)
+    blocks = [kv_block(t, n_kv, 40, hd, 37, rng.permutation(37), rng),
+              kv_block(t, n_kv, 1000, hd, 997, np.arange(37, 1034), rng)]
+    q = rng.standard_normal((n_q, n_head, hd)).astype(np.float32) * 2
+    q_pos = np.sort(rng.integers(-1, 1034, n_q))
+    q_pos[-1] = 1033
+    out = {}
+    for name in ("avx2", "avx512"):
+        N.set_simd({v: k for k, v in N.SIMD_NAMES.items()}[name])
+        out[name] = N.attention(q, q_pos, n_kv, blocks)
+    for a, b in zip(out["avx2"], out["avx512"]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_attention_rejects_bad_args():
     rng = np.random.default_rng(14)
     q = np.zeros((1, 9, 64), np.float32)
@@ -243,6 +264,9 @@ def test_simd_controls():
     assert N.set_simd(0) == 0 and N.simd_level() == 0
     assert N.set_simd(99) == best
     assert best in N.SIMD_NAMES
+    for lv in N.SIMD_NAMES:   # a level above the detected one gives that; one of another ISA, scalar
+        assert N.set_simd(lv) in ({best} if lv >= best else {lv, 0})
+    N.set_simd(best)
     with pytest.raises(ValueError):
         N.set_threads(0)
 

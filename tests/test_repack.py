@@ -16,7 +16,7 @@ from edgellm.quant import (INTERLEAVED, REPACKED, GGMLType, dequantize, interlea
                            unpack_rows)
 
 BEST = N.lib.el_simd_level()
-REPACKS = N.SIMD_NAMES[BEST] == "avx2"   # the tables with kernels for the layout (el_kernels.repacks)
+REPACKS = N.SIMD_NAMES[BEST] in ("avx2", "avx512")   # the tables with kernels for the layout (el_kernels.repacks)
 LAYOUTS = {"rows": (repack_rows, REPACKED), "groups": (interleave_rows, INTERLEAVED)}
 # (layout, GGUF type) pairs that exist: the groups layout takes Q4 only
 LAYOUT_TYPES = [pytest.param(lay, t, id=f"{lay}-{t.name}") for lay, (_, types) in LAYOUTS.items() for t in QTYPES

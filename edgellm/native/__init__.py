@@ -21,7 +21,7 @@ __all__ = ["ffi", "lib", "simd_level", "set_simd", "set_threads", "get_threads",
            "rmsnorm", "rope", "silu_mul", "softmax", "quantize_row", "dequantize_row", "attention",
            "attention_mass", "hadamard"]
 
-SIMD_NAMES = {0: "scalar", 1: "avx2", 10: "neon", 11: "neon-dotprod"}   # el_simd_level()'s levels
+SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 10: "neon", 11: "neon-dotprod"}   # el_simd_level()'s levels
 KV_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0)
 MAX_GROUP, MAX_HEAD_DIM = 32, 512   # el_attention's stack limits
 INT_MAX = 2**31 - 1
@@ -32,7 +32,8 @@ def simd_level() -> int:
 
 
 def set_simd(level: int) -> int:
-    """Force a SIMD level no higher than detected (0 = scalar); returns the level in use."""
+    """Force a SIMD level no higher than detected (0 = scalar, or a lower level of the same ISA); returns the
+    level in use."""
     return lib.el_set_simd(int(level))
 
 

@@ -73,8 +73,12 @@ static int el_level, el_detected;
 
 static int detect_level(void) {
 #if defined(__x86_64__)
-    __builtin_cpu_init();   /* libgcc checks OS (XCR0) support before reporting avx2 */
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
+    __builtin_cpu_init();   /* libgcc checks OS (XCR0) support before reporting avx2 / avx512f */
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
+        return 2;
+    return 1;
 #elif defined(__aarch64__)
     unsigned long hw = getauxval(AT_HWCAP);   /* HWCAP_ASIMD (1 << 1), HWCAP_ASIMDDP (1 << 20) */
     if (hw & (1UL << 1)) return hw & (1UL << 20) ? 11 : 10;
@@ -85,6 +89,7 @@ static int detect_level(void) {
 static const el_kernels *table_for(int level) {
 #if defined(__x86_64__)
     if (level == 1) return &el_kernels_avx2;
+    if (level == 2) return el_kernels_avx512();
 #elif defined(__aarch64__)
     if (level == 10) return &el_kernels_neon;
     if (level == 11) return &el_kernels_neon_dot;
@@ -97,7 +102,8 @@ int el_simd_level(void) { return el_level; }
 
 int el_set_simd(int level) {
     if (level < 0) level = 0;
-    el_level = level >= el_detected ? el_detected : 0;   /* only the detected level or scalar exist */
+    /* the detected level or one below it on the same ISA (x86: 1 AVX2, 2 AVX-512; aarch64: 10 NEON, 11 dotprod) */
+    el_level = level >= el_detected ? el_detected : table_for(level) != &el_kernels_scalar ? level : 0;
     el_kern = table_for(el_level);
     return el_level;
 }

@@ -342,6 +342,7 @@ extern const el_kernels *el_kern;
 extern const el_kernels el_kernels_scalar;
 #if defined(__x86_64__)
 extern const el_kernels el_kernels_avx2;
+const el_kernels *el_kernels_avx512(void);   /* level 2: the AVX2 table with AVX-512 kernels where they pay */
 #endif
 #if defined(__aarch64__)
 extern const el_kernels el_kernels_neon;       /* level 10: ARMv8-A NEON (Pi 4) */

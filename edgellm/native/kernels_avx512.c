@@ -1,0 +1,303 @@
+/* AVX-512 (F, BW, VL, DQ) kernels: the AVX2 table with the quantized attention tile in 16-lane vectors. Only this
+ * file's functions are compiled for AVX-512 (pragma below); they are reached solely through el_kernels_avx512() after
+ * a cpuid check.
+ *
+ * Every lane does what the AVX2 tile does for its key or head dimension, the same operations in the same order, so
+ * the outputs are the AVX2 table's bit for bit (tests/test_native_kernels.py checks it); the wider vectors halve the
+ * instructions: the tile is arithmetic-bound at long contexts. */
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#include "kernels.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* the AVX2 table's hsum: the same additions in the same order */
+INLINE float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* exp8z (kernels_avx2.c) on 16 lanes: each lane's operations are exp8z's, so its values */
+INLINE __m512 exp16z(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.33654f);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.3762626647949f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+}
+
+INLINE size_t block_bytes(int type) { return type == EL_Q8_0 ? sizeof(el_block_q8_0) : sizeof(el_block_q4_0); }
+
+/* 16 bytes as int8 values to floats; Q4_0: the low (hi 0) or high nibbles minus 8 */
+INLINE __m512 bytes16(int type, __m128i b, int hi) {
+    if (type == EL_Q4_0) {
+        if (hi) b = _mm_srli_epi16(b, 4);
+        b = _mm_sub_epi8(_mm_and_si128(b, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
+    }
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+/* A V block's values 16h .. 16h + 15 before its scale (Q4_0: the low nibbles are values 0..15, the high 16..31) */
+INLINE __m512 qvals16(int type, const uint8_t *blk, int h) {
+    if (type == EL_Q8_0) return bytes16(type, _mm_loadu_si128((const __m128i *)(blk + 2 + 16 * h)), 0);
+    return bytes16(type, _mm_loadu_si128((const __m128i *)(blk + 2)), h);
+}
+
+/* ---------------- K.Q: two key groups per vector ---------------- */
+
+/* A pair of key groups: lanes 0..7 the keys of group lo, 8..15 those of group hi (hi = lo for the last group of an
+ * odd count: its lanes are computed and not stored) */
+typedef struct {
+    const uint8_t *lo, *hi;
+    __mmask16 keep;
+} gpair;
+
+/* Value i of a quantized block (Q4_0: i or i + 16, as group_vals) for a pair's 16 keys, 8 bytes at byte offset o of
+ * each group */
+INLINE __m512 pair_vals(int type, const gpair *p, size_t o, int hi) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)(p->lo + o));
+    return bytes16(type, _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(b), (const double *)(p->hi + o))), hi);
+}
+
+/* kq_groups (kernels_avx2.c) for NR rows and NP group pairs at once: each lane's FMAs, scale and stores are those of
+ * its key there. The first `lines` of the (b, i) steps each prefetch a line of pk (the next tile's K). */
+INLINE void kq_pairs(int type, const gpair *gp, int hd, const float *q, float scale, float *s, int NR, int NP,
+                     const char *pk, int lines) {
+    const int nb = hd / EL_QK, qb = type == EL_Q8_0 ? EL_QK : EL_QK / 2, halves = type == EL_Q8_0 ? 1 : 2;
+    __m512 acc[12];
+    for (int b = 0; b < nb; b++) {
+        const size_t vo = (size_t)nb * 16 + (size_t)b * qb * EL_KG;
+        for (int k = 0; k < NR * NP; k++) acc[k] = _mm512_setzero_ps();
+        for (int i = 0; i < qb; i++) {
+            const int line = b * qb + i;
+            if (line < lines) _mm_prefetch(pk + 64 * line, _MM_HINT_T0);
+            for (int h = 0; h < halves; h++) {
+                __m512 kv[4];
+                for (int p = 0; p < NP; p++) kv[p] = pair_vals(type, gp + p, vo + (size_t)i * EL_KG, h);
+                for (int r = 0; r < NR; r++) {
+                    const __m512 qv = _mm512_set1_ps(q[(size_t)r * hd + b * EL_QK + i + 16 * h]);
+                    for (int p = 0; p < NP; p++) acc[r * NP + p] = _mm512_fmadd_ps(qv, kv[p], acc[r * NP + p]);
+                }
+            }
+        }
+        for (int p = 0; p < NP; p++) {
+            const __m256i h16 = _mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(gp[p].lo + b * 16))),
+                _mm_loadu_si128((const __m128i *)(gp[p].hi + b * 16)), 1);
+            const __m512 d = _mm512_mul_ps(_mm512_cvtph_ps(h16), _mm512_set1_ps(scale));
+            for (int r = 0; r < NR; r++) {
+                float *o = s + r * EL_ST + 16 * p;
+                const __m512 v = b ? _mm512_fmadd_ps(acc[r * NP + p], d, _mm512_maskz_loadu_ps(gp[p].keep, o))
+                                   : _mm512_mul_ps(acc[r * NP + p], d);
+                _mm512_mask_storeu_ps(o, gp[p].keep, v);
+            }
+        }
+    }
+    for (int line = nb * qb; line < lines; line++) _mm_prefetch(pk + 64 * line, _MM_HINT_T0);
+}
+
+/* ---------------- softmax and P.V ---------------- */
+
+/* block_scales (kernels_avx2.c) 16 at a time: d[t] = the f16 scale at x + t * rb for t < cnt, 0 up to the next
+ * multiple of 16 */
+INLINE void block_scales16(const char *x, size_t rb, int cnt, float *d) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i off = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)rb));
+    for (int t0 = 0; t0 < cnt; t0 += 16) {
+        const __mmask16 in = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(cnt - t0), lane);
+        const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, off, x + t0 * rb, 1);
+        _mm512_storeu_ps(d + t0, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)));   /* the low halves */;
+    }
+}
+
+/* softmax_pd (kernels_avx2.c) on 16 keys a vector: the same masking, maximum, lane-wise exps, products and stores
+ * (the first 8 * nv values, nv = the 8-key vectors there), and each row's sum over the 8-key halves in their order */
+INLINE void softmax_pd16(const el_qtile *T, int R, int off, const int32_t *pos, int cnt, int partial, const float *dv0,
+                         const float *dv1) {
+    const int nv = (cnt + 7) / 8, n16 = (nv + 1) / 2;
+    int32_t pp[EL_KT];   /* positions, past the tile INT32_MAX: later than any query */
+    for (int t = 0; t < 16 * n16; t++) pp[t] = t < cnt ? pos[t] : INT32_MAX;
+    for (int r = 0; r < R; r++) {
+        float *s = T->s + r * EL_ST, *pd = T->pd + r * EL_ST;
+        const __m512i qp = _mm512_set1_epi32(partial ? T->qpos[r / T->gs] : INT32_MAX - 1);
+        __m512 x[EL_KT / 16], mv = _mm512_set1_ps(T->m[r]);
+        __mmask16 in[EL_KT / 16];
+        for (int k = 0; k < n16; k++) {
+            in[k] = 2 * k + 1 < nv ? 0xFFFF : 0x00FF;
+            const __mmask16 later = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(pp + 16 * k), qp);
+            x[k] = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(in[k], s + off + 16 * k), later | (__mmask16)~in[k],
+                                      _mm512_set1_ps(-INFINITY));
+            mv = _mm512_max_ps(x[k], mv);
+        }
+        const float m_new = _mm512_reduce_max_ps(mv);
+        if (m_new == -INFINITY) {   /* nothing visible to this row yet: it takes no part in P.V */
+            for (int k = 0; k < n16; k++)
+                _mm512_mask_storeu_ps(pd + 16 * k, in[k], _mm512_setzero_ps()), _mm512_mask_storeu_ps(s + 16 * k, in[k], _mm512_setzero_ps());
+            continue;
+        }
+        if (m_new > T->m[r]) {   /* rescale what was accumulated under the old maximum */
+            const float f = expf(T->m[r] - m_new);
+            float *o = T->o + (size_t)r * T->hd;
+            for (int d = 0; d < T->hd; d++) o[d] *= f;
+            T->l[r] *= f;
+            T->m[r] = m_new;
+        }
+        const __m512 mu = _mm512_set1_ps(m_new);
+        __m256 acc = _mm256_setzero_ps();
+        for (int k = 0; k < n16; k++) {
+            const __m512 e = exp16z(_mm512_sub_ps(x[k], mu));
+            acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+            if (in[k] == 0xFFFF) acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(e, 1));
+            _mm512_mask_storeu_ps(pd + 16 * k, in[k], _mm512_mul_ps(e, _mm512_loadu_ps(dv0 + 16 * k)));
+            _mm512_mask_storeu_ps(s + 16 * k, in[k], dv1 ? _mm512_mul_ps(e, _mm512_loadu_ps(dv1 + 16 * k)) : e);
+        }
+        T->l[r] += hsum8(acc);
+    }
+}
+
+/* quant_pv (kernels_avx2.c) for NB consecutive V blocks b, b + 1 (weights times scales pdb[0], pdb[1], rows EL_ST
+ * apart) of NH rows: each output lane takes its FMAs in key order, as there. One line of pv a key while t < lines. */
+INLINE void quant_pv16(int type, const char *v, size_t rb, int cnt, const float *const *pdb, int b, int NB, float *o,
+                       int hd, int NH, const char *pv, int lines) {
+    const size_t bb = block_bytes(type);
+    __m512 acc[3][4];
+    for (int i = 0; i < NH; i++)
+        for (int k = 0; k < 2 * NB; k++) acc[i][k] = _mm512_loadu_ps(o + (size_t)i * hd + b * EL_QK + 16 * k);
+    for (int t = 0; t < cnt; t++) {
+        const uint8_t *row = (const uint8_t *)v + t * rb + b * bb;
+        if (t < lines) _mm_prefetch(pv + 64 * t, _MM_HINT_T0);
+        for (int u = 0; u < NB; u++)
+            for (int h = 0; h < 2; h++) {
+                const __m512 x = qvals16(type, row + u * bb, h);
+                for (int i = 0; i < NH; i++)
+                    acc[i][2 * u + h] = _mm512_fmadd_ps(_mm512_set1_ps(pdb[u][i * EL_ST + t]), x, acc[i][2 * u + h]);
+            }
+    }
+    for (int i = 0; i < NH; i++)
+        for (int k = 0; k < 2 * NB; k++) _mm512_storeu_ps(o + (size_t)i * hd + b * EL_QK + 16 * k, acc[i][k]);
+}
+
+/* P.V of NB blocks from b for the tile's rows in threes; the first rows prefetch the next tile's V (the lines this
+ * call's share, a line per key, the rest after) */
+INLINE void pv_rows16(const el_qtile *T, int type, int hd, int R, const char *v, size_t rb, int cnt, int b, int NB,
+                      const float *pd0, const float *pd1, const char *nv, size_t nbytes) {
+    const int nb = hd / EL_QK;
+    const size_t vfrom = nbytes * b / nb, vto = nbytes * (b + NB) / nb;
+    const char *pv = nv + vfrom / 64 * 64;
+    const int lines = (int)((vto + 63) / 64 - vfrom / 64);
+    for (int r = 0; r < R; r += 3) {
+        const float *pdb[2] = {pd0 + r * EL_ST, pd1 + r * EL_ST};
+        float *o = T->o + (size_t)r * hd;
+        const int nl = r ? 0 : lines;
+        switch ((R - r < 3 ? R - r : 3) * 10 + NB) {   /* compile-time shapes */
+        case 32: quant_pv16(type, v, rb, cnt, pdb, b, 2, o, hd, 3, pv, nl); break;
+        case 31: quant_pv16(type, v, rb, cnt, pdb, b, 1, o, hd, 3, pv, nl); break;
+        case 22: quant_pv16(type, v, rb, cnt, pdb, b, 2, o, hd, 2, pv, nl); break;
+        case 21: quant_pv16(type, v, rb, cnt, pdb, b, 1, o, hd, 2, pv, nl); break;
+        case 12: quant_pv16(type, v, rb, cnt, pdb, b, 2, o, hd, 1, pv, nl); break;
+        default: quant_pv16(type, v, rb, cnt, pdb, b, 1, o, hd, 1, pv, nl); break;
+        }
+    }
+    for (int l = cnt; l < lines; l++) _mm_prefetch(pv + 64 * l, _MM_HINT_T0);
+}
+
+/* quant_tile (kernels_avx2.c) in 16 lanes: K.Q with rows in threes and group pairs in fours (12 accumulators); the
+ * softmax; P.V with rows in threes, two V blocks a pass where head_dim has them. */
+INLINE void quant_tile16(const el_qtile *T, int type, int hd, const char *kh, long j, const char *v, size_t rb,
+                         const int32_t *pos, int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
+    const int R = T->rows, off = (int)(j % EL_KG), ng = (off + cnt + EL_KG - 1) / EL_KG, np = (ng + 1) / 2;
+    const size_t bb = block_bytes(type), gb = EL_KG * rb;
+    const uint8_t *kg = (const uint8_t *)kh + (j - off) * rb;
+    gpair gp[(EL_ST / EL_KG + 1) / 2];
+    for (int p = 0; p < np; p++) {
+        const int whole = 2 * p + 1 < ng;
+        gp[p] = (gpair){kg + 2 * p * gb, kg + (2 * p + whole) * gb, whole ? 0xFFFF : 0x00FF};
+    }
+    for (int r = 0; r < R; r += 3) {
+        const float *q = T->q + (size_t)r * hd;
+        float *s = T->s + r * EL_ST;
+        for (int p = 0; p < np; p += 4) {
+            /* the first rows prefetch the next tile's K, a share per chunk of pairs */
+            const size_t from = r ? nbytes : (size_t)2 * p * gb, to = p + 4 >= np ? nbytes : (size_t)2 * (p + 4) * gb;
+            const int lines = from < to && to <= nbytes ? (int)((to - from + 63) / 64) : 0;
+            const char *pk = nk + from;
+            switch ((R - r < 3 ? R - r : 3) * 10 + (np - p < 4 ? np - p : 4)) {   /* compile-time shapes */
+            case 34: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 3, 4, pk, lines); break;
+            case 33: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 3, 3, pk, lines); break;
+            case 32: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 3, 2, pk, lines); break;
+            case 31: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 3, 1, pk, lines); break;
+            case 24: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 2, 4, pk, lines); break;
+            case 23: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 2, 3, pk, lines); break;
+            case 22: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 2, 2, pk, lines); break;
+            case 21: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 2, 1, pk, lines); break;
+            case 14: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 1, 4, pk, lines); break;
+            case 13: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 1, 3, pk, lines); break;
+            case 12: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 1, 2, pk, lines); break;
+            default: kq_pairs(type, gp + p, hd, q, T->scale, s + 16 * p, 1, 1, pk, lines); break;
+            }
+        }
+    }
+    /* two blocks (head_dim 64): the softmax writes both blocks' weights and one P.V pass takes both; more: the later
+     * blocks' weights from the p it leaves */
+    const int nb = hd / EL_QK;
+    float dv[2][EL_KT];
+    block_scales16(v, rb, cnt, dv[0]);
+    if (nb == 2) block_scales16(v + bb, rb, cnt, dv[1]);
+    softmax_pd16(T, R, off, pos, cnt, partial, dv[0], nb == 2 ? dv[1] : NULL);
+    if (nb == 2) {
+        pv_rows16(T, type, hd, R, v, rb, cnt, 0, 2, T->pd, T->s, nv, nbytes);
+        return;
+    }
+    pv_rows16(T, type, hd, R, v, rb, cnt, 0, 1, T->pd, T->pd, nv, nbytes);
+    const int cnt16 = (cnt + 15) & ~15;
+    for (int b = 1; b < nb; b++) {
+        block_scales16(v + b * bb, rb, cnt, dv[0]);
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < cnt16; t += 16)
+                _mm512_mask_storeu_ps(T->pd + r * EL_ST + t, cnt - t >= 16 ? 0xFFFF : (__mmask16)((1u << (cnt - t)) - 1),
+                                      _mm512_mul_ps(_mm512_loadu_ps(T->s + r * EL_ST + t), _mm512_loadu_ps(dv[0] + t)));
+        pv_rows16(T, type, hd, R, v, rb, cnt, b, 1, T->pd, T->pd, nv, nbytes);
+    }
+}
+
+static void attend_quant_avx512(const el_qtile *T, int type, const char *kg, long j, const char *v, size_t rb,
+                                const int32_t *pos, int cnt, int partial, const char *nk, const char *nv, size_t nbytes) {
+    /* head_dim 64 (SmolLM2, Llama 3.2 1B) as a constant: the block loops unroll */
+    if (type == EL_Q8_0) T->hd == 64 ? quant_tile16(T, EL_Q8_0, 64, kg, j, v, rb, pos, cnt, partial, nk, nv, nbytes)
+                                     : quant_tile16(T, EL_Q8_0, T->hd, kg, j, v, rb, pos, cnt, partial, nk, nv, nbytes);
+    else T->hd == 64 ? quant_tile16(T, EL_Q4_0, 64, kg, j, v, rb, pos, cnt, partial, nk, nv, nbytes)
+                     : quant_tile16(T, EL_Q4_0, T->hd, kg, j, v, rb, pos, cnt, partial, nk, nv, nbytes);
+}
+
+static el_kernels table;
+static pthread_once_t table_once = PTHREAD_ONCE_INIT;
+
+static void fill_table(void) {
+    table = el_kernels_avx2;
+    table.attend_quant = attend_quant_avx512;
+}
+
+const el_kernels *el_kernels_avx512(void) {
+    pthread_once(&table_once, fill_table);
+    return &table;
+}
+
+#pragma GCC pop_options
+#endif
