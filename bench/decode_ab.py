@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Decode speed of two ways of running edgellm, rounds alternating in one process.
 
-    python bench/decode_ab.py --what huge-pages|greedy-runs|slabs [--threads 2] [--rounds 10] [--prompt-tokens 512]
-                              [--gen-tokens 64] [--kv-dtype q8_0]
+    python bench/decode_ab.py --what huge-pages|greedy-runs|slabs|simd [--threads 2] [--rounds 10] [--prompt-tokens 512]
+                              [--gen-tokens 64] [--kv-dtype q8_0] [--old-simd avx2]
 
 --what huge-pages: the weights in the huge-page arena (WeightArena, the default) against EDGELLM_HUGE_PAGES=0, where
 they are repacked in place in the GGUF file's private map, which the kernel backs with 4 KiB pages only.
@@ -10,6 +10,8 @@ they are repacked in place in the GGUF file's private map, which the kernel back
 one call per token (greedy_run_tokens = 0).
 --what slabs: a quantized cache's full tails gathered into slabs of KVCache.slab_blocks tails (the default) against
 a slab per tail (slab_blocks = 1: each kv head's rows in runs of one block).
+--what simd: the detected kernel table against --old-simd (default avx2, e.g. on an AVX-512 part), one model, the
+table switched before each round.
 The model is loaded once per way and decode rounds alternate between the two (which goes first swaps every round),
 so the host's drift from minute to minute falls on both alike. It prints each round's tok/s, the ratio of the
 medians and the median of the rounds' ratios (new / old). `python bench/bandwidth.py --huge-pages` measures the
@@ -24,6 +26,7 @@ import statistics
 import numpy as np
 
 import edgellm
+from edgellm import native as N
 
 
 def load(threads: int, kv_dtype: str, huge_pages: bool = True, run_tokens: int | None = None,
@@ -55,27 +58,36 @@ def huge_kb() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--what", choices=("huge-pages", "greedy-runs", "slabs"), required=True)
+    ap.add_argument("--what", choices=("huge-pages", "greedy-runs", "slabs", "simd"), required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--kv-dtype", default="q8_0")
+    ap.add_argument("--old-simd", default="avx2", choices=sorted(N.SIMD_NAMES.values()), help="--what simd's old")
     args = ap.parse_args()
+    levels = {"new": N.simd_level(), "old": N.simd_level()}
     if args.what == "huge-pages":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, huge_pages=False)}
     elif args.what == "greedy-runs":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, run_tokens=0)}
-    else:
+    elif args.what == "slabs":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, slab_blocks=1)}
+    else:
+        llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
+        levels["old"] = {name: lv for lv, name in N.SIMD_NAMES.items()}[args.old_simd]
+        if N.set_simd(levels["old"]) != levels["old"]:
+            raise SystemExit(f"no {args.old_simd} kernels on this machine")
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 40000, args.prompt_tokens)]
     rates: dict[str, list[float]] = {k: [] for k in llms}
     for r in range(args.rounds):
         for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
             llm = llms[name]
+            N.set_simd(levels[name])
             llm.reset()
             llm.generate(prompt, max_tokens=args.gen_tokens, ignore_eos=True)
             rates[name].append(llm.stats()["decode_tok_s"])
+    N.set_simd(levels["new"])
     print(f"{args.what}: new against old, {args.threads} thread(s), {args.prompt_tokens}-token prompt, "
           f"{args.gen_tokens} tokens, {args.kv_dtype} KV; weights in huge pages: {huge_kb() / 1024:.0f} MiB of the "
           f"process")

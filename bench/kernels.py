@@ -1,6 +1,6 @@
 """Kernel micro-benchmarks: el_matmul GEMV/GEMM and el_attention at SmolLM2-135M shapes.
 
-python bench/kernels.py [--threads 1,2] [--scalar] [--decode-only] [--calls N]
+python bench/kernels.py [--threads 1,2] [--simd scalar|avx2|...] [--decode-only] [--calls N]
 
 --calls N runs every case exactly N times instead of timing it: for instruction counts, e.g.
 valgrind --tool=callgrind --toggle-collect=el_attention python bench/kernels.py --threads 1 --decode-only --calls 200
@@ -166,14 +166,17 @@ def bench_kv_quantize(t, rng, n_kv=3, block=64, hd=64):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--scalar", action="store_true")
+    ap.add_argument("--simd", choices=sorted(N.SIMD_NAMES.values()),
+                    help="a kernel table at or below the detected one (default: the detected one)")
     ap.add_argument("--decode-only", action="store_true", help="one-token cases only (GEMV, decode attention)")
     ap.add_argument("--calls", type=int, help="run each case exactly this many times (no timing)")
     args = ap.parse_args()
     global CALLS
     CALLS = args.calls
-    if args.scalar:
-        N.set_simd(0)
+    if args.simd:
+        level = {name: lv for lv, name in N.SIMD_NAMES.items()}[args.simd]
+        if N.set_simd(level) != level:
+            raise SystemExit(f"no {args.simd} kernels on this machine")
     rng = np.random.default_rng(0)
     print(f"simd: {N.SIMD_NAMES[N.simd_level()]}")
     for nth in map(int, args.threads.split(",")):

@@ -4,7 +4,8 @@ import pytest
 
 from edgellm import native as N
 from edgellm.native import reference as R
-from edgellm.quant import BLOCK_DTYPES, GGMLType, dequantize, group_keys, quantize, row_bytes, ungroup_keys
+from edgellm.quant import (BLOCK_DTYPES, INTERLEAVED, GGMLType, dequantize, group_keys, quantize, row_bytes,
+                           ungroup_keys)
 
 QTYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
 WTYPES = QTYPES + [GGMLType.F16, GGMLType.F32]
@@ -241,6 +242,26 @@ def test_avx512_attention_is_avx2s_bit_for_bit(threads, t, n_head, n_kv, hd, n_q
         out[name] = N.attention(q, q_pos, n_kv, blocks)
     for a, b in zip(out["avx2"], out["avx512"]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(N.SIMD_NAMES[N.lib.el_simd_level()] != "avx512", reason="no AVX-512 here")
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols", [(1536, 576), (576, 1536), (40, 96), (8, 64)])
+def test_avx512_interleaved_matmul_is_avx2s_bit_for_bit(threads, t, rows, cols):
+    """The AVX-512 table's VNNI kernel for interleaved Q4 weights (prefill: two 8-row groups a vector, an odd group
+    alone; decode: AVX2's) sums each row's terms in AVX2's order: the same outputs to the bit, one plane or two."""
+    rng = np.random.default_rng(rows + cols)
+    W = random_weights(t, rows, cols, rng)
+    wt = N.repack(W, t, rows, cols)
+    assert wt == INTERLEAVED[t]
+    for n in (1, 2, 3, 9, 17, 70):
+        X = rng.standard_normal((n, cols)).astype(np.float32)
+        out = {}
+        for name in ("avx2", "avx512"):
+            N.set_simd({v: k for k, v in N.SIMD_NAMES.items()}[name])
+            out[name] = [N.matmul(W, wt, rows, cols, X, hp=hp) for hp in (False, True)]
+        for a, b in zip(out["avx2"], out["avx512"]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_attention_rejects_bad_args():

@@ -76,7 +76,7 @@ static int detect_level(void) {
     __builtin_cpu_init();   /* libgcc checks OS (XCR0) support before reporting avx2 / avx512f */
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) return 0;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq"))
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
         return 2;
     return 1;
 #elif defined(__aarch64__)

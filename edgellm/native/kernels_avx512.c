@@ -1,18 +1,21 @@
-/* AVX-512 (F, BW, VL, DQ) kernels: the AVX2 table with the quantized attention tile in 16-lane vectors. Only this
- * file's functions are compiled for AVX-512 (pragma below); they are reached solely through el_kernels_avx512() after
- * a cpuid check.
+/* AVX-512 (F, BW, VL, DQ, VNNI) kernels: the AVX2 table with the quantized attention tile and the interleaved Q4
+ * matmul in 16-lane vectors. Only this file's functions are compiled for AVX-512 (pragma below); they are reached
+ * solely through el_kernels_avx512() after a cpuid check.
  *
- * Every lane does what the AVX2 tile does for its key or head dimension, the same operations in the same order, so
- * the outputs are the AVX2 table's bit for bit (tests/test_native_kernels.py checks it); the wider vectors halve the
- * instructions: the tile is arithmetic-bound at long contexts. */
+ * Every lane does what the AVX2 kernel does for its key, head dimension or weight row, the same operations in the
+ * same order (integer dot products are exact in any order), so the outputs are the AVX2 table's bit for bit
+ * (tests/test_native_kernels.py checks it); the wider vectors and VNNI's fused byte dot products cut the
+ * instructions: the attention tile is arithmetic-bound at long contexts, and the fewer a GEMV's instructions the
+ * closer its weight stream runs to the memory's rate. */
 #if defined(__x86_64__)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 #include "kernels.h"
 
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
+#include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -286,12 +289,139 @@ static void attend_quant_avx512(const el_qtile *T, int type, const char *kg, lon
                      : quant_tile16(T, EL_Q4_0, T->hd, kg, j, v, rb, pos, cnt, partial, nk, nv, nbytes);
 }
 
+/* ---------------- matmul, 8-row interleaved Q4 weights, two groups a vector ---------------- */
+
+#define RS 16   /* kernels_avx2.c's row slab and tiles */
+#define TC 64
+#define XT 8
+#define XACC 4
+
+/* A pair of 8-row groups' blocks: lanes 0..7 group lo's rows, 8..15 group hi's (hi = lo for the last group of an odd
+ * count: its lanes are computed and not stored) */
+INLINE __m512i two256(const uint8_t *lo, const uint8_t *hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+                              _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+
+INLINE __m512 two_f16(const uint8_t *lo, const uint8_t *hi) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)lo)),
+                                                   _mm_loadu_si128((const __m128i *)hi), 1));
+}
+
+INLINE int32_t act4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* x_dot (kernels_avx2.c) for 16 rows: lane i, row i's integer dot with act block a (exact, as maddubs' there) */
+INLINE __m512 x_dot16(const __m512i *lo, const __m512i *hi, const el_block_q8a *a) {
+    __m512i s = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c++) {
+        s = _mm512_dpbusd_epi32(s, lo[c], _mm512_set1_epi32(act4(a->qs + 4 * c)));
+        s = _mm512_dpbusd_epi32(s, hi[c], _mm512_set1_epi32(act4(a->qs + 16 + 4 * c)));
+    }
+    return _mm512_cvtepi32_ps(s);
+}
+
+/* scale_wmax (kernels_avx2.c) for Q4 lanes: 8|d| (Q4_0), 15|d| + |m| (Q4_1, m = c) */
+INLINE __m512 scale_wmax16(int type, __m512 dw, __m512 c) {
+    const __m512 wmax = _mm512_mul_ps(_mm512_abs_ps(dw), _mm512_set1_ps(type == EL_Q4_1X ? 15 : 8));
+    return type == EL_Q4_1X ? _mm512_add_ps(wmax, _mm512_abs_ps(c)) : wmax;
+}
+
+/* x_store (kernels_avx2.c) for a pair's 16 lanes: rows g.. of the lanes kept (8 or 16) within [r0, r1) */
+INLINE void x_store16(float *y, int g, int lanes, int r0, int r1, __m512 v) {
+    if (g >= r0 && g + lanes <= r1) {
+        _mm512_mask_storeu_ps(y + g, lanes == 16 ? 0xFFFF : 0x00FF, v);
+        return;
+    }
+    float l[16];
+    _mm512_storeu_ps(l, v);
+    for (int i = 0; i < lanes; i++)
+        if (g + i >= r0 && g + i < r1) y[g + i] = l[i];
+}
+
+/* x_group (kernels_avx2.c) for the groups at g and g + 8 (lanes 8 or 16): each row's terms and sums are x_group's */
+INLINE void x_pair(int type, const el_mm *m, int g, int lanes, int r0, int r1, int t, int NT, int BOUND) {
+    const int nb = m->cols / EL_QK;
+    const size_t bb = 8 * m->row_bytes / nb;
+    const uint8_t *q0 = m->W + (size_t)g * m->row_bytes, *q1 = lanes == 16 ? q0 + 8 * m->row_bytes : q0;
+    const el_block_q8a *a[XT];
+    __m512 acc[XT][XACC], bacc = _mm512_setzero_ps();
+    for (int j = 0; j < NT; j++) {
+        a[j] = (const el_block_q8a *)m->act + (size_t)(t + j) * nb;
+        for (int k = 0; k < XACC; k++) acc[j][k] = _mm512_setzero_ps();
+    }
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *b0 = q0 + bb * b, *b1 = q1 + bb * b;
+        __m512i lo[4], hi[4];
+        for (int c = 0; c < 4; c++) {
+            const __m512i x = two256(b0 + 32 * c, b1 + 32 * c);
+            lo[c] = _mm512_and_si512(x, m4), hi[c] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+        }
+        const __m512 dw = two_f16(b0 + 128, b1 + 128);
+        const __m512 c = type == EL_Q4_1X ? two_f16(b0 + 144, b1 + 144) : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+        for (int j = 0; j < NT; j++) {
+            const __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(a[j][b].d));
+            const __m512 v = _mm512_fmadd_ps(x_dot16(lo, hi, a[j] + b), dd, _mm512_mul_ps(c, _mm512_set1_ps(a[j][b].s)));
+            acc[j][b % XACC] = _mm512_add_ps(acc[j][b % XACC], v);
+        }
+        if (BOUND) bacc = _mm512_fmadd_ps(scale_wmax16(type, dw, c), _mm512_set1_ps(m->bound_v[b]), bacc);
+    }
+    __m512 y[XT];
+    for (int j = 0; j < NT; j++) {
+        for (int w = XACC / 2; w; w /= 2)
+            for (int k = 0; k < w; k++) acc[j][k] = _mm512_add_ps(acc[j][k], acc[j][k + w]);
+        y[j] = acc[j][0];
+    }
+    if (m->planes == 2) {   /* act rows 2i, 2i + 1: the two planes of token t / 2 + i (NT even) */
+        for (int j = 0; j < NT / 2; j++) y[j] = _mm512_add_ps(y[2 * j], y[2 * j + 1]);
+        t /= 2, NT /= 2;
+    }
+    for (int j = 0; j < NT; j++) x_store16(m->Y + (size_t)(t + j) * m->ldy, g, lanes, r0, r1, y[j]);
+    if (BOUND && t == 0) x_store16(m->bound, g, lanes, r0, r1, bacc);
+}
+
+/* xmm_rows (kernels_avx2.c) with a slab's two groups in one pass (prefill: the activations' dwords are VNNI's
+ * broadcast operands, shared by 16 rows) */
+INLINE void xmm_rows16(int type, const el_mm *m, int r0, int r1, int BOUND) {
+    for (int t0 = 0; t0 < m->n; t0 += TC) {
+        const int t1 = t0 + TC < m->n ? t0 + TC : m->n;
+        for (int rs = r0 & ~7; rs < r1; rs += RS) {
+            const int re = rs + RS < r1 ? rs + RS : r1, lanes = rs + 8 < re ? 16 : 8;
+            int t = t0;
+            for (; t + XT <= t1; t += XT) x_pair(type, m, rs, lanes, r0, r1, t, XT, BOUND);
+            for (; t + 2 <= t1; t += 2) x_pair(type, m, rs, lanes, r0, r1, t, 2, BOUND);
+            if (t < t1) x_pair(type, m, rs, lanes, r0, r1, t, 1, BOUND);
+        }
+    }
+}
+
+static void mm_rows_avx512(const el_mm *m, int r0, int r1) {
+    const int bound = m->bound != NULL;   /* a compile-time case each, so the plain product pays nothing for it */
+    /* A decode GEMV (one token, or its two planes) streams its weights from DRAM at the same rate with fewer
+     * instructions: AVX2's kernel, whose single stream and 32-byte loads that never cross a line measured faster
+     * than x_pair's two streams and than a one-group VNNI kernel (docs/PERFORMANCE.md) */
+    if (m->n <= (m->planes == 2 ? 2 : 1)) {
+        el_kernels_avx2.mm_rows(m, r0, r1);
+        return;
+    }
+    switch (m->wtype) {
+    case EL_Q4_0X: bound ? xmm_rows16(EL_Q4_0X, m, r0, r1, 1) : xmm_rows16(EL_Q4_0X, m, r0, r1, 0); return;
+    case EL_Q4_1X: bound ? xmm_rows16(EL_Q4_1X, m, r0, r1, 1) : xmm_rows16(EL_Q4_1X, m, r0, r1, 0); return;
+    default: el_kernels_avx2.mm_rows(m, r0, r1);
+    }
+}
+
 static el_kernels table;
 static pthread_once_t table_once = PTHREAD_ONCE_INIT;
 
 static void fill_table(void) {
     table = el_kernels_avx2;
     table.attend_quant = attend_quant_avx512;
+    table.mm_rows = mm_rows_avx512;
 }
 
 const el_kernels *el_kernels_avx512(void) {
