@@ -130,42 +130,51 @@ INLINE void block_scales16(const char *x, size_t rb, int cnt, float *d) {
     }
 }
 
-/* softmax_pd (kernels_avx2.c) on 16 keys a vector: the same masking, maximum, lane-wise exps, products and stores
- * (the first 8 * nv values, nv = the 8-key vectors there), and each row's sum over the 8-key halves in their order */
-INLINE void softmax_pd16(const el_qtile *T, int R, int off, const int32_t *pos, int cnt, int partial, const float *dv0,
-                         const float *dv1) {
-    const int nv = (cnt + 7) / 8, n16 = (nv + 1) / 2;
-    int32_t pp[EL_KT];   /* positions, past the tile INT32_MAX: later than any query */
-    for (int t = 0; t < 16 * n16; t++) pp[t] = t < cnt ? pos[t] : INT32_MAX;
-    for (int r = 0; r < R; r++) {
-        float *s = T->s + r * EL_ST, *pd = T->pd + r * EL_ST;
+/* softmax_pd (kernels_avx2.c) on 16 keys a vector for NR rows from r0 at once: the same masking, maximum, lane-wise
+ * exps, products and stores (the first 8 * nv values, nv = the 8-key vectors there), and each row's sum over the
+ * 8-key halves in their order. Its steps run a phase for all NR rows before the next: a row alone is a chain of
+ * dependent steps (maximum, reduction, exps, sum) whose latency the tile otherwise waits out row after row. */
+INLINE void softmax_rows16(const el_qtile *T, int r0, int NR, int off, const int32_t *pp, int nv, int partial,
+                           const float *dv0, const float *dv1) {
+    const int n16 = (nv + 1) / 2;
+    __m512 x[3][EL_KT / 16];
+    __mmask16 in[EL_KT / 16];
+    float m_new[3];
+    for (int k = 0; k < n16; k++) in[k] = 2 * k + 1 < nv ? 0xFFFF : 0x00FF;
+    for (int i = 0; i < NR; i++) {   /* masked scores, the rows' maxima */
+        const int r = r0 + i;
         const __m512i qp = _mm512_set1_epi32(partial ? T->qpos[r / T->gs] : INT32_MAX - 1);
-        __m512 x[EL_KT / 16], mv = _mm512_set1_ps(T->m[r]);
-        __mmask16 in[EL_KT / 16];
+        __m512 mv = _mm512_set1_ps(T->m[r]);
         for (int k = 0; k < n16; k++) {
-            in[k] = 2 * k + 1 < nv ? 0xFFFF : 0x00FF;
             const __mmask16 later = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(pp + 16 * k), qp);
-            x[k] = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(in[k], s + off + 16 * k), later | (__mmask16)~in[k],
-                                      _mm512_set1_ps(-INFINITY));
-            mv = _mm512_max_ps(x[k], mv);
+            x[i][k] = _mm512_mask_mov_ps(_mm512_maskz_loadu_ps(in[k], T->s + r * EL_ST + off + 16 * k),
+                                         later | (__mmask16)~in[k], _mm512_set1_ps(-INFINITY));
+            mv = _mm512_max_ps(x[i][k], mv);
         }
-        const float m_new = _mm512_reduce_max_ps(mv);
-        if (m_new == -INFINITY) {   /* nothing visible to this row yet: it takes no part in P.V */
+        m_new[i] = _mm512_reduce_max_ps(mv);
+    }
+    for (int i = 0; i < NR; i++) {
+        const int r = r0 + i;
+        if (m_new[i] > T->m[r]) {   /* rescale what was accumulated under the old maximum */
+            const float f = expf(T->m[r] - m_new[i]);
+            float *o = T->o + (size_t)r * T->hd;
+            for (int d = 0; d < T->hd; d++) o[d] *= f;
+            T->l[r] *= f;
+            T->m[r] = m_new[i];
+        }
+    }
+    for (int i = 0; i < NR; i++) {
+        const int r = r0 + i;
+        float *s = T->s + r * EL_ST, *pd = T->pd + r * EL_ST;
+        if (m_new[i] == -INFINITY) {   /* nothing visible to this row yet: it takes no part in P.V */
             for (int k = 0; k < n16; k++)
                 _mm512_mask_storeu_ps(pd + 16 * k, in[k], _mm512_setzero_ps()), _mm512_mask_storeu_ps(s + 16 * k, in[k], _mm512_setzero_ps());
             continue;
         }
-        if (m_new > T->m[r]) {   /* rescale what was accumulated under the old maximum */
-            const float f = expf(T->m[r] - m_new);
-            float *o = T->o + (size_t)r * T->hd;
-            for (int d = 0; d < T->hd; d++) o[d] *= f;
-            T->l[r] *= f;
-            T->m[r] = m_new;
-        }
-        const __m512 mu = _mm512_set1_ps(m_new);
+        const __m512 mu = _mm512_set1_ps(m_new[i]);
         __m256 acc = _mm256_setzero_ps();
         for (int k = 0; k < n16; k++) {
-            const __m512 e = exp16z(_mm512_sub_ps(x[k], mu));
+            const __m512 e = exp16z(_mm512_sub_ps(x[i][k], mu));
             acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
             if (in[k] == 0xFFFF) acc = _mm256_add_ps(acc, _mm512_extractf32x8_ps(e, 1));
             _mm512_mask_storeu_ps(pd + 16 * k, in[k], _mm512_mul_ps(e, _mm512_loadu_ps(dv0 + 16 * k)));
@@ -173,6 +182,19 @@ INLINE void softmax_pd16(const el_qtile *T, int R, int off, const int32_t *pos, 
         }
         T->l[r] += hsum8(acc);
     }
+}
+
+/* The tile's rows through softmax_rows16 in threes (row r sees the keys at positions <= qpos[r / gs] when partial) */
+INLINE void softmax_pd16(const el_qtile *T, int R, int off, const int32_t *pos, int cnt, int partial, const float *dv0,
+                         const float *dv1) {
+    const int nv = (cnt + 7) / 8;
+    int32_t pp[EL_KT];   /* positions, past the tile INT32_MAX: later than any query */
+    for (int t = 0; t < 16 * ((nv + 1) / 2); t++) pp[t] = t < cnt ? pos[t] : INT32_MAX;
+    for (int r = 0; r < R; r += 3) switch (R - r < 3 ? R - r : 3) {   /* compile-time row counts */
+        case 3: softmax_rows16(T, r, 3, off, pp, nv, partial, dv0, dv1); break;
+        case 2: softmax_rows16(T, r, 2, off, pp, nv, partial, dv0, dv1); break;
+        default: softmax_rows16(T, r, 1, off, pp, nv, partial, dv0, dv1); break;
+        }
 }
 
 /* quant_pv (kernels_avx2.c) for NB consecutive V blocks b, b + 1 (weights times scales pdb[0], pdb[1], rows EL_ST
