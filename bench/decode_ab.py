@@ -14,8 +14,8 @@ a slab per tail (slab_blocks = 1: each kv head's rows in runs of one block).
 table switched before each round.
 The model is loaded once per way and decode rounds alternate between the two (which goes first swaps every round),
 so the host's drift from minute to minute falls on both alike. It prints each round's tok/s, the ratio of the
-medians and the median of the rounds' ratios (new / old). `python bench/bandwidth.py --huge-pages` measures the
-plain read over both page sizes.
+medians and the median of the rounds' ratios (new / old), and the two ways' median prefill rates (the prompt's).
+`python bench/bandwidth.py --huge-pages` measures the plain read over both page sizes.
 """
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ def main() -> None:
             raise SystemExit(f"no {args.old_simd} kernels on this machine")
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 40000, args.prompt_tokens)]
     rates: dict[str, list[float]] = {k: [] for k in llms}
+    prefill: dict[str, list[float]] = {k: [] for k in llms}
     for r in range(args.rounds):
         for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
             llm = llms[name]
@@ -87,6 +88,7 @@ def main() -> None:
             llm.reset()
             llm.generate(prompt, max_tokens=args.gen_tokens, ignore_eos=True)
             rates[name].append(llm.stats()["decode_tok_s"])
+            prefill[name].append(llm.stats()["prefill_tok_s"])
     N.set_simd(levels["new"])
     print(f"{args.what}: new against old, {args.threads} thread(s), {args.prompt_tokens}-token prompt, "
           f"{args.gen_tokens} tokens, {args.kv_dtype} KV; weights in huge pages: {huge_kb() / 1024:.0f} MiB of the "
@@ -95,6 +97,8 @@ def main() -> None:
         print(f"  {name} decode tok/s: median {statistics.median(v):6.1f}, best {max(v):6.1f}; rounds "
               + " ".join(f"{x:.1f}" for x in v))
     paired = [a / b for a, b in zip(rates["new"], rates["old"])]
+    print(f"  prefill tok/s: new median {statistics.median(prefill['new']):7.1f}, old "
+          f"{statistics.median(prefill['old']):7.1f}; new / old {statistics.median(prefill['new']) / statistics.median(prefill['old']):.3f}")
     print(f"new / old: ratio of medians {statistics.median(rates['new']) / statistics.median(rates['old']):.3f}, "
           f"median of the rounds' ratios {statistics.median(paired):.3f}")
 
