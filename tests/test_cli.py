@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from edgellm import native as N
+
 from edgellm.cli import common
 from edgellm.cli.main import build_parser, cmd_run, main, parse_args
 
@@ -128,6 +130,7 @@ def test_bench_tiny(shared, capsys):
     assert (result["prompt_tokens"], result["gen_tokens"]) == (32, 4)
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
     assert result["peak_rss_mb"] > 0 and result["kv_bytes_per_token"] > 0
+    assert result["kernels"] == N.SIMD_NAMES[N.simd_level()]
     assert shared.loads[0]["n_ctx"] == 32 + 4 + 16 and shared.loads[0]["kv_dtype"] == "q8_0"
 
 

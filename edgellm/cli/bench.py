@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from edgellm import native
 from edgellm.cli import common
 
 TEXT = (
@@ -66,13 +67,15 @@ def run_bench(model: str | None = None, prompt_tokens: int = 512, gen_tokens: in
     finally:
         llm.close()
     # the file name says model and quantization; GGUF general.name is often a training-run label
-    return {"model": Path(info["path"]).name, "path": info["path"], "kv_dtype": kv_dtype, **result}
+    # the kernel table that ran (llama.cpp's system_info line says the same of its build)
+    return {"model": Path(info["path"]).name, "path": info["path"], "kv_dtype": kv_dtype,
+            "kernels": native.SIMD_NAMES[native.simd_level()], **result}
 
 
 def format_bench(r: dict) -> str:
     return "\n".join([
         f"{r['model']}  threads={r['n_threads']}  kv={r['kv_dtype']}  "
-        f"prompt={r['prompt_tokens']}  gen={r['gen_tokens']}  best of {r['repeat']}",
+        f"prompt={r['prompt_tokens']}  gen={r['gen_tokens']}  best of {r['repeat']}  kernels={r['kernels']}",
         f"  prefill   {r['prefill_tok_s']:9.1f} tok/s",
         f"  decode    {r['decode_tok_s']:9.1f} tok/s",
         f"  peak RSS  {r['peak_rss_mb']:9.1f} MB",
