@@ -6,7 +6,6 @@ import sys
 import pytest
 
 from edgellm import native as N
-
 from edgellm.cli import common
 from edgellm.cli.main import build_parser, cmd_run, main, parse_args
 
