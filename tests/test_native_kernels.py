@@ -264,6 +264,25 @@ def test_avx512_interleaved_matmul_is_avx2s_bit_for_bit(threads, t, rows, cols):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.skipif(N.SIMD_NAMES[N.lib.el_simd_level()] != "avx512", reason="no AVX-512 here")
+@pytest.mark.parametrize("rows,cols", [(6144, 576), (1536, 576), (13, 288), (9, 544), (7, 32), (10, 2048)])
+def test_avx512_q8_0_gemv_is_avx2s_bit_for_bit(threads, rows, cols):
+    """The AVX-512 table's VNNI GEMV for row-repacked Q8_0 (the output matrix; w + 128 against a, 128 sum a taken off)
+    gives AVX2's outputs to the bit: whole and partial groups of 8 blocks, rows in fours and alone, and the bounds
+    el_logits_refine takes from it."""
+    rng = np.random.default_rng(rows + cols)
+    W = random_weights(GGMLType.Q8_0, rows, cols, rng)
+    rho = N.l1_ratio(W, GGMLType.Q8_0, rows, cols)
+    wt = N.repack(W, GGMLType.Q8_0, rows, cols)
+    x = rng.standard_normal(cols).astype(np.float32)
+    out = {}
+    for name in ("avx2", "avx512"):
+        N.set_simd({v: k for k, v in N.SIMD_NAMES.items()}[name])
+        out[name] = [N.matmul(W, wt, rows, cols, x[None]), *N.logits_refine(W, wt, rows, cols, x, rho)]
+    for a, b in zip(out["avx2"], out["avx512"]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_attention_rejects_bad_args():
     rng = np.random.default_rng(14)
     q = np.zeros((1, 9, 64), np.float32)

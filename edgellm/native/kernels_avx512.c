@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -421,11 +422,120 @@ INLINE void xmm_rows16(int type, const el_mm *m, int r0, int r1, int BOUND) {
     }
 }
 
+/* ---------------- decode GEMV, row-repacked Q8_0 weights (the output matrix) ---------------- */
+
+#define RG 8            /* kernels_avx2.c's blocks per group, rows per tile (TR) and prefetch distance */
+#define TR 4
+#define PF_BYTES 4096
+
+/* One activation row as VNNI's signed operand: its blocks' values back to back, and per block 128 sum(a), taken off
+ * the dots of w + 128 (AVX-512 has no vpsignb to move w's sign onto a as AVX2 does). Per thread, grown as needed;
+ * 0: no memory. */
+typedef struct {
+    int8_t *qs;
+    int32_t *a128;   /* el_ds_blocks(nb) entries, zero past nb */
+} act_row;
+
+static int spread_act(const el_block_q8a *a, int nb, act_row *out) {
+    static _Thread_local void *buf;
+    static _Thread_local int cap;
+    const int nbp = el_ds_blocks(nb);
+    if (nbp > cap) {
+        free(buf);
+        buf = aligned_alloc(64, (size_t)nbp * (32 + 4));
+        cap = buf ? nbp : 0;
+        if (!buf) return 0;
+    }
+    out->qs = buf, out->a128 = (int32_t *)((int8_t *)buf + (size_t)nbp * 32);
+    for (int b = 0; b < nbp; b++) {
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            const int8_t v = b < nb ? a[b].qs[i] : 0;
+            out->qs[32 * b + i] = v;
+            sum += v;
+        }
+        out->a128[b] = 128 * sum;
+    }
+    return 1;
+}
+
+/* group_dots (kernels_avx2.c) of a Q8_0R row's blocks b..b+cnt-1 (qs: the row's values) with one act row: lane k,
+ * block b + k's exact integer dot (0 past cnt). VNNI sums (w + 128) a per dword, four vectors of two blocks fold into
+ * one of eight sums, and 128 sum(a) comes off. */
+INLINE __m256i dots8_q8(const uint8_t *qs, const act_row *A, int b, int cnt) {
+    __m512i v[4];
+    for (int p = 0; p < 4; p++) {
+        const __mmask64 in = (2 * p < cnt ? 0xFFFFFFFFull : 0) | (2 * p + 1 < cnt ? 0xFFFFFFFF00000000ull : 0);
+        const __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(in, qs + 32 * (b + 2 * p)), _mm512_set1_epi8((char)0x80));
+        v[p] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_load_si512(A->qs + 32 * (b + 2 * p)));
+    }
+    const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    /* 128-bit chunk c: the sums of chunk c of v[0..3]; a block is two chunks */
+    const __m512i r = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    const __m512i e = _mm512_add_epi32(_mm512_shuffle_i32x4(r, r, _MM_SHUFFLE(2, 0, 2, 0)),
+                                       _mm512_shuffle_i32x4(r, r, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m256i d = _mm256_permutevar8x32_epi32(_mm512_castsi512_si256(e), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return _mm256_maskz_mov_epi32((__mmask8)((1u << cnt) - 1), _mm256_sub_epi32(d, _mm256_loadu_si256((const __m256i *)(A->a128 + b))));
+}
+
+/* f16x8 (kernels_avx2.c): v[b..b+cnt-1] as floats, 0 past cnt, nothing read past the row's nb */
+INLINE __m256 f16x8(const uint16_t *v, int b, int cnt, int nb) {
+    if (cnt == RG) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + b)));
+    return _mm256_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << cnt) - 1), v + b));
+}
+
+/* kernels_avx2.c's hsum4: [sum a, sum b, sum c, sum d] in its order */
+INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* rrows (kernels_avx2.c) for Q8_0R and one token: each row's lane k takes blocks k, k + 8, ... in order, as rgroup
+ * and tail_pairs give them, rows in fours summed by hsum4 and the rest one by one by hsum8, as tile_store does */
+INLINE void q8r_gemv(const el_mm *m, int r0, int r1, const act_row *A, int BOUND) {
+    const int nb = m->cols / EL_QK;
+    const size_t rb = m->row_bytes;
+    const float *da = m->act_ds;
+    const uint8_t *row = m->W + (size_t)r0 * rb;
+    for (int r = r0; r < r1;) {
+        const int nr = r1 - r < TR ? 1 : TR;
+        __m256 acc[TR], bacc[TR];
+        for (int i = 0; i < nr; i++, row += rb) {
+            for (const char *p = (const char *)row + PF_BYTES, *e = p + rb; p < e; p += 128) {
+                _mm_prefetch(p, _MM_HINT_T0);
+                _mm_prefetch(p + 64, _MM_HINT_T0);
+            }
+            const uint16_t *d16 = (const uint16_t *)(row + (size_t)nb * 32);
+            acc[i] = bacc[i] = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b += RG) {
+                const int cnt = nb - b < RG ? nb - b : RG;
+                const __m256 dw = f16x8(d16, b, cnt, nb);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots8_q8(row, A, b, cnt)), _mm256_mul_ps(dw, _mm256_loadu_ps(da + b)), acc[i]);
+                if (BOUND)   /* scale_wmax of Q8_0: 127 |d| */
+                    bacc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_and_ps(dw, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))), _mm256_set1_ps(127)),
+                                              _mm256_loadu_ps(m->bound_v + b), bacc[i]);
+            }
+            if (BOUND) m->bound[r + i] = hsum8(bacc[i]);
+        }
+        if (nr == TR) _mm_storeu_ps(m->Y + r, hsum4(acc[0], acc[1], acc[2], acc[3]));
+        else m->Y[r] = hsum8(acc[0]);
+        r += nr;
+    }
+}
+
 static void mm_rows_avx512(const el_mm *m, int r0, int r1) {
     const int bound = m->bound != NULL;   /* a compile-time case each, so the plain product pays nothing for it */
     /* A decode GEMV (one token, or its two planes) streams its weights from DRAM at the same rate with fewer
      * instructions: AVX2's kernel, whose single stream and 32-byte loads that never cross a line measured faster
      * than x_pair's two streams and than a one-group VNNI kernel (docs/PERFORMANCE.md) */
+    if (m->wtype == EL_Q8_0R && m->n == 1 && m->planes != 2) {   /* the output matrix's GEMV */
+        act_row A;
+        if (spread_act(m->act, m->cols / EL_QK, &A)) {
+            bound ? q8r_gemv(m, r0, r1, &A, 1) : q8r_gemv(m, r0, r1, &A, 0);
+            return;
+        }
+    }
     if (m->n <= (m->planes == 2 ? 2 : 1)) {
         el_kernels_avx2.mm_rows(m, r0, r1);
         return;
