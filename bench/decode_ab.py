@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Decode speed of two ways of running edgellm, rounds alternating in one process.
 
-    python bench/decode_ab.py --what huge-pages|greedy-runs|slabs|simd [--threads 2] [--rounds 10] [--prompt-tokens 512]
-                              [--gen-tokens 64] [--kv-dtype q8_0] [--old-simd avx2]
+    python bench/decode_ab.py --what huge-pages|greedy-runs|slabs|simd|prefetch [--threads 2] [--rounds 10]
+                              [--prompt-tokens 512] [--gen-tokens 64] [--kv-dtype q8_0] [--old-simd avx2]
+                              [--old-prefetch 4096]
 
 --what huge-pages: the weights in the huge-page arena (WeightArena, the default) against EDGELLM_HUGE_PAGES=0, where
 they are repacked in place in the GGUF file's private map, which the kernel backs with 4 KiB pages only.
@@ -12,6 +13,8 @@ one call per token (greedy_run_tokens = 0).
 a slab per tail (slab_blocks = 1: each kv head's rows in runs of one block).
 --what simd: the detected kernel table against --old-simd (default avx2, e.g. on an AVX-512 part), one model, the
 table switched before each round.
+--what prefetch: the decode GEMVs' software prefetch distance of the detected table (el_prefetch_bytes) against
+--old-prefetch bytes, one model, set before each round.
 The model is loaded once per way and decode rounds alternate between the two (which goes first swaps every round),
 so the host's drift from minute to minute falls on both alike. It prints each round's tok/s, the ratio of the
 medians and the median of the rounds' ratios (new / old), and the two ways' median prefill rates (the prompt's).
@@ -58,21 +61,26 @@ def huge_kb() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--what", choices=("huge-pages", "greedy-runs", "slabs", "simd"), required=True)
+    ap.add_argument("--what", choices=("huge-pages", "greedy-runs", "slabs", "simd", "prefetch"), required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--kv-dtype", default="q8_0")
     ap.add_argument("--old-simd", default="avx2", choices=sorted(N.SIMD_NAMES.values()), help="--what simd's old")
+    ap.add_argument("--old-prefetch", type=int, default=4096, help="--what prefetch's old, bytes")
     args = ap.parse_args()
     levels = {"new": N.simd_level(), "old": N.simd_level()}
+    distances = {"new": N.prefetch_bytes(), "old": N.prefetch_bytes()}
     if args.what == "huge-pages":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, huge_pages=False)}
     elif args.what == "greedy-runs":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, run_tokens=0)}
     elif args.what == "slabs":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, slab_blocks=1)}
+    elif args.what == "prefetch":
+        llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
+        distances["old"] = args.old_prefetch
     else:
         llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
         levels["old"] = {name: lv for lv, name in N.SIMD_NAMES.items()}[args.old_simd]
@@ -85,6 +93,7 @@ def main() -> None:
         for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
             llm = llms[name]
             N.set_simd(levels[name])
+            N.prefetch_bytes(distances[name])
             llm.reset()
             llm.generate(prompt, max_tokens=args.gen_tokens, ignore_eos=True)
             rates[name].append(llm.stats()["decode_tok_s"])
@@ -93,6 +102,8 @@ def main() -> None:
     print(f"{args.what}: new against old, {args.threads} thread(s), {args.prompt_tokens}-token prompt, "
           f"{args.gen_tokens} tokens, {args.kv_dtype} KV; weights in huge pages: {huge_kb() / 1024:.0f} MiB of the "
           f"process")
+    if args.what == "prefetch":
+        print(f"  prefetch distance: new {distances['new']} bytes, old {distances['old']}")
     for name, v in rates.items():
         print(f"  {name} decode tok/s: median {statistics.median(v):6.1f}, best {max(v):6.1f}; rounds "
               + " ".join(f"{x:.1f}" for x in v))

@@ -311,6 +311,19 @@ def test_simd_controls():
         N.set_threads(0)
 
 
+def test_prefetch_distance_is_a_knob_only():
+    """el_prefetch_bytes moves the decode GEMVs' software prefetch, not their results; set_simd restores the table's."""
+    best = N.lib.el_simd_level()
+    default = N.prefetch_bytes()
+    W = random_weights(GGMLType.Q4_1, 256, 576, np.random.default_rng(16))
+    wt = N.repack(W, GGMLType.Q4_1, 256, 576)
+    x = np.random.default_rng(17).standard_normal((1, 576)).astype(np.float32)
+    ref = N.matmul(W, wt, 256, 576, x)
+    assert N.prefetch_bytes(1 << 16) == 1 << 16 and N.prefetch_bytes() == 1 << 16
+    np.testing.assert_array_equal(N.matmul(W, wt, 256, 576, x), ref)
+    assert N.set_simd(best) == best and N.prefetch_bytes() == default
+
+
 def test_pool_survives_fork():
     import os
     N.set_threads(2)

@@ -17,7 +17,8 @@ except ImportError as e:  # pragma: no cover - build problem, say how to fix it
     raise ImportError("edgellm native kernels are not built: run `pip install -e .` "
                       "or `python edgellm/native/build.py`") from e
 
-__all__ = ["ffi", "lib", "simd_level", "set_simd", "set_threads", "get_threads", "matmul", "get_rows", "repack",
+__all__ = ["ffi", "lib", "simd_level", "set_simd", "prefetch_bytes", "set_threads", "get_threads", "matmul", "get_rows",
+           "repack",
            "rmsnorm", "rope", "silu_mul", "softmax", "quantize_row", "dequantize_row", "attention",
            "attention_mass", "hadamard"]
 
@@ -35,6 +36,12 @@ def set_simd(level: int) -> int:
     """Force a SIMD level no higher than detected (0 = scalar, or a lower level of the same ISA); returns the
     level in use."""
     return lib.el_set_simd(int(level))
+
+
+def prefetch_bytes(n: int = 0) -> int:
+    """The decode GEMVs' software prefetch distance: set to n where n > 0 (set_simd resets it to the table's);
+    returns the one in use."""
+    return lib.el_prefetch_bytes(int(n))
 
 
 def set_threads(n: int) -> None:

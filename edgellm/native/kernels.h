@@ -24,6 +24,9 @@ typedef struct {
 
 int  el_simd_level(void);
 int  el_set_simd(int level);
+/* The decode GEMVs' software prefetch distance in bytes: set where bytes > 0 (a benchmark's knob; el_set_simd resets
+ * it to its table's), returns the one in use */
+int  el_prefetch_bytes(int bytes);
 void el_set_threads(int n);
 int  el_get_threads(void);
 void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
@@ -184,6 +187,8 @@ int el_greedy_run(const el_model *m, el_kvblock *const *descs, int n_blocks, int
                   int32_t *out);
 
 /* ---- internal ---- */
+
+extern int el_pf_bytes;   /* el_prefetch_bytes' distance, read by the x86 GEMV kernels */
 
 /* el_attn_in with the RoPE table of its positions given (el_rope_table; NULL: no RoPE), so a step through every
  * layer computes it once */

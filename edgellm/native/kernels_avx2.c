@@ -294,9 +294,9 @@ INLINE void tail_pairs(int type, const uint8_t *row0, size_t rb, int nb, const e
     }
 }
 
-/* Decode reads each weight once from DRAM: software prefetch this far ahead of the row in use. The hardware prefetcher
- * alone left a cold GEMV at ~70% of the same GEMV on L2-resident weights; 4 KB ahead measured best of 2-8 KB on Zen 3 */
-#define PF_BYTES 4096
+/* Decode reads each weight once from DRAM: software prefetch this far ahead of the row in use (el_prefetch_bytes, by
+ * table). The hardware prefetcher alone left a cold GEMV at ~70% of the same GEMV on L2-resident weights */
+#define PF_BYTES el_pf_bytes
 #define RS 16   /* rows per slab: the slab's weights stay in L1 while the token chunk passes over them */
 
 /* Y rows r0..r1-1 of act rows t..t+NT-1 for repacked W, rows in fours (one hsum4 each). Each unpacked weight pair

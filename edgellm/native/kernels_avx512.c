@@ -426,7 +426,7 @@ INLINE void xmm_rows16(int type, const el_mm *m, int r0, int r1, int BOUND) {
 
 #define RG 8            /* kernels_avx2.c's blocks per group, rows per tile (TR) and prefetch distance */
 #define TR 4
-#define PF_BYTES 4096
+#define PF_BYTES el_pf_bytes
 
 /* One activation row as VNNI's signed operand: its blocks' values back to back, and per block 128 sum(a), taken off
  * the dots of w + 128 (AVX-512 has no vpsignb to move w's sign onto a as AVX2 does). Per thread, grown as needed;
