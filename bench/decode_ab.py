@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--kv-dtype", default="q8_0")
-    ap.add_argument("--old-simd", default="avx2", choices=sorted(N.SIMD_NAMES.values()), help="--what simd's old")
+    ap.add_argument("--old-simd", default="avx2", choices=sorted(N.SIMD_LEVELS), help="--what simd's old")
     ap.add_argument("--old-prefetch", type=int, default=4096, help="--what prefetch's old, bytes")
     args = ap.parse_args()
     levels = {"new": N.simd_level(), "old": N.simd_level()}
@@ -83,7 +83,7 @@ def main() -> None:
         distances["old"] = args.old_prefetch
     else:
         llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
-        levels["old"] = {name: lv for lv, name in N.SIMD_NAMES.items()}[args.old_simd]
+        levels["old"] = N.SIMD_LEVELS[args.old_simd]
         if N.set_simd(levels["old"]) != levels["old"]:
             raise SystemExit(f"no {args.old_simd} kernels on this machine")
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 40000, args.prompt_tokens)]

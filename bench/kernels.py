@@ -166,7 +166,7 @@ def bench_kv_quantize(t, rng, n_kv=3, block=64, hd=64):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--simd", choices=sorted(N.SIMD_NAMES.values()),
+    ap.add_argument("--simd", choices=sorted(N.SIMD_LEVELS),
                     help="a kernel table at or below the detected one (default: the detected one)")
     ap.add_argument("--decode-only", action="store_true", help="one-token cases only (GEMV, decode attention)")
     ap.add_argument("--calls", type=int, help="run each case exactly this many times (no timing)")
@@ -174,7 +174,7 @@ def main():
     global CALLS
     CALLS = args.calls
     if args.simd:
-        level = {name: lv for lv, name in N.SIMD_NAMES.items()}[args.simd]
+        level = N.SIMD_LEVELS[args.simd]
         if N.set_simd(level) != level:
             raise SystemExit(f"no {args.simd} kernels on this machine")
     rng = np.random.default_rng(0)

@@ -22,6 +22,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from edgellm.native import SIMD_LEVELS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 C_SOURCE = r"""
@@ -114,7 +116,6 @@ int main(int argc, char **argv) {
 
 
 TYPE_IDS = {"q8_0": 8, "q4_0": 2}
-SIMD_LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2}   # edgellm.native.SIMD_NAMES' x86 levels
 
 # the harnesses' last argument: a SIMD level to run (-1: the detected one), refused if the build does not have it
 SIMD_ARG = r"""

@@ -238,7 +238,7 @@ def test_avx512_attention_is_avx2s_bit_for_bit(threads, t, n_head, n_kv, hd, n_q
     q_pos[-1] = 1033
     out = {}
     for name in ("avx2", "avx512"):
-        N.set_simd({v: k for k, v in N.SIMD_NAMES.items()}[name])
+        N.set_simd(N.SIMD_LEVELS[name])
         out[name] = N.attention(q, q_pos, n_kv, blocks)
     for a, b in zip(out["avx2"], out["avx512"]):
         np.testing.assert_array_equal(a, b)
@@ -258,7 +258,7 @@ def test_avx512_interleaved_matmul_is_avx2s_bit_for_bit(threads, t, rows, cols):
         X = rng.standard_normal((n, cols)).astype(np.float32)
         out = {}
         for name in ("avx2", "avx512"):
-            N.set_simd({v: k for k, v in N.SIMD_NAMES.items()}[name])
+            N.set_simd(N.SIMD_LEVELS[name])
             out[name] = [N.matmul(W, wt, rows, cols, X, hp=hp) for hp in (False, True)]
         for a, b in zip(out["avx2"], out["avx512"]):
             np.testing.assert_array_equal(a, b)
@@ -277,7 +277,7 @@ def test_avx512_q8_0_gemv_is_avx2s_bit_for_bit(threads, rows, cols):
     x = rng.standard_normal(cols).astype(np.float32)
     out = {}
     for name in ("avx2", "avx512"):
-        N.set_simd({v: k for k, v in N.SIMD_NAMES.items()}[name])
+        N.set_simd(N.SIMD_LEVELS[name])
         out[name] = [N.matmul(W, wt, rows, cols, x[None]), *N.logits_refine(W, wt, rows, cols, x, rho)]
     for a, b in zip(out["avx2"], out["avx512"]):
         np.testing.assert_array_equal(a, b)

@@ -17,12 +17,12 @@ except ImportError as e:  # pragma: no cover - build problem, say how to fix it
     raise ImportError("edgellm native kernels are not built: run `pip install -e .` "
                       "or `python edgellm/native/build.py`") from e
 
-__all__ = ["ffi", "lib", "simd_level", "set_simd", "prefetch_bytes", "set_threads", "get_threads", "matmul", "get_rows",
-           "repack",
-           "rmsnorm", "rope", "silu_mul", "softmax", "quantize_row", "dequantize_row", "attention",
+__all__ = ["ffi", "lib", "simd_level", "set_simd", "prefetch_bytes", "set_threads", "get_threads", "matmul",
+           "get_rows", "repack", "rmsnorm", "rope", "silu_mul", "softmax", "quantize_row", "dequantize_row", "attention",
            "attention_mass", "hadamard"]
 
 SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 10: "neon", 11: "neon-dotprod"}   # el_simd_level()'s levels
+SIMD_LEVELS = {name: level for level, name in SIMD_NAMES.items()}
 KV_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0)
 MAX_GROUP, MAX_HEAD_DIM = 32, 512   # el_attention's stack limits
 INT_MAX = 2**31 - 1

@@ -100,9 +100,7 @@ static const el_kernels *table_for(int level) {
 
 int el_simd_level(void) { return el_level; }
 
-/* 4 KB measured best of 2-8 KB on Zen 3 (AVX2); on Zen 5 (AVX-512) 16 KB decoded 15% faster at 1 thread (4% after
- * 4096 tokens) and 1% slower at 2 (bench/decode_ab.py --what prefetch): one core there keeps more lines in flight */
-int el_pf_bytes = 4096;
+int el_pf_bytes;   /* el_set_simd's, by table */
 
 int el_prefetch_bytes(int bytes) {
     if (bytes > 0) el_pf_bytes = bytes;
@@ -114,6 +112,8 @@ int el_set_simd(int level) {
     /* the detected level or one below it on the same ISA (x86: 1 AVX2, 2 AVX-512; aarch64: 10 NEON, 11 dotprod) */
     el_level = level >= el_detected ? el_detected : table_for(level) != &el_kernels_scalar ? level : 0;
     el_kern = table_for(el_level);
+    /* 4 KB measured best of 2-8 KB on Zen 3 (AVX2); on Zen 5 (AVX-512) 16 KB decoded 15% faster at 1 thread (4%
+     * after 4096 tokens) and 1% slower at 2 (bench/decode_ab.py --what prefetch): one core keeps more lines in flight */
     el_pf_bytes = el_level == 2 ? 16384 : 4096;
     return el_level;
 }

@@ -4,25 +4,12 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #include "kernels.h"
+#include "kernels_x86.h"
 
 #include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE float hsum(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-
-/* [sum a, sum b, sum c, sum d] */
-INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
 
 INLINE float f16(uint16_t h) { return _cvtsh_ss(h); }
 
@@ -105,9 +92,7 @@ INLINE float fdot(int type, const void *row, const float *x, int cols) {
 
 /* ---------------- matmul ---------------- */
 
-#define TR 4    /* rows per tile */
 #define TT 2    /* tokens per tile */
-#define TC 64   /* tokens per chunk: the chunk's activations stay in L2 while all row tiles pass over them */
 
 /* Y rows r..r+NR-1 of act rows t..t+NT-1 = lane sums of acc, plus the block terms c4 (4 rows per vector, NR == 4)
  * or cs (NR < 4) unless NULL; planes == 2: the two act rows are the high and residual planes of token t/2 */
@@ -132,8 +117,6 @@ INLINE void tile_store(const el_mm *m, int r, int t, int NR, int NT, __m256 (*ac
 }
 
 /* ---------------- matmul, repacked weights (el_repack's layout, kernels.h) ---------------- */
-
-#define RG 8   /* blocks per group: their integer dots in one vector's lanes, scaled by one FMA */
 
 /* a: dots of blocks 0..3 over elements 0..15 (low half) and 16..31 (high half), b: same for blocks 4..7
  * -> lane k: block k's dot */
@@ -294,10 +277,6 @@ INLINE void tail_pairs(int type, const uint8_t *row0, size_t rb, int nb, const e
     }
 }
 
-/* Decode reads each weight once from DRAM: software prefetch this far ahead of the row in use (el_prefetch_bytes, by
- * table). The hardware prefetcher alone left a cold GEMV at ~70% of the same GEMV on L2-resident weights */
-#define PF_BYTES el_pf_bytes
-#define RS 16   /* rows per slab: the slab's weights stay in L1 while the token chunk passes over them */
 
 /* Y rows r0..r1-1 of act rows t..t+NT-1 for repacked W, rows in fours (one hsum4 each). Each unpacked weight pair
  * feeds the NT act rows; activations are memory operands, read from L1 for every row (holding them in registers
@@ -385,8 +364,6 @@ INLINE void x_store(float *y, int g, int r0, int r1, __m256 v) {
         if (g + i >= r0 && g + i < r1) y[g + i] = l[i];
 }
 
-#define XACC 4   /* accumulators per row: block b's term into b % XACC, then a tree (as exact as el_repack's rows) */
-#define XT 8     /* act rows per GEMM tile: a block's unpacked weights serve 8 tokens (4 and 16 measured slower) */
 
 /* Y rows g..g+7 (one group) of act rows t..t+NT-1, rows in [r0, r1) stored: per row and block the term
  * d_w d_a (w.a) + c s_a (c = m for Q4_1, -8 d for Q4_0), summed in the same order whatever NT, so one token's

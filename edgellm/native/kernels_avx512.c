@@ -1,6 +1,7 @@
-/* AVX-512 (F, BW, VL, DQ, VNNI) kernels: the AVX2 table with the quantized attention tile and the interleaved Q4
- * matmul in 16-lane vectors. Only this file's functions are compiled for AVX-512 (pragma below); they are reached
- * solely through el_kernels_avx512() after a cpuid check.
+/* AVX-512 (F, BW, VL, DQ, VNNI) kernels: the AVX2 table with the quantized attention tile, the interleaved Q4 matmul
+ * (prefill) and the row-repacked Q8_0 GEMV (the output matrix) in 16-lane vectors and VNNI byte dots. Only this
+ * file's functions are compiled for AVX-512 (pragma below); they are reached solely through el_kernels_avx512() after
+ * a cpuid check.
  *
  * Every lane does what the AVX2 kernel does for its key, head dimension or weight row, the same operations in the
  * same order (integer dot products are exact in any order), so the outputs are the AVX2 table's bit for bit
@@ -11,21 +12,13 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 #include "kernels.h"
+#include "kernels_x86.h"
 
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define INLINE static inline __attribute__((always_inline))
-
-/* the AVX2 table's hsum: the same additions in the same order */
-INLINE float hsum8(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
 
 /* exp8z (kernels_avx2.c) on 16 lanes: each lane's operations are exp8z's, so its values */
 INLINE __m512 exp16z(__m512 x) {
@@ -127,7 +120,7 @@ INLINE void block_scales16(const char *x, size_t rb, int cnt, float *d) {
     for (int t0 = 0; t0 < cnt; t0 += 16) {
         const __mmask16 in = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(cnt - t0), lane);
         const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), in, off, x + t0 * rb, 1);
-        _mm512_storeu_ps(d + t0, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)));   /* the low halves */;
+        _mm512_storeu_ps(d + t0, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)));   /* the low halves */
     }
 }
 
@@ -181,7 +174,7 @@ INLINE void softmax_rows16(const el_qtile *T, int r0, int NR, int off, const int
             _mm512_mask_storeu_ps(pd + 16 * k, in[k], _mm512_mul_ps(e, _mm512_loadu_ps(dv0 + 16 * k)));
             _mm512_mask_storeu_ps(s + 16 * k, in[k], dv1 ? _mm512_mul_ps(e, _mm512_loadu_ps(dv1 + 16 * k)) : e);
         }
-        T->l[r] += hsum8(acc);
+        T->l[r] += hsum(acc);
     }
 }
 
@@ -314,11 +307,6 @@ static void attend_quant_avx512(const el_qtile *T, int type, const char *kg, lon
 
 /* ---------------- matmul, 8-row interleaved Q4 weights, two groups a vector ---------------- */
 
-#define RS 16   /* kernels_avx2.c's row slab and tiles */
-#define TC 64
-#define XT 8
-#define XACC 4
-
 /* A pair of 8-row groups' blocks: lanes 0..7 group lo's rows, 8..15 group hi's (hi = lo for the last group of an odd
  * count: its lanes are computed and not stored) */
 INLINE __m512i two256(const uint8_t *lo, const uint8_t *hi) {
@@ -424,10 +412,6 @@ INLINE void xmm_rows16(int type, const el_mm *m, int r0, int r1, int BOUND) {
 
 /* ---------------- decode GEMV, row-repacked Q8_0 weights (the output matrix) ---------------- */
 
-#define RG 8            /* kernels_avx2.c's blocks per group, rows per tile (TR) and prefetch distance */
-#define TR 4
-#define PF_BYTES el_pf_bytes
-
 /* One activation row as VNNI's signed operand: its blocks' values back to back, and per block 128 sum(a), taken off
  * the dots of w + 128 (AVX-512 has no vpsignb to move w's sign onto a as AVX2 does). Per thread, grown as needed;
  * 0: no memory. */
@@ -479,20 +463,14 @@ INLINE __m256i dots8_q8(const uint8_t *qs, const act_row *A, int b, int cnt) {
     return _mm256_maskz_mov_epi32((__mmask8)((1u << cnt) - 1), _mm256_sub_epi32(d, _mm256_loadu_si256((const __m256i *)(A->a128 + b))));
 }
 
-/* f16x8 (kernels_avx2.c): v[b..b+cnt-1] as floats, 0 past cnt, nothing read past the row's nb */
-INLINE __m256 f16x8(const uint16_t *v, int b, int cnt, int nb) {
+/* f16x8 (kernels_avx2.c): v[b..b+cnt-1] as floats, 0 past cnt; a masked load reads nothing past them */
+INLINE __m256 f16x8(const uint16_t *v, int b, int cnt) {
     if (cnt == RG) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + b)));
     return _mm256_cvtph_ps(_mm_maskz_loadu_epi16((__mmask8)((1u << cnt) - 1), v + b));
 }
 
-/* kernels_avx2.c's hsum4: [sum a, sum b, sum c, sum d] in its order */
-INLINE __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
 /* rrows (kernels_avx2.c) for Q8_0R and one token: each row's lane k takes blocks k, k + 8, ... in order, as rgroup
- * and tail_pairs give them, rows in fours summed by hsum4 and the rest one by one by hsum8, as tile_store does */
+ * and tail_pairs give them, rows in fours summed by hsum4 and the rest one by one by hsum, as tile_store does */
 INLINE void q8r_gemv(const el_mm *m, int r0, int r1, const act_row *A, int BOUND) {
     const int nb = m->cols / EL_QK;
     const size_t rb = m->row_bytes;
@@ -510,25 +488,22 @@ INLINE void q8r_gemv(const el_mm *m, int r0, int r1, const act_row *A, int BOUND
             acc[i] = bacc[i] = _mm256_setzero_ps();
             for (int b = 0; b < nb; b += RG) {
                 const int cnt = nb - b < RG ? nb - b : RG;
-                const __m256 dw = f16x8(d16, b, cnt, nb);
+                const __m256 dw = f16x8(d16, b, cnt);
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots8_q8(row, A, b, cnt)), _mm256_mul_ps(dw, _mm256_loadu_ps(da + b)), acc[i]);
                 if (BOUND)   /* scale_wmax of Q8_0: 127 |d| */
                     bacc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_and_ps(dw, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))), _mm256_set1_ps(127)),
                                               _mm256_loadu_ps(m->bound_v + b), bacc[i]);
             }
-            if (BOUND) m->bound[r + i] = hsum8(bacc[i]);
+            if (BOUND) m->bound[r + i] = hsum(bacc[i]);
         }
         if (nr == TR) _mm_storeu_ps(m->Y + r, hsum4(acc[0], acc[1], acc[2], acc[3]));
-        else m->Y[r] = hsum8(acc[0]);
+        else m->Y[r] = hsum(acc[0]);
         r += nr;
     }
 }
 
 static void mm_rows_avx512(const el_mm *m, int r0, int r1) {
     const int bound = m->bound != NULL;   /* a compile-time case each, so the plain product pays nothing for it */
-    /* A decode GEMV (one token, or its two planes) streams its weights from DRAM at the same rate with fewer
-     * instructions: AVX2's kernel, whose single stream and 32-byte loads that never cross a line measured faster
-     * than x_pair's two streams and than a one-group VNNI kernel (docs/PERFORMANCE.md) */
     if (m->wtype == EL_Q8_0R && m->n == 1 && m->planes != 2) {   /* the output matrix's GEMV */
         act_row A;
         if (spread_act(m->act, m->cols / EL_QK, &A)) {
@@ -536,6 +511,9 @@ static void mm_rows_avx512(const el_mm *m, int r0, int r1) {
             return;
         }
     }
+    /* Other decode GEMVs (one token, or its two planes) take AVX2's kernels: for Q4 weights, whose stream from DRAM
+     * sets the pace, its single stream and 32-byte loads that never cross a line measured faster than x_pair's two
+     * streams and than a one-group VNNI kernel (docs/PERFORMANCE.md) */
     if (m->n <= (m->planes == 2 ? 2 : 1)) {
         el_kernels_avx2.mm_rows(m, r0, r1);
         return;
