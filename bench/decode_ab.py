@@ -1,20 +1,24 @@
 #!/usr/bin/env python
 """Decode speed of two ways of running edgellm, rounds alternating in one process.
 
-    python bench/decode_ab.py --what huge-pages|greedy-runs|slabs|simd|prefetch [--threads 2] [--rounds 10]
+    python bench/decode_ab.py --what huge-pages|runs|slabs|simd|prefetch|sampling [--threads 2] [--rounds 10]
                               [--prompt-tokens 512] [--gen-tokens 64] [--kv-dtype q8_0] [--old-simd avx2]
-                              [--old-prefetch 4096]
+                              [--old-prefetch 4096] [--sampling greedy|chat]
 
 --what huge-pages: the weights in the huge-page arena (WeightArena, the default) against EDGELLM_HUGE_PAGES=0, where
 they are repacked in place in the GGUF file's private map, which the kernel backs with 4 KiB pages only.
---what greedy-runs: greedy decoding in runs of LLM.greedy_run_tokens tokens per native call (the default) against
-one call per token (greedy_run_tokens = 0).
+--what runs: decoding in runs of LLM.run_tokens tokens per native call (the default) against one call per token
+(run_tokens = 0).
 --what slabs: a quantized cache's full tails gathered into slabs of KVCache.slab_blocks tails (the default) against
 a slab per tail (slab_blocks = 1: each kv head's rows in runs of one block).
 --what simd: the detected kernel table against --old-simd (default avx2, e.g. on an AVX-512 part), one model, the
 table switched before each round.
 --what prefetch: the decode GEMVs' software prefetch distance of the detected table (el_prefetch_bytes) against
 --old-prefetch bytes, one model, set before each round.
+--what sampling: decoding sampled as `edgellm chat` samples (its temperature, top-k, top-p, min-p, repeat penalty; a
+fixed seed) against greedy decoding, one model: what a chat's draws cost.
+--sampling chat: every way samples as `edgellm chat` does (its temperature, top-k, top-p, min-p, repeat penalty; a
+fixed seed) instead of greedy.
 The model is loaded once per way and decode rounds alternate between the two (which goes first swaps every round),
 so the host's drift from minute to minute falls on both alike. It prints each round's tok/s, the ratio of the
 medians and the median of the rounds' ratios (new / old), and the two ways' median prefill rates (the prompt's).
@@ -30,6 +34,7 @@ import numpy as np
 
 import edgellm
 from edgellm import native as N
+from edgellm.cli.common import CHAT_SAMPLING
 
 
 def load(threads: int, kv_dtype: str, huge_pages: bool = True, run_tokens: int | None = None,
@@ -44,7 +49,7 @@ def load(threads: int, kv_dtype: str, huge_pages: bool = True, run_tokens: int |
         else:
             os.environ["EDGELLM_HUGE_PAGES"] = saved
     if run_tokens is not None:
-        llm.greedy_run_tokens = run_tokens
+        llm.run_tokens = run_tokens
     if slab_blocks is not None:
         llm._cache.slab_blocks = slab_blocks
     return llm
@@ -61,7 +66,7 @@ def huge_kb() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--what", choices=("huge-pages", "greedy-runs", "slabs", "simd", "prefetch"), required=True)
+    ap.add_argument("--what", choices=("huge-pages", "runs", "slabs", "simd", "prefetch", "sampling"), required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=512)
@@ -69,15 +74,18 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default="q8_0")
     ap.add_argument("--old-simd", default="avx2", choices=sorted(N.SIMD_LEVELS), help="--what simd's old")
     ap.add_argument("--old-prefetch", type=int, default=4096, help="--what prefetch's old, bytes")
+    ap.add_argument("--sampling", choices=("greedy", "chat"), default="greedy")
     args = ap.parse_args()
     levels = {"new": N.simd_level(), "old": N.simd_level()}
     distances = {"new": N.prefetch_bytes(), "old": N.prefetch_bytes()}
     if args.what == "huge-pages":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, huge_pages=False)}
-    elif args.what == "greedy-runs":
+    elif args.what == "runs":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, run_tokens=0)}
     elif args.what == "slabs":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, slab_blocks=1)}
+    elif args.what == "sampling":
+        llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
     elif args.what == "prefetch":
         llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
         distances["old"] = args.old_prefetch
@@ -86,6 +94,9 @@ def main() -> None:
         levels["old"] = N.SIMD_LEVELS[args.old_simd]
         if N.set_simd(levels["old"]) != levels["old"]:
             raise SystemExit(f"no {args.old_simd} kernels on this machine")
+    chat = {**CHAT_SAMPLING, "seed": 0}
+    sampling = {"new": chat if args.sampling == "chat" or args.what == "sampling" else {},
+                "old": chat if args.sampling == "chat" else {}}
     prompt = [int(t) for t in np.random.default_rng(0).integers(100, 40000, args.prompt_tokens)]
     rates: dict[str, list[float]] = {k: [] for k in llms}
     prefill: dict[str, list[float]] = {k: [] for k in llms}
@@ -95,12 +106,12 @@ def main() -> None:
             N.set_simd(levels[name])
             N.prefetch_bytes(distances[name])
             llm.reset()
-            llm.generate(prompt, max_tokens=args.gen_tokens, ignore_eos=True)
+            llm.generate(prompt, max_tokens=args.gen_tokens, ignore_eos=True, **sampling[name])
             rates[name].append(llm.stats()["decode_tok_s"])
             prefill[name].append(llm.stats()["prefill_tok_s"])
     N.set_simd(levels["new"])
     print(f"{args.what}: new against old, {args.threads} thread(s), {args.prompt_tokens}-token prompt, "
-          f"{args.gen_tokens} tokens, {args.kv_dtype} KV; weights in huge pages: {huge_kb() / 1024:.0f} MiB of the "
+          f"{args.gen_tokens} tokens (new {'chat' if sampling['new'] else 'greedy'}, old {'chat' if sampling['old'] else 'greedy'}), {args.kv_dtype} KV; weights in huge pages: {huge_kb() / 1024:.0f} MiB of the "
           f"process")
     if args.what == "prefetch":
         print(f"  prefetch distance: new {distances['new']} bytes, old {distances['old']}")

@@ -6,7 +6,7 @@
 
 Times the native backend's `step` / `next_logits` / `embed` per generated token (time.perf_counter around each call)
 after a random prompt of --prompt-tokens ids, greedy, EOS ignored. The first token (the prompt's prefill) is left out.
-Greedy runs are off (LLM.greedy_run_tokens = 0): a run's tokens come from one native call that has no parts to time.
+Greedy runs are off (LLM.run_tokens = 0): a run's tokens come from one native call that has no parts to time.
 --attention runs the layers one native call each instead of the one-call step (the same kernels and numerics, plus
 ~30 Python round trips per token) and times each layer's `el_attention` call, the parts then being layer, attention
 (inside layer), next_logits, embed.
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--attention", action="store_true", help="layer by layer, el_attention timed")
     args = ap.parse_args()
     llm = edgellm.LLM(args.model, n_threads=args.threads, kv=edgellm.KVConfig(kv_dtype=args.kv_dtype))
-    llm.greedy_run_tokens = 0
+    llm.run_tokens = 0
     backend = llm.model.backend
     parts = ("layer", "next_logits", "embed") if args.attention else PARTS
     spent, calls = dict.fromkeys(parts + ("attention",), 0.0), dict.fromkeys(parts + ("attention",), 0)

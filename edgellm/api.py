@@ -27,9 +27,9 @@ class LLM:
     Use `close()` (or a `with` block) to release the memory map and the KV cache.
     """
 
-    # Greedy decoding runs this many tokens per native call (Model.greedy_run) and streams them as they are handed
-    # out: at 150 tok/s a burst is ~0.1 s. 0: one call per token.
-    greedy_run_tokens = 16
+    # Decoding runs this many tokens per native call (Model.decode_run) and streams them as they are handed out: at
+    # 150 tok/s a burst is ~0.1 s. 0: one call per token.
+    run_tokens = 16
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, n_threads: int | None = None,
                  kv: KVConfig | None = None, n_ctx: int | None = None, backend: str = "native"):
@@ -164,9 +164,8 @@ class LLM:
             self._stats.update(decode_tokens=0, decode_s=0.0)
             logits = self._prefill(ids)
             t0, n_gen = time.perf_counter(), 0
-            runs = sampler.greedy and self.greedy_run_tokens > 0
             run_stops = () if ignore_eos else self.tokenizer.stop_ids
-            ahead = []   # a greedy run's tokens still to hand out: all but the last are in the cache already
+            ahead = []   # a run's tokens still to hand out: all but the last are in the cache already
             try:
                 while n_gen < max_tokens:
                     tok = ahead.pop(0) if ahead else sampler(logits, self._tokens)
@@ -179,8 +178,9 @@ class LLM:
                     if matcher.stopped or n_gen == max_tokens or (self.n_ctx and len(self._tokens) >= self.n_ctx):
                         break
                     if not ahead:   # tok still has to go into the cache
-                        run = runs and self.model.greedy_run(tok, self._cache,
-                                                             min(self.greedy_run_tokens, max_tokens - n_gen), run_stops)
+                        run = self.run_tokens > 0 and self.model.decode_run(
+                            tok, self._cache, min(self.run_tokens, max_tokens - n_gen), run_stops, sampler,
+                            self._tokens + [tok])
                         if run:
                             ahead = run
                         else:

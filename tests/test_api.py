@@ -6,6 +6,7 @@ import psutil
 import pytest
 
 import edgellm
+from edgellm.cli.common import CHAT_SAMPLING
 from edgellm.runtime.model import Model
 
 PROMPT = "The three primary colors are"
@@ -184,10 +185,10 @@ def test_trim_heap_returns_free_pages_below_a_live_block():
 
 @pytest.fixture(scope="module")
 def run_pair(model_path):
-    """Two q8_0 LLMs on one model file: greedy runs in native calls (the default) and one token per call."""
+    """Two q8_0 LLMs on one model file: runs of tokens in native calls (the default) and one token per call."""
     fast = edgellm.LLM(str(model_path), n_threads=2, kv=edgellm.KVConfig(kv_dtype="q8_0"), n_ctx=512)
     slow = edgellm.LLM(str(model_path), n_threads=2, kv=edgellm.KVConfig(kv_dtype="q8_0"), n_ctx=512)
-    slow.greedy_run_tokens = 0
+    slow.run_tokens = 0
     yield fast, slow
     fast.close(), slow.close()
 
@@ -198,45 +199,42 @@ def _same_state(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-def test_greedy_runs_equal_token_by_token(run_pair):
-    """Greedy runs (el_greedy_run) give token-by-token decoding's text and cache: across block boundaries (runs stop
-    short of a tail's end, whose token then goes alone and seals it), at a stop string inside a run (the run's extra
-    tokens leave the cache), when the consumer stops reading a stream, at EOS, and on the next turn."""
+@pytest.mark.parametrize("sampling", [{}, {**CHAT_SAMPLING, "seed": 5}], ids=["greedy", "sampled"])
+def test_runs_equal_token_by_token(run_pair, sampling):
+    """Runs (el_decode_run) give token-by-token decoding's text and cache, greedy or sampled with a seed (one draw
+    stream either way): across block boundaries (runs stop short of a tail's end, whose token then goes alone and
+    seals it), at a stop string inside a run (the run's extra tokens leave the cache), when the consumer stops
+    reading a stream, at EOS, and on the next turn."""
     fast, slow = run_pair
-    runs, count = [], fast.model.greedy_run
+    runs, count = [], fast.model.decode_run
 
     def counting(*a, **k):
         runs.append(count(*a, **k))
         return runs[-1]
-    fast.model.greedy_run = counting
+    fast.model.decode_run = counting
     try:
         for llm in run_pair:
             llm.reset()
-        long = [m.generate(PROMPT, max_tokens=150, ignore_eos=True) for m in run_pair]
+        long = [m.generate(PROMPT, max_tokens=150, ignore_eos=True, **sampling) for m in run_pair]
         assert long[0] == long[1] and len(runs) > 5 and all(0 < len(r) <= 16 for r in runs if r)
         _same_state(fast, slow)
         stop = long[1].split()[len(long[1].split()) // 2]   # a word far into a run
-        cut = [m.generate(PROMPT, max_tokens=150, stop=stop, ignore_eos=True) for m in run_pair]
+        cut = [m.generate(PROMPT, max_tokens=150, stop=stop, ignore_eos=True, **sampling) for m in run_pair]
         assert cut[0] == cut[1] and len(cut[0]) < len(long[0])
         _same_state(fast, slow)
         turn = fast._tokens + [28]   # the next turn reuses the cache's prefix
-        follow = [m.generate(turn, max_tokens=40, ignore_eos=True) for m in run_pair]
+        follow = [m.generate(turn, max_tokens=40, ignore_eos=True, **sampling) for m in run_pair]
         assert follow[0] == follow[1]
         _same_state(fast, slow)
         for llm in run_pair:   # the reader leaves after three pieces
-            pieces = llm.generate(PROMPT, max_tokens=100, ignore_eos=True, stream=True)
+            pieces = llm.generate(PROMPT, max_tokens=100, ignore_eos=True, stream=True, **sampling)
             [next(pieces) for _ in range(3)]
             pieces.close()
         _same_state(fast, slow)
-        chat = [m.chat([{"role": "user", "content": "hi"}], max_tokens=100) for m in run_pair]
+        chat = [m.chat([{"role": "user", "content": "hi"}], max_tokens=100, **sampling) for m in run_pair]
         assert chat[0] == chat[1] and fast.stats()["decode_tokens"] == slow.stats()["decode_tokens"] < 100
         _same_state(fast, slow)
     finally:
-        del fast.model.greedy_run
+        del fast.model.decode_run
 
 
-def test_runs_are_for_greedy_decoding_only(llm):
-    from edgellm.runtime.sampling import Sampler, SamplingParams
-    assert Sampler(SamplingParams()).greedy and Sampler(SamplingParams(repeat_last_n=0, repeat_penalty=1.3)).greedy
-    assert not Sampler(SamplingParams(temperature=0.7)).greedy
-    assert not Sampler(SamplingParams(repeat_penalty=1.3)).greedy

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from edgellm.native import ffi, lib
 from edgellm.runtime.sampling import Sampler, SamplingParams
 
 
@@ -56,3 +57,55 @@ def test_invalid_params():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+# -- the native sampler against reference.sample, draw by draw ------------------------------------------------------
+
+from edgellm.native import reference  # noqa: E402
+
+CASES = [
+    dict(temperature=0.0),
+    dict(temperature=0.0, repeat_penalty=1.3),
+    dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1),   # the chat defaults
+    dict(temperature=1.0),
+    dict(temperature=1.5, top_p=0.9),
+    dict(temperature=0.7, min_p=0.1),
+    dict(temperature=1.2, top_k=5),
+    dict(temperature=0.9, top_k=3000, top_p=0.5, repeat_penalty=0.8, repeat_last_n=10),
+]
+
+
+def _vocab_logits(rng, n):
+    """Logits on a grid of 1/4 (many ties, which rank by id) with a few NaNs"""
+    x = np.round(rng.normal(0, 3, n) * 4) / 4
+    x[rng.integers(0, n, 3)] = np.nan
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
+@pytest.mark.parametrize("n", [1000, 49152])
+def test_native_sampler_equals_reference(case, n):
+    rng = np.random.default_rng(n)
+    s = Sampler(SamplingParams(seed=7, **case))
+    draws = 300 if n == 1000 else 40
+    us = iter(reference.uniforms(7, draws))
+    for _ in range(draws):
+        logits, history = _vocab_logits(rng, n), rng.integers(0, 50, rng.integers(0, 100)).tolist()
+        u = next(us) if case["temperature"] else 0.0
+        assert s(logits, history) == reference.sample(logits, history, u=u, **case)
+
+
+def test_uniform_stream_is_splitmix64():
+    state = ffi.new("uint64_t *", 12345)
+    assert [lib.el_uniform(state) for _ in range(5)] == reference.uniforms(12345, 5)
+
+
+def test_all_nan_logits_raise():
+    with pytest.raises(ValueError, match="NaN"):
+        Sampler(SamplingParams(temperature=1.0))(np.full(4, np.nan, np.float32), [])
+
+
+def test_sampling_leaves_logits_unchanged():
+    logits = np.array([2.0, 1.9, -1.0], np.float32)
+    Sampler(SamplingParams(temperature=0.5, repeat_penalty=1.5, seed=0))(logits, [0, 2])
+    assert logits.tolist() == [2.0, 1.899999976158142, -1.0]

@@ -8,7 +8,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["core.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_neon.c", "attention.c", "scores.c", "step.c"]
+SOURCES = ["core.c", "kernels_scalar.c", "kernels_avx2.c", "kernels_avx512.c", "kernels_neon.c", "attention.c", "sample.c", "scores.c", "step.c"]
 
 
 def public_api() -> str:

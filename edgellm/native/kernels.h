@@ -174,17 +174,36 @@ typedef struct {
 int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
                       float *x, const el_buffers *b, const el_kvblock *seal);
 
-/* Greedy decoding without Python between tokens (Python between them runs with caches the weights evicted): feeds
- * tok at position pos through every layer (el_forward_layers), takes the next-token logits as the Python backend's
- * next_logits does (el_rmsnorm with out_norm, el_logits_refine with rho; into logits, output->rows floats) and
- * appends their argmax (the first largest) to out; then feeds that token at pos + 1, and so on: max_n tokens, or
- * fewer when one of stop[0..n_stop) comes (the last one in out, not fed). h: dim floats. The tails need room for
- * more than max_n tokens (none fills: no seal). Returns the number of tokens in out, or -1 (bad arguments, or out of
- * memory part way: the cache then holds tokens its owner does not know of). */
-int el_greedy_run(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, int32_t pos, int32_t tok,
+/* How el_sample picks a token from logits (SamplingParams): temperature 0 is the argmax (the first largest) */
+typedef struct {
+    float temperature, top_p, min_p, repeat_penalty;
+    int top_k, repeat_last_n;
+} el_sampling;
+
+/* The next uniform double in [0, 1) of a splitmix64 stream (state: its 64 bits, advanced) */
+double el_uniform(uint64_t *state);
+
+/* A token drawn from logits[0..n): the last repeat_last_n of hist[0..n_hist) penalized (positive logits divided by
+ * repeat_penalty, negative ones multiplied; a token seen twice moves once); at temperature 0 their argmax (the first
+ * largest), else, candidates in rank order (larger value first, then smaller id): the top_k best (all when 0),
+ * weighed w = exp((v - v_best) / temperature); kept: the prefix with w >= min_p, cut after the first candidate at
+ * which the running weight reaches top_p times the top_k's; drawn: the first kept candidate whose running weight
+ * exceeds u times the kept weight, u = el_uniform(state) (one draw a token; none at temperature 0). Logits are
+ * not changed. Returns the token, or -1 (no memory, no candidate). Reference: reference.sample. */
+int32_t el_sample(const el_sampling *s, uint64_t *state, const float *logits, int n, const int32_t *hist, int n_hist);
+
+/* Decoding without Python between tokens (Python between them runs with caches the weights evicted): feeds tok at
+ * position pos through every layer (el_forward_layers), takes the next-token logits as the Python backend's
+ * next_logits does (el_rmsnorm with out_norm, el_logits_refine with rho; into logits, output->rows floats), picks
+ * the next token from them by el_sample (s, state) with the history hist[0..n_hist) and appends it to out and to
+ * hist (room for n_hist + max_n); then feeds that token at pos + 1, and so on: max_n tokens, or fewer when one of
+ * stop[0..n_stop) comes (the last one in out, not fed). h: dim floats. The tails need room for more than max_n
+ * tokens (none fills: no seal). Returns the number of tokens in out, or -1 (bad arguments, or out of memory part
+ * way: the cache then holds tokens its owner does not know of). */
+int el_decode_run(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, int32_t pos, int32_t tok,
                   int max_n, const int32_t *stop, int n_stop, el_weight *embd, el_weight *output,
-                  const float *out_norm, const uint8_t *rho, float *x, const el_buffers *b, float *h, float *logits,
-                  int32_t *out);
+                  const float *out_norm, const uint8_t *rho, const el_sampling *s, uint64_t *state, int32_t *hist,
+                  int n_hist, float *x, const el_buffers *b, float *h, float *logits, int32_t *out);
 
 /* ---- internal ---- */
 

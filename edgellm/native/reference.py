@@ -139,5 +139,46 @@ def merge(o1, l1, o2, l2):
     return (w1 * o1 + w2 * o2).astype(np.float32), l.astype(np.float32)
 
 
+def uniforms(seed: int, n: int) -> list[float]:
+    """el_uniform's first n draws from state seed: splitmix64, the top 53 bits over 2^53."""
+    out, state, mask = [], seed % 2**64, 2**64 - 1
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(((z ^ (z >> 31)) >> 11) / 2.0**53)
+    return out
+
+
+def sample(logits, history, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+           repeat_penalty: float = 1.0, repeat_last_n: int = 64, u: float = 0.0) -> int:
+    """el_sample with the uniform u: the whole vocabulary sorted, the weights and their running sums in float64
+    (the native one sorts only the candidates it needs, and sums a top-p total in id order)."""
+    f32 = np.float32
+    v = np.asarray(logits, f32).reshape(-1).copy()
+    recent = np.unique([t for t in list(history)[max(len(history) - repeat_last_n, 0):] if 0 <= t < v.size])
+    if repeat_penalty != 1.0 and recent.size:
+        old = v[recent]
+        v[recent] = np.where(old > 0, old / f32(repeat_penalty), old * f32(repeat_penalty))
+    ids = np.flatnonzero(~np.isnan(v))
+    order = ids[np.lexsort((ids, -v[ids]))]   # larger value first, then smaller id
+    if temperature == 0:
+        return int(order[0])
+    if top_k:
+        order = order[:top_k]
+    w = np.exp((v[order].astype(np.float64) - float(v[order[0]])) / float(f32(temperature)))
+    cum = np.cumsum(w)
+    keep = order.size
+    low = np.flatnonzero(w[1:] < float(f32(min_p)))
+    if low.size:
+        keep = int(low[0]) + 1
+    if top_p < 1:
+        reach = np.flatnonzero(cum >= float(f32(top_p)) * cum[-1])
+        keep = min(keep, int(reach[0]) + 1)
+    j = int(np.searchsorted(cum[:keep], u * cum[keep - 1], side="right"))
+    return int(order[min(j, keep - 1)])
+
+
 __all__ = ["BLOCK_DTYPES", "attention", "attention_mass", "attention_probs", "dequantize_matrix", "hadamard", "matmul", "matmul_exact", "merge", "rmsnorm", "rope",
-           "silu_mul", "softmax"]
+           "sample", "silu_mul", "softmax", "uniforms"]

@@ -38,18 +38,10 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
     return 0;
 }
 
-/* the first largest of y[0..n) (numpy's argmax) */
-static int32_t argmax(const float *y, int n) {
-    int32_t best = 0;
-    for (int i = 1; i < n; i++)
-        if (y[i] > y[best]) best = i;
-    return best;
-}
-
-int el_greedy_run(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, int32_t pos, int32_t tok,
+int el_decode_run(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, int32_t pos, int32_t tok,
                   int max_n, const int32_t *stop, int n_stop, el_weight *embd, el_weight *output,
-                  const float *out_norm, const uint8_t *rho, float *x, const el_buffers *b, float *h, float *logits,
-                  int32_t *out) {
+                  const float *out_norm, const uint8_t *rho, const el_sampling *s, uint64_t *state, int32_t *hist,
+                  int n_hist, float *x, const el_buffers *b, float *h, float *logits, int32_t *out) {
     /* room for one more than the run feeds: no tail fills */
     if (max_n <= 0 || n_blocks <= 0 || !tails_have_room(descs, m->n_layer, n_blocks, max_n + 1)) return -1;
     for (int i = 0; i < max_n; i++) {
@@ -58,10 +50,11 @@ int el_greedy_run(const el_model *m, el_kvblock *const *descs, int n_blocks, int
         el_rmsnorm(x, out_norm, 1, m->dim, m->eps, h);
         el_weight_prepare(output);
         if (el_logits_refine(output, rho, h, logits) < 0) return -1;
-        out[i] = tok = argmax(logits, output->rows);
+        if ((tok = el_sample(s, state, logits, output->rows, hist, n_hist)) < 0) return -1;
+        out[i] = hist[n_hist++] = tok;
         pos++;
-        for (int s = 0; s < n_stop; s++)
-            if (tok == stop[s]) return i + 1;
+        for (int j = 0; j < n_stop; j++)
+            if (tok == stop[j]) return i + 1;
     }
     return max_n;
 }

@@ -182,11 +182,12 @@ class NativeBackend:
             raise MemoryError("el_logits_refine: out of memory")
         return out
 
-    def greedy_run(self, tok: int, cache: KVCache, max_n: int, stop) -> list[int] | None:
-        """Up to max_n tokens after tok, each the argmax of next_logits, in one C call (el_greedy_run: no Python
-        between tokens, where it runs with cold caches): tok and every returned token but the last go into the cache;
-        the last (a token of `stop`, or the max_n-th) does not. Fewer where the tails' room ends (no tail fills in a
-        run: the one that fills it goes by step); None when there is none."""
+    def decode_run(self, tok: int, cache: KVCache, max_n: int, stop, sampler, history) -> list[int] | None:
+        """Up to max_n tokens after tok, each drawn by `sampler` from next_logits, in one C call (el_decode_run: no
+        Python between tokens, where it runs with cold caches): tok and every returned token but the last go into
+        the cache; the last (a token of `stop`, or the max_n-th) does not. history: the tokens before the next one
+        (tok last). Fewer where the tails' room ends (no tail fills in a run: the one that fills it goes by step);
+        None when there is none."""
         max_n = min(max_n, cache.tail_room() - 1)
         if max_n <= 0:
             return None
@@ -196,12 +197,14 @@ class NativeBackend:
         self._buffers(1)
         h, logits = np.empty(self.cfg.n_embd, np.float32), np.empty(self.output.rows, np.float32)
         out, stops = np.empty(max_n, np.int32), np.array(sorted(stop), np.int32)
-        k = lib.el_greedy_run(self._model, cache.desc_table, n_blocks, cache.rotated, cache.next_pos, tok, max_n,
+        hist = sampler.recent(history, room=max_n)
+        k = lib.el_decode_run(self._model, cache.desc_table, n_blocks, cache.rotated, cache.next_pos, tok, max_n,
                               ffi.from_buffer("int32_t[]", stops) if stops.size else ffi.NULL, stops.size, self.embd,
-                              self.output, _fptr(self.out_norm), self._rho(), self.p["x"], self._bufs, _fptr(h),
-                              _fptr(logits), ffi.from_buffer("int32_t[]", out))
+                              self.output, _fptr(self.out_norm), self._rho(), sampler.c, sampler.state,
+                              ffi.from_buffer("int32_t[]", hist), hist.size - max_n, self.p["x"], self._bufs,
+                              _fptr(h), _fptr(logits), ffi.from_buffer("int32_t[]", out))
         if k < 0:
-            raise RuntimeError("el_greedy_run refused a run the cache had checked (or ran out of memory)")
+            raise RuntimeError("el_decode_run refused a run the cache had checked (or ran out of memory)")
         cache.stepped(k)
         return out[:k].tolist()
 

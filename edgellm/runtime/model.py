@@ -89,16 +89,16 @@ class Model:
                 out.append(last[None] if last is not None else self.backend.next_logits(x[part.size - 1:]))
         return out[0] if len(out) == 1 else np.concatenate(out)
 
-    def greedy_run(self, tok: int, cache, max_n: int, stop) -> list[int] | None:
-        """Up to max_n greedy tokens after tok in one native call (NativeBackend.greedy_run): tok and each returned
-        token but the last go into the cache. Fewer when a token of `stop` comes or the tails' room ends; None when
-        the caller must go token by token (forward): another backend, or a budget cache, which scores and distills
-        between tokens."""
+    def decode_run(self, tok: int, cache, max_n: int, stop, sampler, history) -> list[int] | None:
+        """Up to max_n tokens after tok, drawn by `sampler`, in one native call (NativeBackend.decode_run): tok and
+        each returned token but the last go into the cache. Fewer when a token of `stop` comes or the tails' room
+        ends; None when the caller must go token by token (forward): another backend, or a budget cache, which
+        scores and distills between tokens."""
         from ..kv.cache import KVCache
-        run = getattr(self.backend, "greedy_run", None)
+        run = getattr(self.backend, "decode_run", None)
         if run is None or type(cache) is not KVCache or not 0 <= tok < self.config.vocab_size:
             return None
-        return run(tok, cache, max_n, stop)
+        return run(tok, cache, max_n, stop, sampler, history)
 
     def _run(self, ids: np.ndarray, cache) -> np.ndarray:
         pos = np.arange(cache.next_pos, cache.next_pos + ids.size, dtype=np.int32)

@@ -1,9 +1,14 @@
 """Next-token sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..native import ffi, lib
+
+INT_MAX = 2**31 - 1   # C int: a larger top_k or window is every token anyway
 
 
 @dataclass(frozen=True)
@@ -27,57 +32,29 @@ class SamplingParams:
 
 
 class Sampler:
+    """Draws tokens by the native el_sample (the same code a native decode run draws with), from one splitmix64
+    stream per sampler: seeded, a conversation's draws repeat whether they ran token by token or in runs."""
+
     def __init__(self, params: SamplingParams):
-        self.p = params
-        self._rng = None
+        p = self.p = params
+        self.c = ffi.new("el_sampling *", {"temperature": p.temperature, "top_p": p.top_p, "min_p": p.min_p,
+                                           "repeat_penalty": p.repeat_penalty, "top_k": min(p.top_k, INT_MAX),
+                                           "repeat_last_n": min(p.repeat_last_n, INT_MAX)})
+        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.state = ffi.new("uint64_t *", seed % 2**64)
 
-    @property
-    def rng(self) -> np.random.Generator:
-        """Made on the first draw: numpy.random's import pulls in OpenSSL (through `secrets`, ~4 MB of RSS), which a
-        greedy run never needs."""
-        if self._rng is None:
-            self._rng = np.random.default_rng(self.p.seed)
-        return self._rng
-
-    @property
-    def greedy(self) -> bool:
-        """Whether every draw is the logits' argmax (the first largest), whatever the history."""
-        p = self.p
-        return p.temperature == 0.0 and (p.repeat_penalty == 1.0 or not p.repeat_last_n)
+    def recent(self, history, room: int = 0) -> np.ndarray:
+        """The history tokens the penalty looks at, int32, with `room` more slots after them (for a native run)"""
+        last = list(history[max(len(history) - self.p.repeat_last_n, 0):])
+        out = np.empty(len(last) + room, np.int32)
+        out[:len(last)] = last
+        return out
 
     def __call__(self, logits: np.ndarray, history) -> int:
-        p = self.p
-        logits = np.asarray(logits, np.float32).reshape(-1)
-        if p.repeat_penalty != 1.0 and p.repeat_last_n and len(history):
-            logits = _penalize(logits, history[-p.repeat_last_n:], p.repeat_penalty)
-        if p.temperature == 0.0:
-            return int(np.argmax(logits))
-        return self._sample(logits)
-
-    def _sample(self, logits: np.ndarray) -> int:
-        """A draw at the temperature from the filtered candidates. Every filter ranks the logits the same before and
-        after dividing by the temperature, so only the candidates are divided (a chat draws once a token: the
-        vocabulary-wide passes were most of its cost)."""
-        p = self.p
-        n = logits.size
-        k = n if p.top_k == 0 else min(p.top_k, n)
-        cand = np.argpartition(logits, n - k)[n - k:] if k < n else np.arange(n)
-        cand = cand[np.argsort(-logits[cand], kind="stable")]
-        z = logits[cand] / np.float32(p.temperature)
-        probs = np.exp(z - z[0])
-        probs /= probs.sum()
-        keep = probs >= p.min_p * probs[0]
-        if p.top_p < 1.0:  # smallest prefix whose mass reaches top_p
-            keep &= np.arange(probs.size) <= np.searchsorted(np.cumsum(probs), p.top_p)
-        cdf = np.cumsum(probs[keep])   # kept candidates stay a prefix: inverse CDF of one uniform draw
-        return int(cand[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), cdf.size - 1)])
-
-
-def _penalize(logits: np.ndarray, recent, penalty: float) -> np.ndarray:
-    """llama.cpp/CTRL style: divide positive logits of recently seen tokens by the penalty, multiply negative ones.
-    A token seen twice gets its new value twice (from the same old one), not the penalty twice."""
-    out = logits.copy()
-    ids = np.asarray(recent, np.int64)
-    v = logits[ids]
-    out[ids] = np.where(v > 0, v / penalty, v * penalty)
-    return out
+        logits = np.ascontiguousarray(logits, np.float32).reshape(-1)
+        recent = self.recent(history)
+        tok = lib.el_sample(self.c, self.state, ffi.from_buffer("float[]", logits), logits.size,
+                            ffi.from_buffer("int32_t[]", recent), recent.size)
+        if tok < 0:
+            raise ValueError("no token to sample: the logits are empty or all NaN")
+        return tok
