@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Decode speed of two ways of running edgellm, rounds alternating in one process.
 
-    python bench/decode_ab.py --what huge-pages|runs|slabs|simd|prefetch|sampling [--threads 2] [--rounds 10]
+    python bench/decode_ab.py --what huge-pages|runs|slabs|simd|prefetch|next|sampling [--threads 2] [--rounds 10]
                               [--prompt-tokens 512] [--gen-tokens 64] [--kv-dtype q8_0] [--old-simd avx2]
-                              [--old-prefetch 4096] [--sampling greedy|chat]
+                              [--old-prefetch 4096] [--old-next 0] [--sampling greedy|chat]
 
 --what huge-pages: the weights in the huge-page arena (WeightArena, the default) against EDGELLM_HUGE_PAGES=0, where
 they are repacked in place in the GGUF file's private map, which the kernel backs with 4 KiB pages only.
@@ -15,6 +15,8 @@ a slab per tail (slab_blocks = 1: each kv head's rows in runs of one block).
 table switched before each round.
 --what prefetch: the decode GEMVs' software prefetch distance of the detected table (el_prefetch_bytes) against
 --old-prefetch bytes, one model, set before each round.
+--what next: the bytes of the next decode product that an idle worker fetches between products (el_next_bytes, the
+default) against --old-next bytes (default 0: none), one model, set before each round.
 --what sampling: decoding sampled as `edgellm chat` samples (its temperature, top-k, top-p, min-p, repeat penalty; a
 fixed seed) against greedy decoding, one model: what a chat's draws cost.
 --sampling chat: every way samples as `edgellm chat` does (its temperature, top-k, top-p, min-p, repeat penalty; a
@@ -66,7 +68,7 @@ def huge_kb() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--what", choices=("huge-pages", "runs", "slabs", "simd", "prefetch", "sampling"), required=True)
+    ap.add_argument("--what", choices=("huge-pages", "runs", "slabs", "simd", "prefetch", "next", "sampling"), required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=512)
@@ -74,16 +76,21 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default="q8_0")
     ap.add_argument("--old-simd", default="avx2", choices=sorted(N.SIMD_LEVELS), help="--what simd's old")
     ap.add_argument("--old-prefetch", type=int, default=4096, help="--what prefetch's old, bytes")
+    ap.add_argument("--old-next", type=int, default=0, help="--what next's old, bytes")
     ap.add_argument("--sampling", choices=("greedy", "chat"), default="greedy")
     args = ap.parse_args()
     levels = {"new": N.simd_level(), "old": N.simd_level()}
     distances = {"new": N.prefetch_bytes(), "old": N.prefetch_bytes()}
+    nexts = {"new": N.next_bytes(), "old": N.next_bytes()}
     if args.what == "huge-pages":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, huge_pages=False)}
     elif args.what == "runs":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, run_tokens=0)}
     elif args.what == "slabs":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, slab_blocks=1)}
+    elif args.what == "next":
+        llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
+        nexts["old"] = args.old_next
     elif args.what == "sampling":
         llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
     elif args.what == "prefetch":
@@ -105,16 +112,20 @@ def main() -> None:
             llm = llms[name]
             N.set_simd(levels[name])
             N.prefetch_bytes(distances[name])
+            N.next_bytes(nexts[name])
             llm.reset()
             llm.generate(prompt, max_tokens=args.gen_tokens, ignore_eos=True, **sampling[name])
             rates[name].append(llm.stats()["decode_tok_s"])
             prefill[name].append(llm.stats()["prefill_tok_s"])
     N.set_simd(levels["new"])
+    N.next_bytes(nexts["new"])
     print(f"{args.what}: new against old, {args.threads} thread(s), {args.prompt_tokens}-token prompt, "
           f"{args.gen_tokens} tokens (new {'chat' if sampling['new'] else 'greedy'}, old {'chat' if sampling['old'] else 'greedy'}), {args.kv_dtype} KV; weights in huge pages: {huge_kb() / 1024:.0f} MiB of the "
           f"process")
     if args.what == "prefetch":
         print(f"  prefetch distance: new {distances['new']} bytes, old {distances['old']}")
+    if args.what == "next":
+        print(f"  next-product fetch: new {nexts['new']} bytes, old {nexts['old']}")
     for name, v in rates.items():
         print(f"  {name} decode tok/s: median {statistics.median(v):6.1f}, best {max(v):6.1f}; rounds "
               + " ".join(f"{x:.1f}" for x in v))

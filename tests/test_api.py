@@ -238,3 +238,15 @@ def test_runs_equal_token_by_token(run_pair, sampling):
         del fast.model.decode_run
 
 
+
+
+def test_next_product_fetch_is_a_knob_only(llm):
+    """el_next_bytes moves what an idle worker fetches between decode products (2 threads here), not the tokens."""
+    from edgellm import native as N
+    default = N.next_bytes()
+    texts = []
+    for n in (0, 1 << 20, default):
+        assert N.next_bytes(n) == n
+        llm.reset()
+        texts.append(llm.generate(PROMPT, max_tokens=24, ignore_eos=True))
+    assert texts[0] == texts[1] == texts[2] and N.next_bytes() == default > 0

@@ -44,6 +44,12 @@ def prefetch_bytes(n: int = 0) -> int:
     return lib.el_prefetch_bytes(int(n))
 
 
+def next_bytes(n: int = -1) -> int:
+    """Bytes of the next decode product an idle worker fetches between products: set to n where n >= 0 (0: none);
+    returns the one in use."""
+    return lib.el_next_bytes(int(n))
+
+
 def set_threads(n: int) -> None:
     n = int(n)
     if not 1 <= n <= 64:

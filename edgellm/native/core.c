@@ -136,6 +136,10 @@ static struct {
     unsigned start_gen;         /* gen when the workers were created (they must not miss a job bumped before they run) */
     el_task_fn fn;
     void *ctx;
+    /* the job's hint (pool_hint): the bytes the next job reads first, and how many. Atomic: a worker late for a job
+     * may read the next one's, which costs at most a useless fetch (a prefetch never faults) */
+    _Atomic(const char *) next;
+    atomic_size_t next_len;
     pthread_mutex_t mu;
     pthread_cond_t cv;
 } pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
@@ -184,7 +188,10 @@ static void *worker(void *arg) {
         }
         if (atomic_load(&pool.stop)) return NULL;
         seen = atomic_load(&pool.gen);
+        const char *next = atomic_load_explicit(&pool.next, memory_order_relaxed);
+        const size_t len = ith == pool.nth - 1 ? atomic_load_explicit(&pool.next_len, memory_order_relaxed) : 0;
         run_slot(ith, seen);
+        for (size_t o = 0; o < len; o += 64) __builtin_prefetch(next + o, 0, 3);
     }
 }
 
@@ -247,11 +254,27 @@ int el_get_threads(void) {
     return n;
 }
 
+/* The next job's first len bytes, for the job about to run (el_parallel clears it): the worker whose first run of
+ * work items is run 0 (runs_take) fetches them once its slot is done, while the caller runs the serial steps between
+ * the two products; that worker then starts the next product on its first rows from cache. */
+static void pool_hint(const void *next, size_t len) {
+    atomic_store_explicit(&pool.next, next, memory_order_relaxed);
+    atomic_store_explicit(&pool.next_len, len, memory_order_relaxed);
+}
+
+static int next_bytes = 32 << 10;   /* a decode product's hint: ~1 us of one thread's stream, about a serial gap */
+
+int el_next_bytes(int bytes) {
+    if (bytes >= 0) next_bytes = bytes;
+    return next_bytes;
+}
+
 /* caller holds api_mu */
 void el_parallel(el_task_fn fn, void *ctx) {
     pool_ensure();
     if (pool.nth == 1) {
         fn(ctx, 0, 1);
+        pool_hint(NULL, 0);
         return;
     }
     pool.fn = fn;
@@ -264,6 +287,7 @@ void el_parallel(el_task_fn fn, void *ctx) {
     fn(ctx, 0, pool.nth);
     for (int i = 1; i < pool.nth; i++) run_slot(i, g);
     for (int spins = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; spins++) cpu_relax(spins);
+    pool_hint(NULL, 0);
 }
 
 static void *scratch_buf[2];
@@ -346,7 +370,9 @@ static const el_block_q8a *quantize_x(const float *X, int n, int cols, int plane
 
 /* Work items in contiguous runs, one per thread (run i: items i * per ...): a thread takes its own run in order, then
  * what is left of the others', so a slow or descheduled thread's items go to the rest, while on an idle machine each
- * thread's items are consecutive rows and its prefetch stream runs on from one item into the next. */
+ * thread's items are consecutive rows and its prefetch stream runs on from one item into the next. Thread ith's own
+ * run is run ith + 1 (mod nth): run 0, the matrix's first rows, goes to the last worker, which may hold them already
+ * (pool_hint), not to the caller, which comes from the serial steps between products. */
 typedef struct {
     int items, per;
     struct {
@@ -362,7 +388,7 @@ static void runs_init(work_runs *w, int items, int nth) {
 
 /* The next item for thread ith, or -1 when every run is taken */
 static int runs_take(work_runs *w, int ith, int nth) {
-    for (int k = 0; k < nth; k++) {
+    for (int k = 1; k <= nth; k++) {
         const int o = ith + k < nth ? ith + k : ith + k - nth;
         const int i = atomic_fetch_add_explicit(&w->run[o].next, 1, memory_order_relaxed);
         if (i < w->per && o * w->per + i < w->items) return o * w->per + i;
@@ -1168,6 +1194,10 @@ static void matmul_many(el_weight *const *W, float *const *Y, int count, const f
         job.first[c + 1] = job.first[c] + (w->rows + job.chunk[c] - 1) / job.chunk[c];
     }
     runs_init(&job.runs, job.first[job.count], nth);
+    if (n == 1 && job.count) {   /* decode: the weights are laid out in a step's order, the next ones right after */
+        const el_mm *last = &job.m[job.count - 1];
+        pool_hint(last->W + (size_t)last->rows * last->row_bytes, (size_t)next_bytes);
+    }
     if (job.count) el_parallel(mm_many_task, &job);
 }
 

@@ -27,6 +27,9 @@ int  el_set_simd(int level);
 /* The decode GEMVs' software prefetch distance in bytes: set where bytes > 0 (a benchmark's knob; el_set_simd resets
  * it to its table's), returns the one in use */
 int  el_prefetch_bytes(int bytes);
+/* How many bytes of the next product an idle worker fetches while the caller runs the serial steps between two
+ * decode products (pool_hint): set where bytes >= 0 (a benchmark's knob; 0: none), returns the one in use */
+int  el_next_bytes(int bytes);
 void el_set_threads(int n);
 int  el_get_threads(void);
 void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
