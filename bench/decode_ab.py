@@ -81,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     levels = {"new": N.simd_level(), "old": N.simd_level()}
     distances = {"new": N.prefetch_bytes(), "old": N.prefetch_bytes()}
-    nexts = {"new": N.next_bytes(), "old": N.next_bytes()}
+    nexts = {"new": None, "old": None}   # el_next_bytes, set for --what next only
     if args.what == "huge-pages":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, huge_pages=False)}
     elif args.what == "runs":
@@ -90,7 +90,7 @@ def main() -> None:
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, slab_blocks=1)}
     elif args.what == "next":
         llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
-        nexts["old"] = args.old_next
+        nexts = {"new": N.next_bytes(), "old": args.old_next}
     elif args.what == "sampling":
         llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
     elif args.what == "prefetch":
@@ -112,13 +112,15 @@ def main() -> None:
             llm = llms[name]
             N.set_simd(levels[name])
             N.prefetch_bytes(distances[name])
-            N.next_bytes(nexts[name])
+            if nexts[name] is not None:
+                N.next_bytes(nexts[name])
             llm.reset()
             llm.generate(prompt, max_tokens=args.gen_tokens, ignore_eos=True, **sampling[name])
             rates[name].append(llm.stats()["decode_tok_s"])
             prefill[name].append(llm.stats()["prefill_tok_s"])
     N.set_simd(levels["new"])
-    N.next_bytes(nexts["new"])
+    if nexts["new"] is not None:
+        N.next_bytes(nexts["new"])
     print(f"{args.what}: new against old, {args.threads} thread(s), {args.prompt_tokens}-token prompt, "
           f"{args.gen_tokens} tokens (new {'chat' if sampling['new'] else 'greedy'}, old {'chat' if sampling['old'] else 'greedy'}), {args.kv_dtype} KV; weights in huge pages: {huge_kb() / 1024:.0f} MiB of the "
           f"process")

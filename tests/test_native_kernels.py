@@ -324,6 +324,24 @@ def test_prefetch_distance_is_a_knob_only():
     assert N.set_simd(best) == best and N.prefetch_bytes() == default
 
 
+def test_pool_timing_counts_jobs():
+    """el_pool_timing (bench/pool_split.py's tool) counts the jobs run while on and splits their time consistently."""
+    N.set_threads(2)
+    W = random_weights(GGMLType.Q4_1, 64, 64, np.random.default_rng(18))
+    x = np.ones((1, 64), np.float32)
+    out = N.ffi.new("double[5]")
+    N.lib.el_pool_timing(1, N.ffi.NULL)
+    for _ in range(3):
+        N.matmul(W, GGMLType.Q4_1, 64, 64, x)   # one job each (one row's activations quantize on the caller)
+    N.lib.el_pool_timing(0, out)
+    jobs, in_jobs, own, wait, between = (out[i] for i in range(5))
+    assert jobs == 3 and in_jobs > 0 and between > 0
+    assert abs(in_jobs - own - wait) < 1e-9 and own > 0 and wait >= 0
+    N.matmul(W, GGMLType.Q4_1, 64, 64, x)   # timing off: not counted
+    N.lib.el_pool_timing(0, out)
+    assert out[0] == 0
+
+
 def test_pool_survives_fork():
     import os
     N.set_threads(2)

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -269,12 +270,46 @@ int el_next_bytes(int bytes) {
     return next_bytes;
 }
 
+/* el_pool_timing's totals, in seconds; `last`: when the last timed job ended */
+typedef struct {
+    int on;
+    double jobs, in_jobs, own, wait, between, last;
+} pool_timing;
+static pool_timing timing;
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* A job that began at t0, whose caller's own slot ended at t1, and which ended at t2 */
+static void job_timed(double t0, double t1, double t2) {
+    timing.jobs++;
+    timing.in_jobs += t2 - t0, timing.own += t1 - t0, timing.wait += t2 - t1;
+    if (timing.last > 0) timing.between += t0 - timing.last;
+    timing.last = t2;
+}
+
+void el_pool_timing(int on, double *out) {
+    pthread_mutex_lock(&api_mu);
+    if (out) out[0] = timing.jobs, out[1] = timing.in_jobs, out[2] = timing.own, out[3] = timing.wait,
+             out[4] = timing.between;
+    timing = (pool_timing){.on = on};
+    pthread_mutex_unlock(&api_mu);
+}
+
 /* caller holds api_mu */
 void el_parallel(el_task_fn fn, void *ctx) {
     pool_ensure();
+    const double t0 = timing.on ? now_s() : 0;
     if (pool.nth == 1) {
         fn(ctx, 0, 1);
         pool_hint(NULL, 0);
+        if (timing.on) {
+            const double t = now_s();
+            job_timed(t0, t, t);
+        }
         return;
     }
     pool.fn = fn;
@@ -285,9 +320,11 @@ void el_parallel(el_task_fn fn, void *ctx) {
     pthread_cond_broadcast(&pool.cv);
     pthread_mutex_unlock(&pool.mu);
     fn(ctx, 0, pool.nth);
+    const double t1 = timing.on ? now_s() : 0;
     for (int i = 1; i < pool.nth; i++) run_slot(i, g);
     for (int spins = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; spins++) cpu_relax(spins);
     pool_hint(NULL, 0);
+    if (timing.on) job_timed(t0, t1, now_s());
 }
 
 static void *scratch_buf[2];

@@ -30,6 +30,10 @@ int  el_prefetch_bytes(int bytes);
 /* How many bytes of the next product an idle worker fetches while the caller runs the serial steps between two
  * decode products (pool_hint): set where bytes >= 0 (a benchmark's knob; 0: none), returns the one in use */
 int  el_next_bytes(int bytes);
+/* Times the thread pool's jobs (a benchmark's tool, bench/pool_split.py): out (5 doubles, or NULL) gets the totals
+ * since the last call: jobs, seconds inside jobs, of them the caller's own share and its wait for the other threads,
+ * and seconds between one job's end and the next one's start (the serial steps); then timing is on or off. */
+void el_pool_timing(int on, double *out);
 void el_set_threads(int n);
 int  el_get_threads(void);
 void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
