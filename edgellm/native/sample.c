@@ -99,14 +99,19 @@ static int top_m(const float *logits, int n, int m, const penalty *p, cand *out)
     return k;
 }
 
-/* Sum of exp((v - top) / t) over every token, penalties applied, in id order; terms below 2^-60 left out (they
- * cannot move a sum that holds the top token's 1 by more than n 2^-60) */
+/* Sum of exp((v - top) / t) over every token, penalties applied: the raw logits in id order, then each penalized
+ * token's raw term swapped for its penalized one. Terms below 2^-60 are left out (they cannot move a sum that holds
+ * the top token's 1 by more than n 2^-60). */
 static double weight_sum(const float *logits, int n, const penalty *p, float top, float t) {
     const float cut = top - 41.6f * t;   /* ln 2^60 = 41.59 */
     double sum = 0;
     for (int i = 0; i < n; i++)
-        if (logits[i] >= cut && !penalized(p, i)) sum += exp(((double)logits[i] - top) / t);
-    for (int j = 0; j < p->n; j++) sum += exp(((double)p->pen[j].v - top) / t);
+        if (logits[i] >= cut) sum += exp(((double)logits[i] - top) / t);
+    for (int j = 0; j < p->n; j++) {
+        const float raw = logits[p->pen[j].id];
+        if (raw >= cut) sum -= exp(((double)raw - top) / t);
+        sum += exp(((double)p->pen[j].v - top) / t);
+    }
     return sum;
 }
 
