@@ -195,8 +195,9 @@ double el_uniform(uint64_t *state);
  * largest), else, candidates in rank order (larger value first, then smaller id): the top_k best (all when 0),
  * weighed w = exp((v - v_best) / temperature); kept: the prefix with w >= min_p, cut after the first candidate at
  * which the running weight reaches top_p times the top_k's; drawn: the first kept candidate whose running weight
- * exceeds u times the kept weight, u = el_uniform(state) (one draw a token; none at temperature 0). Logits are
- * not changed. Returns the token, or -1 (no memory, no candidate). Reference: reference.sample. */
+ * exceeds u times the kept weight, u = el_uniform(state) (one draw a token; none at temperature 0). Weights and
+ * running sums in double, but without top-k the top_k's weight (the whole vocabulary's) is summed in float chunks.
+ * Logits are not changed. Returns the token, or -1 (no memory, no candidate). Reference: reference.sample. */
 int32_t el_sample(const el_sampling *s, uint64_t *state, const float *logits, int n, const int32_t *hist, int n_hist);
 
 /* Decoding without Python between tokens (Python between them runs with caches the weights evicted): feeds tok at

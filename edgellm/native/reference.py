@@ -154,7 +154,7 @@ def uniforms(seed: int, n: int) -> list[float]:
 def sample(logits, history, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
            repeat_penalty: float = 1.0, repeat_last_n: int = 64, u: float = 0.0) -> int:
     """el_sample with the uniform u: the whole vocabulary sorted, the weights and their running sums in float64
-    (the native one sorts only the candidates it needs, and sums a top-p total in id order)."""
+    (the native one sorts only the candidates it needs and, without top-k, sums the vocabulary's weight in float)."""
     f32 = np.float32
     v = np.asarray(logits, f32).reshape(-1).copy()
     recent = np.unique([t for t in list(history)[max(len(history) - repeat_last_n, 0):] if 0 <= t < v.size])

@@ -99,18 +99,24 @@ static int top_m(const float *logits, int n, int m, const penalty *p, cand *out)
     return k;
 }
 
-/* Sum of exp((v - top) / t) over every token, penalties applied: the raw logits in id order, then each penalized
- * token's raw term swapped for its penalized one. Terms below 2^-60 are left out (they cannot move a sum that holds
- * the top token's 1 by more than n 2^-60). */
+/* Sum of exp((v - top) / t) over every token, penalties applied: the raw logits' terms by the kernel table's float
+ * exp_sum (NaN logits none), a chunk at a time, the chunks' sums in double; then each penalized token's raw term
+ * swapped for its penalized one. */
 static double weight_sum(const float *logits, int n, const penalty *p, float top, float t) {
-    const float cut = top - 41.6f * t;   /* ln 2^60 = 41.59 */
+    float x[256];
+    const float inv = 1.0f / t;
     double sum = 0;
-    for (int i = 0; i < n; i++)
-        if (logits[i] >= cut) sum += exp(((double)logits[i] - top) / t);
+    for (int i0 = 0; i0 < n; i0 += 256) {
+        const int m = n - i0 < 256 ? n - i0 : 256;
+        for (int i = 0; i < m; i++) {
+            const float v = logits[i0 + i];
+            x[i] = v == v ? (v - top) * inv : -INFINITY;
+        }
+        sum += el_kern->exp_sum(x, m, 0.0f);
+    }
     for (int j = 0; j < p->n; j++) {
         const float raw = logits[p->pen[j].id];
-        if (raw >= cut) sum -= exp(((double)raw - top) / t);
-        sum += exp(((double)p->pen[j].v - top) / t);
+        sum += exp(((double)p->pen[j].v - top) / t) - exp(((double)raw - top) / t);
     }
     return sum;
 }
@@ -141,9 +147,10 @@ static int32_t walk(const el_sampling *s, const cand *c, int m, int complete, do
     return keep < 0 ? -1 : c[keep - 1].id;
 }
 
-/* The token from the best m candidates, or -1 with *more set when the draw needs more of them */
+/* The token from the best m candidates, or -1 with *more set when the draw needs more of them. *total: the
+ * vocabulary's weight where it is needed (without top-k), summed on the first call (when it is negative). */
 static int32_t pick(const el_sampling *s, const float *logits, int n, const penalty *p, int m, int k, double u,
-                    int *more) {
+                    double *total, int *more) {
     cand *c = malloc(sizeof(cand) * (EL_SAMPLE_SLACK * ((size_t)m + p->n) + p->n));
     double *cum = malloc(sizeof(double) * m);
     int32_t tok = -1;
@@ -152,12 +159,12 @@ static int32_t pick(const el_sampling *s, const float *logits, int n, const pena
     if (got && s->temperature == 0.0f) tok = c[0].id;
     else if (got) {
         const int complete = k || got < m || m == n;
-        double total = 0;
-        if (k)   /* top-p's share is of the top k */
-            for (int j = 0; j < got; j++) total += exp(((double)c[j].v - c[0].v) / s->temperature);
-        else if (s->top_p < 1.0f || s->min_p <= 0)
-            total = weight_sum(logits, n, p, c[0].v, s->temperature);
-        tok = walk(s, c, got, complete, total, u, cum);
+        if (k) {   /* top-p's share is of the top k */
+            *total = 0;
+            for (int j = 0; j < got; j++) *total += exp(((double)c[j].v - c[0].v) / s->temperature);
+        } else if (*total < 0 && (s->top_p < 1.0f || s->min_p <= 0))
+            *total = weight_sum(logits, n, p, c[0].v, s->temperature);
+        tok = walk(s, c, got, complete, *total, u, cum);
         *more = tok < 0;
     }
     free(c);
@@ -176,9 +183,10 @@ int32_t el_sample(const el_sampling *s, uint64_t *state, const float *logits, in
     const double u = s->temperature == 0.0f ? 0 : el_uniform(state);
     int32_t tok;
     int more;
+    double total = -1;
     /* no top-k: the best m candidates for m growing until the filters and the draw end inside them */
     for (int m = k ? k : 64;; m = m < n / 8 ? m * 8 : n)
-        if ((tok = pick(s, logits, n, &p, m, k, u, &more)) >= 0 || !more || m == n) break;
+        if ((tok = pick(s, logits, n, &p, m, k, u, &total, &more)) >= 0 || !more || m == n) break;
     if (p.pen != pen_buf) free(p.pen);
     return tok;
 }
