@@ -204,7 +204,8 @@ class NativeBackend:
                               ffi.from_buffer("int32_t[]", hist), hist.size - max_n, self.p["x"], self._bufs,
                               _fptr(h), _fptr(logits), ffi.from_buffer("int32_t[]", out))
         if k < 0:
-            raise RuntimeError("el_decode_run refused a run the cache had checked (or ran out of memory)")
+            raise RuntimeError("el_decode_run failed: no token to sample (NaN logits: a corrupt model?), out of memory, "
+                               "or a run the cache had checked was refused")
         cache.stepped(k)
         return out[:k].tolist()
 
