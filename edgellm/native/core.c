@@ -736,12 +736,20 @@ static size_t group_at(size_t bb, size_t nb, int r, size_t p) {
     return i < 2 ? b * 16 + (size_t)r * 2 + i : nb * 16 + (b * (bb - 2) + i - 2) * EL_KG + (size_t)r;
 }
 
+/* group_at's layout, written block by block (a seal groups every key it quantizes: no division per byte) */
 void el_kv_group(int type, const void *rows, long n, int hd, void *out) {
-    const size_t rb = el_row_bytes(type, hd), bb = el_row_bytes(type, EL_QK), nb = (size_t)hd / EL_QK;
-    for (long g = 0; g < n; g += EL_KG)
-        for (int r = 0; r < EL_KG; r++)
-            for (size_t p = 0; p < rb; p++)
-                ((char *)out)[g * rb + group_at(bb, nb, r, p)] = ((const char *)rows)[(g + r) * rb + p];
+    const size_t rb = el_row_bytes(type, hd), bb = el_row_bytes(type, EL_QK), nb = (size_t)hd / EL_QK, qb = bb - 2;
+    for (long g = 0; g < n; g += EL_KG) {
+        char *o = (char *)out + g * rb;
+        for (int r = 0; r < EL_KG; r++) {
+            const char *row = (const char *)rows + (g + r) * rb;
+            for (size_t b = 0; b < nb; b++, row += bb) {
+                o[b * 16 + (size_t)r * 2] = row[0], o[b * 16 + (size_t)r * 2 + 1] = row[1];
+                char *vals = o + nb * 16 + b * qb * EL_KG + (size_t)r;
+                for (size_t i = 0; i < qb; i++) vals[i * EL_KG] = row[2 + i];
+            }
+        }
+    }
 }
 
 void el_kv_ungroup(int type, const void *kg, long j, int n, int hd, void *out) {
