@@ -68,7 +68,7 @@ def test_refine_exact_where_it_matters(simd, threads, t, layout, rows, cols):
         hi = dequantize_activations(quantize_activations(x[None])).reshape(cols)
         lo = dequantize_activations(quantize_activations((x - hi)[None])).reshape(cols)
         bound = wl1 @ np.abs(lo.astype(np.float64)).reshape(-1, 32).max(1)
-        y, refined = N.logits_refine(Wt, wt, rows, cols, x, rho)
+        y, refined, best = N.logits_refine(Wt, wt, rows, cols, x, rho)
         y1 = N.matmul(Wt, wt, rows, cols, x[None])[0]
         yh = N.matmul(Wt, wt, rows, cols, x[None], hp=True)[0]
         exact = y == yh
@@ -77,7 +77,7 @@ def test_refine_exact_where_it_matters(simd, threads, t, layout, rows, cols):
         assert np.abs(yh - y1).max() <= bound.max() * 1.001 + 1e-5
         left = ~exact
         assert (y1[left] + bound[left] < yh.max()).all()   # none of them could have been the largest
-        assert np.argmax(y) == np.argmax(yh) and y.max() == yh.max()
+        assert np.argmax(y) == np.argmax(yh) == best and y.max() == yh.max()   # best: found among refined rows
 
 
 @pytest.mark.parametrize("t", [GGMLType.F16, GGMLType.F32], ids=lambda t: t.name)
@@ -86,8 +86,8 @@ def test_refine_float_weights_are_the_product(t):
     rows, cols = 37, 64
     W = random_weights(t, rows, cols, rng)
     x = rng.standard_normal(cols).astype(np.float32)
-    y, refined = N.logits_refine(W, t, rows, cols, x, np.zeros(rows, np.uint8))
-    assert refined == 0
+    y, refined, best = N.logits_refine(W, t, rows, cols, x, np.zeros(rows, np.uint8))
+    assert refined == 0 and best == np.argmax(y)
     np.testing.assert_array_equal(y, N.matmul(W, t, rows, cols, x[None])[0])
     with pytest.raises(ValueError, match="quantized"):
         N.l1_ratio(W, t, rows, cols)

@@ -131,18 +131,21 @@ def l1_ratio(W: np.ndarray, wtype, rows: int, cols: int) -> np.ndarray:
     return rho
 
 
-def logits_refine(W: np.ndarray, wtype, rows: int, cols: int, x: np.ndarray, rho: np.ndarray) -> tuple[np.ndarray, int]:
-    """W x for one row x by el_logits_refine: (y, number of rows recomputed by the two-plane product)."""
+def logits_refine(W: np.ndarray, wtype, rows: int, cols: int, x: np.ndarray,
+                  rho: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """W x for one row x by el_logits_refine: (y, number of rows recomputed by the two-plane product, the first
+    largest of y as el_logits_refine finds it)."""
     t, W = _weights(W, wtype, int(rows), int(cols))
     x = _f32(x, "x", 1)
     rho = np.ascontiguousarray(rho, np.uint8)
     if x.size != cols or rho.size != rows:
         raise ValueError(f"x must have {cols} values and rho {rows}")
-    y = np.empty(rows, np.float32)
-    n = lib.el_logits_refine(weight(W, t, rows, cols), _ptr(rho, "uint8_t *"), _ptr(x, "float *"), _ptr(y, "float *"))
+    y, best = np.empty(rows, np.float32), ffi.new("int32_t *")
+    n = lib.el_logits_refine(weight(W, t, rows, cols), _ptr(rho, "uint8_t *"), _ptr(x, "float *"), _ptr(y, "float *"),
+                             best)
     if n < 0:
         raise MemoryError("el_logits_refine: out of memory")
-    return y, n
+    return y, n, best[0]
 
 
 def get_rows(W: np.ndarray, wtype, rows: int, cols: int, ids) -> np.ndarray:

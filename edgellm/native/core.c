@@ -1114,13 +1114,13 @@ int el_weight_l1_ratio(el_weight *w, uint8_t *rho) {
 
 /* el_logits_refine's passes over the rows after the 8-bit product, each thread over its own whole 4-row tiles (the
  * tiles el_matmul_hp's work items are made of): the rows' bounds scaled and the largest lower bound, then the tiles
- * whose upper bound reaches it recomputed from both planes; per thread, its largest lower bound and its count of rows
- * recomputed. */
+ * whose upper bound reaches it recomputed from both planes; per thread, its largest lower bound, its count of rows
+ * recomputed and the first largest of them (-1: none). */
 typedef struct {
     el_mm hp;
     const uint8_t *rho;
     float *bound, top, lower[EL_MAX_THREADS];
-    int refined[EL_MAX_THREADS];
+    int refined[EL_MAX_THREADS], best[EL_MAX_THREADS];
 } refine_job;
 
 static void tile_range(int rows, int ith, int nth, int *r0, int *r1) {
@@ -1146,21 +1146,33 @@ static void lower_bounds_task(void *p, int ith, int nth) {
 
 static void refine_task(void *p, int ith, int nth) {
     refine_job *j = p;
-    int r0, r1, refined = 0;
+    int r0, r1, refined = 0, best = -1;
     tile_range(j->hp.rows, ith, nth, &r0, &r1);
     for (int r = r0; r < r1; r += 4) {
         const int e = r + 4 < r1 ? r + 4 : r1;
         int hit = 0;
         for (int i = r; i < e; i++) hit |= j->hp.Y[i] + j->bound[i] >= j->top;
-        if (hit) el_kern->mm_rows(&j->hp, r, e), refined += e - r;
+        if (!hit) continue;
+        el_kern->mm_rows(&j->hp, r, e), refined += e - r;
+        for (int i = r; i < e; i++)
+            if (best < 0 || j->hp.Y[i] > j->hp.Y[best]) best = i;
     }
-    j->refined[ith] = refined;
+    j->refined[ith] = refined, j->best[ith] = best;
 }
 
-int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y) {
+/* the first largest of y[0..n) (numpy's argmax) */
+static int32_t argmax(const float *y, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (y[i] > y[best]) best = i;
+    return best;
+}
+
+int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y, int32_t *best) {
     const int rows = w->rows, cols = w->cols, type = w->type, nb = cols / EL_QK, nbp = el_ds_blocks(nb);
     if (!el_is_quant(type)) {   /* f32 activations: exact already */
         el_matmul(w->w, type, rows, cols, x, 1, y, rows);
+        if (best && rows > 0) *best = argmax(y, rows);
         return 0;
     }
     if (rows <= 0 || cols % EL_QK) return -1;
@@ -1186,9 +1198,13 @@ int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y)
     rj.top = rj.lower[0];
     for (int i = 1; i < el_get_threads_locked(); i++) rj.top = rj.lower[i] > rj.top ? rj.lower[i] : rj.top;
     el_parallel(refine_task, &rj);
-    int refined = 0;
-    for (int i = 0; i < el_get_threads_locked(); i++) refined += rj.refined[i];
+    int refined = 0, top = -1;
+    for (int i = 0; i < el_get_threads_locked(); i++) {   /* threads in row order: the first largest stays */
+        refined += rj.refined[i];
+        if (rj.best[i] >= 0 && (top < 0 || y[rj.best[i]] > y[top])) top = rj.best[i];
+    }
     el_unlock();
+    if (best) *best = top >= 0 ? top : argmax(y, rows);   /* none recomputed: NaN bounds */
     return refined;
 }
 

@@ -135,9 +135,10 @@ int el_weight_l1_ratio(el_weight *w, uint8_t *rho);
  * residual plane could still lift to the largest value recomputed by el_matmul_hp's kernel (the same tiles, so
  * bit-identical). The residual of block b is at most 127 lo_b.d per element, so it moves row r by at most
  * sum_b 32 wmax_rb rho[r] / 255 * 127 lo_b.d (plus the products' float rounding): rows never recomputed lie within
- * that of el_matmul_hp, and the argmax is el_matmul_hp's. rho from el_weight_l1_ratio. Returns the number of rows
- * recomputed, or -1 (no memory). */
-int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y);
+ * that of el_matmul_hp, and the argmax is el_matmul_hp's. rho from el_weight_l1_ratio. best: NULL, or where the
+ * first largest of y goes, found among the recomputed rows (a row left alone lies below the largest lower bound, so
+ * below them): greedy decoding needs no pass over y. Returns the number of rows recomputed, or -1 (no memory). */
+int el_logits_refine(el_weight *w, const uint8_t *rho, const float *x, float *y, int32_t *best);
 
 /* One layer's attention input, identical to the unfused calls: h = rmsnorm(x) * norm (x, h [n][dim]); q, k, v =
  * h times wq, wk, wv (el_matmul; quantized weights share one quantization of h); RoPE (el_rope) on q's n_head

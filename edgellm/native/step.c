@@ -44,13 +44,15 @@ int el_decode_run(const el_model *m, el_kvblock *const *descs, int n_blocks, int
                   int n_hist, float *x, const el_buffers *b, float *h, float *logits, int32_t *out) {
     /* room for one more than the run feeds: no tail fills */
     if (max_n <= 0 || n_blocks <= 0 || !tails_have_room(descs, m->n_layer, n_blocks, max_n + 1)) return -1;
+    /* el_sample's draw is then the argmax, which el_logits_refine finds among the rows it recomputes */
+    const int greedy = s->temperature == 0.0f && (s->repeat_penalty == 1.0f || s->repeat_last_n == 0);
     for (int i = 0; i < max_n; i++) {
         el_get_rows(embd->w, embd->type, embd->cols, &tok, 1, x);
         if (el_forward_layers(m, descs, n_blocks, rotate, &pos, 1, x, b, NULL)) return -1;
         el_rmsnorm(x, out_norm, 1, m->dim, m->eps, h);
         el_weight_prepare(output);
-        if (el_logits_refine(output, rho, h, logits) < 0) return -1;
-        if ((tok = el_sample(s, state, logits, output->rows, hist, n_hist)) < 0) return -1;
+        if (el_logits_refine(output, rho, h, logits, greedy ? &tok : NULL) < 0) return -1;
+        if (!greedy && (tok = el_sample(s, state, logits, output->rows, hist, n_hist)) < 0) return -1;
         out[i] = hist[n_hist++] = tok;
         pos++;
         for (int j = 0; j < n_stop; j++)

@@ -178,7 +178,7 @@ class NativeBackend:
         could be the largest, the rest within the 8-bit product's error bound (el_logits_refine)."""
         h, o = self._normed(x, 1), self.output
         out = np.empty((1, o.rows), np.float32)
-        if lib.el_logits_refine(o, self._rho(), _fptr(h), _fptr(out)) < 0:
+        if lib.el_logits_refine(o, self._rho(), _fptr(h), _fptr(out), ffi.NULL) < 0:
             raise MemoryError("el_logits_refine: out of memory")
         return out
 
