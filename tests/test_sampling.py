@@ -109,3 +109,15 @@ def test_sampling_leaves_logits_unchanged():
     logits = np.array([2.0, 1.9, -1.0], np.float32)
     Sampler(SamplingParams(temperature=0.5, repeat_penalty=1.5, seed=0))(logits, [0, 2])
     assert logits.tolist() == [2.0, 1.899999976158142, -1.0]
+
+
+def test_penalized_token_far_above_the_rest():
+    """A recent token whose raw logit stands far above every other one, at a low temperature: its raw weight (e^20
+    here) must not enter the vocabulary's sum, whose float rounding would then outweigh everything else."""
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(0, 1, 1000) + 25).astype(np.float32)
+    logits[0] = 30
+    case = dict(temperature=0.1, top_p=0.9, repeat_penalty=1.1)
+    s = Sampler(SamplingParams(seed=9, **case))
+    for u in reference.uniforms(9, 200):
+        assert s(logits, [0]) == reference.sample(logits, [0], u=u, **case)

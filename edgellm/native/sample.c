@@ -99,9 +99,9 @@ static int top_m(const float *logits, int n, int m, const penalty *p, cand *out)
     return k;
 }
 
-/* Sum of exp((v - top) / t) over every token, penalties applied: the raw logits' terms by the kernel table's float
- * exp_sum (NaN logits none), a chunk at a time, the chunks' sums in double; then each penalized token's raw term
- * swapped for its penalized one. */
+/* Sum of exp((v - top) / t) over every token, penalties applied: the logits' terms by the kernel table's float
+ * exp_sum a chunk at a time (NaN logits and the penalized tokens' raw values none: a raw value above top would leave
+ * a float sum's rounding behind when taken off), the chunks' sums in double, then the penalized tokens' terms. */
 static double weight_sum(const float *logits, int n, const penalty *p, float top, float t) {
     float x[256];
     const float inv = 1.0f / t;
@@ -112,12 +112,11 @@ static double weight_sum(const float *logits, int n, const penalty *p, float top
             const float v = logits[i0 + i];
             x[i] = v == v ? (v - top) * inv : -INFINITY;
         }
+        for (int j = 0; j < p->n; j++)
+            if (p->pen[j].id >= i0 && p->pen[j].id < i0 + m) x[p->pen[j].id - i0] = -INFINITY;
         sum += el_kern->exp_sum(x, m, 0.0f);
     }
-    for (int j = 0; j < p->n; j++) {
-        const float raw = logits[p->pen[j].id];
-        sum += exp(((double)p->pen[j].v - top) / t) - exp(((double)raw - top) / t);
-    }
+    for (int j = 0; j < p->n; j++) sum += exp(((double)p->pen[j].v - top) / t);
     return sum;
 }
 
