@@ -22,7 +22,7 @@ PY=$W/pi-python
 CPUS=${PI_CPUS:-cortex-a76 cortex-a72}
 # the layouts' kernels and the pool; not the model repack check, which starts a second python (qemu user mode
 # runs only the one it was started with), nor the weight arena's, which loads the model (tokenizers is no arm64 .deb)
-TESTS=(tests/test_native_kernels.py tests/test_quant.py tests/test_repack.py tests/test_pool.py
+TESTS=(tests/test_native_kernels.py tests/test_quant.py tests/test_repack.py tests/test_pool.py tests/test_sampling.py
        --deselect tests/test_repack.py::test_model_repacks_on_first_use
        --deselect tests/test_repack.py::test_weight_arena_asks_for_huge_pages)
 
