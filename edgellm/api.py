@@ -178,9 +178,9 @@ class LLM:
                     if matcher.stopped or n_gen == max_tokens or (self.n_ctx and len(self._tokens) >= self.n_ctx):
                         break
                     if not ahead:   # tok still has to go into the cache
-                        recent = self._tokens[max(len(self._tokens) - sampler.p.repeat_last_n, 0):] + [tok]
                         run = self.run_tokens > 0 and self.model.decode_run(
-                            tok, self._cache, min(self.run_tokens, max_tokens - n_gen), run_stops, sampler, recent)
+                            tok, self._cache, min(self.run_tokens, max_tokens - n_gen), run_stops, sampler,
+                            self._tokens)
                         if run:
                             ahead = run
                         else:

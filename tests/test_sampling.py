@@ -121,3 +121,10 @@ def test_penalized_token_far_above_the_rest():
     s = Sampler(SamplingParams(seed=9, **case))
     for u in reference.uniforms(9, 200):
         assert s(logits, [0]) == reference.sample(logits, [0], u=u, **case)
+
+
+def test_recent_is_the_penalty_window():
+    s = Sampler(SamplingParams(repeat_last_n=3))
+    assert s.recent([1, 2, 3, 4]).tolist() == [2, 3, 4]
+    assert s.recent([1, 2, 3, 4], then=(5,), room=2)[:3].tolist() == [3, 4, 5] and s.recent([1], room=2).size == 3
+    assert Sampler(SamplingParams(repeat_last_n=0)).recent([1, 2], then=(3,)).size == 0

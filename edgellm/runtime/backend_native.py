@@ -185,9 +185,9 @@ class NativeBackend:
     def decode_run(self, tok: int, cache: KVCache, max_n: int, stop, sampler, history) -> list[int] | None:
         """Up to max_n tokens after tok, each drawn by `sampler` from next_logits, in one C call (el_decode_run: no
         Python between tokens, where it runs with cold caches): tok and every returned token but the last go into
-        the cache; the last (a token of `stop`, or the max_n-th) does not. history: the tokens before the next one
-        (tok last). Fewer where the tails' room ends (no tail fills in a run: the one that fills it goes by step);
-        None when there is none."""
+        the cache; the last (a token of `stop`, or the max_n-th) does not. history: the tokens before tok. Fewer
+        where the tails' room ends (no tail fills in a run: the one that fills it goes by step); None when there is
+        none."""
         max_n = min(max_n, cache.tail_room() - 1)
         if max_n <= 0:
             return None
@@ -197,7 +197,7 @@ class NativeBackend:
         self._buffers(1)
         h, logits = np.empty(self.cfg.n_embd, np.float32), np.empty(self.output.rows, np.float32)
         out, stops = np.empty(max_n, np.int32), np.array(sorted(stop), np.int32)
-        hist = sampler.recent(history, room=max_n)
+        hist = sampler.recent(history, then=(tok,), room=max_n)
         k = lib.el_decode_run(self._model, cache.desc_table, n_blocks, cache.rotated, cache.next_pos, tok, max_n,
                               ffi.from_buffer("int32_t[]", stops) if stops.size else ffi.NULL, stops.size, self.embd,
                               self.output, _fptr(self.out_norm), self._rho(), sampler.c, sampler.state,

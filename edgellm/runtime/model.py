@@ -90,10 +90,10 @@ class Model:
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def decode_run(self, tok: int, cache, max_n: int, stop, sampler, history) -> list[int] | None:
-        """Up to max_n tokens after tok, drawn by `sampler`, in one native call (NativeBackend.decode_run): tok and
-        each returned token but the last go into the cache. Fewer when a token of `stop` comes or the tails' room
-        ends; None when the caller must go token by token (forward): another backend, or a budget cache, which
-        scores and distills between tokens."""
+        """Up to max_n tokens after tok (history: the tokens before it), drawn by `sampler`, in one native call
+        (NativeBackend.decode_run): tok and each returned token but the last go into the cache. Fewer when a token
+        of `stop` comes or the tails' room ends; None when the caller must go token by token (forward): another
+        backend, or a budget cache, which scores and distills between tokens."""
         from ..kv.cache import KVCache
         run = getattr(self.backend, "decode_run", None)
         if run is None or type(cache) is not KVCache or not 0 <= tok < self.config.vocab_size:

@@ -43,9 +43,12 @@ class Sampler:
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.state = ffi.new("uint64_t *", seed % 2**64)
 
-    def recent(self, history, room: int = 0) -> np.ndarray:
-        """The history tokens the penalty looks at, int32, with `room` more slots after them (for a native run)"""
-        last = list(history[max(len(history) - self.p.repeat_last_n, 0):])
+    def recent(self, history, then=(), room: int = 0) -> np.ndarray:
+        """The tokens the penalty looks at, the last repeat_last_n of history followed by `then` (history is only
+        sliced: a whole context is never copied), int32, with `room` more slots after them (for a native run)"""
+        n = self.p.repeat_last_n
+        tail = list(history[max(len(history) - n, 0):]) + list(then)
+        last = tail[max(len(tail) - n, 0):]
         out = np.empty(len(last) + room, np.int32)
         out[:len(last)] = last
         return out
