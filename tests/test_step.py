@@ -58,6 +58,27 @@ def test_one_call_step_equals_layer_by_layer(model, parity_ref, kind):
         np.testing.assert_array_equal(fast_cache.origin[5], ref_cache.origin[5])
 
 
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_one_token_step_at_any_thread_count(model, parity_ref, threads):
+    """A one-token step runs every layer in one pool job, each thread its share of every product and its own heads
+    (uneven at 3 threads: 9 query and 3 kv heads; 5 threads on this machine's cores: oversubscribed, threads meet at
+    barriers): the per-layer path's logits and cache, bit for bit."""
+    from edgellm import native as N
+    before = N.get_threads()
+    N.set_threads(threads)
+    try:
+        ids = np.concatenate(parity_ref["ids"])[:sum(CHUNKS)]
+        ref_cache, fast_cache = _cache(model, "q8_0"), _cache(model, "q8_0")
+        ref, _ = _stream(model, ids, ref_cache, one_call=False)
+        fast, steps = _stream(model, ids, fast_cache, one_call=True)
+    finally:
+        N.set_threads(before)
+    assert steps > 50
+    np.testing.assert_array_equal(fast, ref)
+    for a, b in zip(fast_cache.dequantized(29), ref_cache.dequantized(29)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_slabs_change_the_layout_not_the_numbers(model, parity_ref):
     """A q8_0 cache's tails gathered into slabs (runs of 8 tails a kv head) against a slab per tail: the same logits
     bit for bit, through prefill chunks and one-call decode steps that seal tails into a slab and start the next."""

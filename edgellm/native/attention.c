@@ -270,7 +270,7 @@ done:
         size_t head = (size_t)(i0 + r / gs) * c->n_head + (size_t)g * gs + r % gs;
         float *out = c->out + head * hd, inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
         for (int d = 0; d < hd; d++) out[d] = o[(size_t)r * hd + d] * inv;
-        c->lse[head] = l[r] > 0 ? mx[r] + logf(l[r]) : -INFINITY;
+        if (c->lse) c->lse[head] = l[r] > 0 ? mx[r] + logf(l[r]) : -INFINITY;
     }
 }
 
@@ -280,8 +280,9 @@ static void attend_task(void *p, int ith, int nth) {
     for (int u; (u = atomic_fetch_add(&c->next, 1)) < c->n_units;) attend_unit(c, u, c->ws + (size_t)ith * c->ws_floats);
 }
 
-/* Merge the key chunks of each (query tile, kv head) with their lse and normalize (decode: a few hundred floats). */
-static void merge_chunks(att_ctx *c) {
+/* Merge the key chunks of each (query tile, kv head) with their lse and normalize into out and lse (NULL: not
+ * wanted; decode: a few hundred floats). */
+static void merge_chunks(const att_ctx *c, float *outs, float *lses) {
     const int gs = c->gs, hd = c->hd;
     for (int pi = 0; pi < c->n_units / c->nchunk; pi++) {
         int g = pi % c->n_kv, qtile = c->n_qt - 1 - pi / c->n_kv, i0 = qtile * c->qt;
@@ -289,7 +290,7 @@ static void merge_chunks(att_ctx *c) {
         const float *base = c->part + (size_t)pi * c->nchunk * part_floats(c);
         for (int r = 0; r < R; r++) {
             size_t head = (size_t)(i0 + r / gs) * c->n_head + (size_t)g * gs + r % gs;
-            float *out = c->out + head * hd, M = -INFINITY, L = 0;
+            float *out = outs + head * hd, M = -INFINITY, L = 0;
             for (int k = 0; k < c->nchunk; k++) {
                 const float *o = base + k * part_floats(c), m = o[(size_t)R * hd + r];
                 M = m > M ? m : M;
@@ -304,52 +305,91 @@ static void merge_chunks(att_ctx *c) {
             }
             float inv = L > 0 ? 1.0f / L : 0.0f;
             for (int d = 0; d < hd; d++) out[d] *= inv;
-            c->lse[head] = L > 0 ? M + logf(L) : -INFINITY;
+            if (lses) lses[head] = L > 0 ? M + logf(L) : -INFINITY;
         }
     }
 }
 
-void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
-                  const el_kvblock *blocks, int n_blocks, float *out, float *lse) {
-    if (n_q <= 0 || n_kv_head <= 0 || n_head % n_kv_head || n_head / n_kv_head > MAX_GROUP || hd <= 0 || hd > EL_MAX_HD) return;
+/* c for el_attention's arguments and nth threads; -1: arguments it rejects */
+static int att_init(att_ctx *c, const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd,
+                    float scale, const el_kvblock *blocks, int n_blocks, float *out, float *lse, int nth) {
+    if (n_q <= 0 || n_kv_head <= 0 || n_head % n_kv_head || n_head / n_kv_head > MAX_GROUP || hd <= 0 || hd > EL_MAX_HD)
+        return -1;
     long total = 0;
     int any_quant = 0;
     for (int b = 0; b < n_blocks; b++) {
-        if (!el_row_bytes(blocks[b].dtype, hd) || (el_is_quant(blocks[b].dtype) && hd % EL_QK)) return;
+        if (!el_row_bytes(blocks[b].dtype, hd) || (el_is_quant(blocks[b].dtype) && hd % EL_QK)) return -1;
         total += blocks[b].n;
         any_quant |= el_is_quant(blocks[b].dtype);
     }
-    el_lock();
-    int nth = el_get_threads_locked();
-    att_ctx c = {.nth = nth, .q = q, .q_pos = q_pos, .n_q = n_q, .n_head = n_head, .n_kv = n_kv_head, .hd = hd,
-                 .gs = n_head / n_kv_head, .scale = scale, .blocks = blocks, .n_blocks = n_blocks,
-                 .lanes = el_kern->attend_lanes && !any_quant && hd % 8 == 0,
-                 .out = out, .lse = lse};
-    c.kt = c.lanes ? EL_LANES_KT : EL_KT;
-    c.qt = TILE_ROWS / c.gs > 1 ? TILE_ROWS / c.gs : 1;
-    if (c.qt > n_q) c.qt = n_q;
-    c.n_qt = (n_q + c.qt - 1) / c.qt;
+    *c = (att_ctx){.nth = nth, .q = q, .q_pos = q_pos, .n_q = n_q, .n_head = n_head, .n_kv = n_kv_head, .hd = hd,
+                   .gs = n_head / n_kv_head, .scale = scale, .blocks = blocks, .n_blocks = n_blocks,
+                   .lanes = el_kern->attend_lanes && !any_quant && hd % 8 == 0, .out = out, .lse = lse};
+    c->kt = c->lanes ? EL_LANES_KT : EL_KT;
+    c->qt = TILE_ROWS / c->gs > 1 ? TILE_ROWS / c->gs : 1;
+    if (c->qt > n_q) c->qt = n_q;
+    c->n_qt = (n_q + c->qt - 1) / c->qt;
     /* Few (query tile, kv head) pairs (decode): split the keys too, into enough chunks that every thread streams
      * an equal share of the cache; a chunk keeps >= 256 keys so its fixed cost stays small */
-    int pairs = c.n_qt * n_kv_head;
-    c.nchunk = 1;
+    int pairs = c->n_qt * n_kv_head;
+    c->nchunk = 1;
     if (nth > 1 && pairs < 4 * nth) {
-        c.nchunk = (4 * nth + pairs - 1) / pairs;
-        while ((pairs * c.nchunk) % nth) c.nchunk++;
+        c->nchunk = (4 * nth + pairs - 1) / pairs;
+        while ((pairs * c->nchunk) % nth) c->nchunk++;
         long max_chunks = total / 256 > 1 ? total / 256 : 1;
-        if (c.nchunk > max_chunks) c.nchunk = (int)max_chunks;
+        if (c->nchunk > max_chunks) c->nchunk = (int)max_chunks;
     }
-    c.chunk_keys = total ? ((total + c.nchunk - 1) / c.nchunk + EL_KT - 1) / EL_KT * EL_KT : EL_KT;
-    c.n_units = pairs * c.nchunk;
-    c.ws_floats = (workspace_floats(&c) + 15) / 16 * 16;   /* whole cache lines: no false sharing */
-    size_t part = c.nchunk > 1 ? part_floats(&c) * c.n_units : 0;
-    float *mem = el_scratch(1, sizeof(float) * ((part + 15) / 16 * 16 + c.ws_floats * nth));
+    c->chunk_keys = total ? ((total + c->nchunk - 1) / c->nchunk + EL_KT - 1) / EL_KT * EL_KT : EL_KT;
+    c->n_units = pairs * c->nchunk;
+    c->ws_floats = (workspace_floats(c) + 15) / 16 * 16;   /* whole cache lines: no false sharing */
+    atomic_init(&c->next, 0);
+    return 0;
+}
+
+/* floats of scratch c's units need: the chunks' partial results, then each thread's workspace */
+static size_t att_part_floats(const att_ctx *c) {
+    return c->nchunk > 1 ? (part_floats(c) * c->n_units + 15) / 16 * 16 : 0;
+}
+
+static size_t att_scratch_floats(const att_ctx *c) { return att_part_floats(c) + c->ws_floats * c->nth; }
+
+static void att_bind(att_ctx *c, float *mem) {
+    c->part = mem;
+    c->ws = mem + att_part_floats(c);
+}
+
+size_t el_att_ctx_bytes(void) { return sizeof(att_ctx); }
+
+size_t el_att_plan(void *ctx, const float *q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
+                   const el_kvblock *blocks, int n_blocks, float *out, int nth) {
+    att_ctx *c = ctx;
+    return att_init(c, q, 1, q_pos, n_head, n_kv_head, hd, scale, blocks, n_blocks, out, NULL, nth) ? 0
+                                                                                                    : att_scratch_floats(c);
+}
+
+void el_att_bind(void *ctx, float *mem) { att_bind(ctx, mem); }
+
+void el_att_units(void *ctx, int ith) { attend_task(ctx, ith, ((att_ctx *)ctx)->nth); }
+
+void el_att_out(const void *ctx, float *out) {
+    const att_ctx *c = ctx;
+    if (c->nchunk > 1) merge_chunks(c, out, NULL);
+    else if (out != c->out) memcpy(out, c->out, sizeof(float) * c->n_head * c->hd);
+}
+
+void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
+                  const el_kvblock *blocks, int n_blocks, float *out, float *lse) {
+    att_ctx c;
+    el_lock();
+    if (att_init(&c, q, n_q, q_pos, n_head, n_kv_head, hd, scale, blocks, n_blocks, out, lse, el_get_threads_locked())) {
+        el_unlock();
+        return;
+    }
+    float *mem = el_scratch(1, sizeof(float) * att_scratch_floats(&c));
     if (mem) {
-        c.part = mem;
-        c.ws = mem + (part + 15) / 16 * 16;
-        atomic_init(&c.next, 0);
+        att_bind(&c, mem);
         el_parallel(attend_task, &c);
-        if (c.nchunk > 1) merge_chunks(&c);
+        if (c.nchunk > 1) merge_chunks(&c, c.out, c.lse);
     }
     el_unlock();
 }

@@ -327,8 +327,18 @@ void el_parallel(el_task_fn fn, void *ctx) {
     if (timing.on) job_timed(t0, t1, now_s());
 }
 
-static void *scratch_buf[2];
-static size_t scratch_size[2];
+void el_barrier_wait(el_barrier *b, int nth) {
+    const int phase = atomic_load_explicit(&b->phase, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == nth - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
+        return;
+    }
+    for (int spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase; spins++) cpu_relax(spins);
+}
+
+static void *scratch_buf[3];
+static size_t scratch_size[3];
 
 void *el_scratch(int slot, size_t bytes) {
     if (bytes <= scratch_size[slot]) return scratch_buf[slot];
@@ -382,6 +392,13 @@ static void quant2_task(void *p, int ith, int nth) {
     }
 }
 
+/* One activation row's block scales as el_mm.act_ds's planes: d[nbp] then s[nbp], zero padded */
+static void scale_planes(const el_block_q8a *q, int nb, float *d) {
+    const int nbp = el_ds_blocks(nb);
+    for (int b = 0; b < nb; b++) d[b] = q[b].d, d[nbp + b] = q[b].s;
+    for (int b = nb; b < nbp; b++) d[b] = d[nbp + b] = 0;
+}
+
 /* X (n rows of cols) as 8-bit blocks in scratch slot 0, two per row when planes == 2 (quant2_task), followed for
  * row-repacked weights (`ds`, el_uses_act_ds) by every activation row's scale planes (el_mm.act_ds, set in
  * *act_ds). NULL: no memory. */
@@ -396,13 +413,15 @@ static const el_block_q8a *quantize_x(const float *X, int n, int cols, int plane
     else task(&qc, 0, 1);
     if (ds) {
         float *d = (float *)((char *)qc.q + qbytes);
-        for (int i = 0; i < rows; i++, d += 2 * nbp) {
-            for (int b = 0; b < nb; b++) d[b] = qc.q[(size_t)i * nb + b].d, d[nbp + b] = qc.q[(size_t)i * nb + b].s;
-            for (int b = nb; b < nbp; b++) d[b] = d[nbp + b] = 0;
-        }
-        *act_ds = (float *)((char *)qc.q + qbytes);
+        for (int i = 0; i < rows; i++) scale_planes(qc.q + (size_t)i * nb, nb, d + (size_t)i * 2 * nbp);
+        *act_ds = d;
     }
     return qc.q;
+}
+
+void el_quant_row(const float *x, int cols, el_block_q8a *q, float *ds) {
+    el_kern->quant_act(x, q, cols / EL_QK);
+    if (ds) scale_planes(q, cols / EL_QK, ds);
 }
 
 /* Work items in contiguous runs, one per thread (run i: items i * per ...): a thread takes its own run in order, then
@@ -649,7 +668,7 @@ float *el_rope_table(int n, int rope_dim, const int32_t *pos, float freq_base) {
     return cs;
 }
 
-static void rope_apply(float *x, int n, int n_heads, int head_dim, int rope_dim, const float *cs_all, int neox) {
+void el_rope_apply(float *x, int n, int n_heads, int head_dim, int rope_dim, const float *cs_all, int neox) {
     int half = rope_dim / 2;
     for (int i = 0; i < n; i++) {
         const float *cs = cs_all + (size_t)i * half * 2;
@@ -675,7 +694,7 @@ void el_rope(float *x, int n, int n_heads, int head_dim, int rope_dim, const int
     if (!el_rope_applies(rope_dim, head_dim)) return;
     float *cs = el_rope_table(n, rope_dim, pos, freq_base);
     if (!cs) return;
-    rope_apply(x, n, n_heads, head_dim, rope_dim, cs, neox);
+    el_rope_apply(x, n, n_heads, head_dim, rope_dim, cs, neox);
     free(cs);
 }
 
@@ -776,30 +795,29 @@ void el_kv_seal(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd) {
     tail->k = to->k, tail->v = to->v, tail->dtype = to->dtype, tail->cap = to->cap;
 }
 
+void el_kv_append_head(const float *x, int hd, int rotate, uint16_t *dst) {
+    if (!rotate) {
+        to_f16_row(x, dst, hd);
+        return;
+    }
+    float stack[EL_MAX_HD], *buf = hd <= EL_MAX_HD ? stack : malloc(sizeof(float) * hd);
+    if (!buf) return;
+    memcpy(buf, x, sizeof(float) * hd);
+    hadamard_rows(buf, 1, hd, 1.0f / sqrtf((float)hd));
+    to_f16_row(buf, dst, hd);
+    if (buf != stack) free(buf);
+}
+
 void el_kv_append(const float *k, const float *v, const int32_t *pos, int n, int n_kv_head, int hd, int rotate,
                   void *k16, void *v16, int32_t *pos16, int row0, int cap) {
     if (n <= 0 || hd <= 0 || row0 < 0 || row0 + n > cap) return;
     if (rotate && (hd & (hd - 1))) return;
-    float stack[256], *buf = hd <= 256 ? stack : malloc(sizeof(float) * hd);
-    if (!buf) return;
-    const float norm = 1.0f / sqrtf((float)hd);
-    for (int s = 0; s < 2; s++) {
-        const float *src = s ? v : k;
-        uint16_t *dst = s ? v16 : k16;
+    for (int s = 0; s < 2; s++)
         for (int i = 0; i < n; i++)
-            for (int g = 0; g < n_kv_head; g++) {
-                const float *x = src + ((size_t)i * n_kv_head + g) * hd;
-                uint16_t *y = dst + ((size_t)g * cap + row0 + i) * hd;
-                if (rotate) {
-                    memcpy(buf, x, sizeof(float) * hd);
-                    hadamard_rows(buf, 1, hd, norm);
-                    x = buf;
-                }
-                to_f16_row(x, y, hd);
-            }
-    }
+            for (int g = 0; g < n_kv_head; g++)
+                el_kv_append_head((s ? v : k) + ((size_t)i * n_kv_head + g) * hd, hd, rotate,
+                                  (uint16_t *)(s ? v16 : k16) + ((size_t)g * cap + row0 + i) * hd);
     memcpy(pos16 + row0, pos, sizeof(int32_t) * n);
-    if (buf != stack) free(buf);
 }
 
 /* ---------------- KV gather (compaction) ---------------- */
@@ -855,7 +873,7 @@ static void gather_task(void *p, int ith, int nth) {
             hadamard_rows(vo, 1, hd, norm);
         }
         if (c->cs)   /* CR-RoPE: from the entry's position to its rank (the delta was range-checked) */
-            rope_apply(ko, 1, 1, hd, c->rope_dim, c->cs + (size_t)(i - B->pos[r] - c->d0) * c->rope_dim, c->neox);
+            el_rope_apply(ko, 1, 1, hd, c->rope_dim, c->cs + (size_t)(i - B->pos[r] - c->d0) * c->rope_dim, c->neox);
     }
 }
 
@@ -1031,8 +1049,7 @@ int el_repack(void *W, int type, int rows, int cols) {
     return type;
 }
 
-/* el_weight_prepare; caller holds the lock */
-static void prepare_locked(el_weight *w) {
+void el_weight_prepare_locked(el_weight *w) {
     void *dst = w->home ? w->home : w->w;
     const int type = repack_locked(w->w, dst, w->type, w->rows, w->cols);
     if (type != w->type) w->w = dst, w->type = type;
@@ -1040,7 +1057,7 @@ static void prepare_locked(el_weight *w) {
 
 void el_weight_prepare(el_weight *w) {
     el_lock();
-    prepare_locked(w);
+    el_weight_prepare_locked(w);
     el_unlock();
 }
 
@@ -1235,7 +1252,7 @@ static void matmul_many(el_weight *const *W, float *const *Y, int count, const f
     if (n <= 0 || count <= 0 || count > EL_MANY) return;
     int nth = el_get_threads_locked(), cols = W[0]->cols, any_quant = 0, any_ds = 0;
     for (int i = 0; i < count; i++) {
-        prepare_locked(W[i]);
+        el_weight_prepare_locked(W[i]);
         any_quant |= el_is_quant(W[i]->type);
         any_ds |= el_uses_act_ds(W[i]->type);
     }
@@ -1282,8 +1299,8 @@ void el_attn_in_cs(const float *x, int n, int dim, const float *norm, float eps,
     matmul_many(W, Y, 3, h, n);
     el_unlock();
     if (!cs) return;
-    rope_apply(q, n, n_head, head_dim, rope_dim, cs, neox);
-    rope_apply(k, n, n_kv_head, head_dim, rope_dim, cs, neox);
+    el_rope_apply(q, n, n_head, head_dim, rope_dim, cs, neox);
+    el_rope_apply(k, n, n_kv_head, head_dim, rope_dim, cs, neox);
 }
 
 void el_attn_out_mlp(float *x, const float *att, int n, int dim, el_weight *wo, const float *norm, float eps,

@@ -4,6 +4,7 @@
 #define EDGELLM_KERNELS_H
 
 #include <stddef.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 /* ---- public API ---- */
@@ -393,8 +394,36 @@ extern const el_kernels el_kernels_neon_dot;   /* level 11: + dotprod (Pi 5) */
  * group, its first keys left unused */
 #define EL_ST (EL_KT + EL_KG)
 
-/* Scratch memory owned by the library, grown on demand; slot 0 is matmul activations, 1 attention.
- * Only used under the library lock (el_matmul / el_attention serialize). */
+/* Scratch memory owned by the library, grown on demand; slot 0 is matmul activations, 1 attention, 2 the one-token
+ * step's per-thread buffers. Only used under the library lock (el_matmul / el_attention serialize). */
 void *el_scratch(int slot, size_t bytes);
+
+/* A spin barrier for the nth threads of one el_parallel job (zero-initialized) */
+typedef struct {
+    _Alignas(64) atomic_int arrived;
+    _Alignas(64) atomic_int phase;
+} el_barrier;
+void el_barrier_wait(el_barrier *b, int nth);
+
+/* el_weight_prepare; caller holds the lock */
+void el_weight_prepare_locked(el_weight *w);
+/* One activation row (cols floats) as 8-bit blocks q and, where ds is not NULL, their scale planes (el_mm.act_ds) */
+void el_quant_row(const float *x, int cols, el_block_q8a *q, float *ds);
+/* RoPE on n rows of n_heads heads with the positions' table cs (el_rope_table) */
+void el_rope_apply(float *x, int n, int n_heads, int head_dim, int rope_dim, const float *cs, int neox);
+/* One head's K or V row (hd floats; rotated first when `rotate`) as f16 at dst: el_kv_append's step */
+void el_kv_append_head(const float *x, int hd, int rotate, uint16_t *dst);
+
+/* el_attention for one query inside a caller's parallel region of nth threads (el_forward_layers' one-token step):
+ * el_att_plan fills ctx (el_att_ctx_bytes of memory) and returns the floats of scratch its units need (0: arguments
+ * el_attention rejects), el_att_bind gives them; then each thread runs el_att_units(ctx, ith), and once all have,
+ * el_att_out writes the heads' outputs, el_attention's values, to any out (the units' own go to `out` of the plan,
+ * which el_att_out may read, so every thread can take its own copy). */
+size_t el_att_ctx_bytes(void);
+size_t el_att_plan(void *ctx, const float *q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
+                   const el_kvblock *blocks, int n_blocks, float *out, int nth);
+void el_att_bind(void *ctx, float *mem);
+void el_att_units(void *ctx, int ith);
+void el_att_out(const void *ctx, float *out);
 
 #endif
