@@ -38,7 +38,7 @@ typedef struct {
     const el_buffers *b;
     const int *row;   /* per layer: the tail row the token goes to */
     char *att;        /* per layer: an el_att_plan context, att_bytes apart */
-    size_t att_bytes;
+    size_t att_bytes, next;   /* next: el_next_bytes, what fetch_rows takes of a share */
     own_bufs *own;
     el_barrier bar;
 } token_job;
@@ -75,13 +75,19 @@ static int head_cut(int H, int G, int ith, int nth) {
     return u;
 }
 
+/* thread ith's query heads [q0, q1) and kv heads [g0, g1) (head_cut) */
+static void heads_of(const el_model *m, int ith, int nth, int *q0, int *q1, int *g0, int *g1) {
+    const int H = m->n_head, G = m->n_kv_head, u0 = head_cut(H, G, ith, nth), u1 = head_cut(H, G, ith + 1, nth);
+    *q0 = u0 < H ? u0 : H, *q1 = u1 < H ? u1 : H, *g0 = u0 > H ? u0 - H : 0, *g1 = u1 > H ? u1 - H : 0;
+}
+
 /* The layer's QKV rows of thread ith's heads, RoPE and rotation on them, its kv heads' K/V rows into the tail */
 static void qkv_heads(const token_job *j, const el_layer_w *L, const el_kvblock *tail, int row, const own_bufs *o,
                       int ith, int nth) {
     const el_model *m = j->m;
-    const int H = m->n_head, G = m->n_kv_head, hd = m->head_dim, u0 = head_cut(H, G, ith, nth),
-              u1 = head_cut(H, G, ith + 1, nth);
-    const int q0 = u0 < H ? u0 : H, q1 = u1 < H ? u1 : H, g0 = u0 > H ? u0 - H : 0, g1 = u1 > H ? u1 - H : 0;
+    const int hd = m->head_dim;
+    int q0, q1, g0, g1;
+    heads_of(m, ith, nth, &q0, &q1, &g0, &g1);
     const el_buffers *b = j->b;
     rows_of(L->wq, o->h, o, b->q, q0 * hd, q1 * hd);
     rows_of(L->wk, o->h, o, b->k, g0 * hd, g1 * hd);
@@ -98,12 +104,37 @@ static void qkv_heads(const token_job *j, const el_layer_w *L, const el_kvblock 
     }
 }
 
+/* The first `bytes` of rows [r0, r1) of w, fetched while the thread waits at a barrier: the kernels prefetch
+ * el_pf_bytes ahead of the row in use, so a share's first rows would otherwise come from DRAM on demand. */
+static void fetch_rows(const el_weight *w, int r0, int r1, size_t bytes) {
+    if (r0 >= r1) return;
+    const size_t rb = el_row_bytes(w->type, w->cols), len = (size_t)(r1 - r0) * rb < bytes ? (size_t)(r1 - r0) * rb : bytes;
+    const char *p = (const char *)w->w + (size_t)r0 * rb;
+    for (size_t o = 0; o < len; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
+
+/* fetch_rows of thread ith's share of w */
+static void fetch_share(const el_weight *w, size_t bytes, int ith, int nth) {
+    int r0, r1;
+    share(w->rows, ith, nth, &r0, &r1);
+    fetch_rows(w, r0, r1, bytes);
+}
+
 /* rows [r0, r1) of w's product added to x (the residual) */
 static void add_rows(const el_weight *w, const float *in, const own_bufs *o, float *tmp, float *x, int ith, int nth) {
     int r0, r1;
     share(w->rows, ith, nth, &r0, &r1);
     rows_of(w, in, o, tmp, r0, r1);
     for (int r = r0; r < r1; r++) x[r] += tmp[r];
+}
+
+/* fetch_rows of thread ith's QKV rows in layer L */
+static void fetch_qkv(const el_model *m, const el_layer_w *L, size_t bytes, int ith, int nth) {
+    int q0, q1, g0, g1;
+    heads_of(m, ith, nth, &q0, &q1, &g0, &g1);
+    fetch_rows(L->wq, q0 * m->head_dim, q1 * m->head_dim, bytes);
+    fetch_rows(L->wk, g0 * m->head_dim, g1 * m->head_dim, bytes);
+    fetch_rows(L->wv, g0 * m->head_dim, g1 * m->head_dim, bytes);
 }
 
 static void token_task(void *p, int ith, int nth) {
@@ -120,11 +151,14 @@ static void token_task(void *p, int ith, int nth) {
         el_barrier_wait(&j->bar, nth);
         void *att = j->att + (size_t)l * j->att_bytes;
         el_att_units(att, ith);
+        fetch_share(L->wo, j->next, ith, nth);
         el_barrier_wait(&j->bar, nth);
         el_att_out(att, o->att);
         if (j->rotate) el_hadamard(o->att, H, hd);
         acts_for(&L->wo, 1, o->att, H * hd, o);
         add_rows(L->wo, o->att, o, b->h, j->x, ith, nth);
+        fetch_share(L->gate, j->next, ith, nth);
+        fetch_share(L->up, j->next, ith, nth);
         el_barrier_wait(&j->bar, nth);
         el_rmsnorm(j->x, L->ffn_norm, 1, dim, m->eps, o->h);
         acts_for((el_weight *[]){L->gate, L->up}, 2, o->h, dim, o);
@@ -133,9 +167,11 @@ static void token_task(void *p, int ith, int nth) {
         rows_of(L->gate, o->h, o, b->g, r0, r1);
         rows_of(L->up, o->h, o, b->u, r0, r1);
         el_kern->silu_mul(b->g + r0, b->u + r0, r1 - r0);
+        fetch_share(L->down, j->next, ith, nth);
         el_barrier_wait(&j->bar, nth);
         acts_for(&L->down, 1, b->g, L->gate->rows, o);
         add_rows(L->down, b->g, o, b->h, j->x, ith, nth);
+        if (l + 1 < m->n_layer) fetch_qkv(m, &m->layers[l + 1], j->next, ith, nth);
         el_barrier_wait(&j->bar, nth);
     }
 }
@@ -203,7 +239,7 @@ static int token_locked(const el_model *m, el_kvblock *const *descs, int n_block
         ((int32_t *)descs[l][n_blocks - 1].pos)[row[l]] = pos[0];
     }
     token_job j = {.m = m, .descs = descs, .n_blocks = n_blocks, .rotate = rotate, .cs = cs, .x = x, .b = b,
-                   .row = row, .att = att, .att_bytes = att_bytes, .own = bufs};
+                   .row = row, .att = att, .att_bytes = att_bytes, .next = (size_t)el_next_bytes(-1), .own = bufs};
     el_parallel(token_task, &j);
     return 0;
 }
