@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Decode speed of two ways of running edgellm, rounds alternating in one process.
 
-    python bench/decode_ab.py --what huge-pages|runs|slabs|simd|prefetch|next|sampling [--threads 2] [--rounds 10]
+    python bench/decode_ab.py --what huge-pages|runs|slabs|simd|prefetch|next|sampling|token [--threads 2] [--rounds 10]
                               [--prompt-tokens 512] [--gen-tokens 64] [--kv-dtype q8_0] [--old-simd avx2]
                               [--old-prefetch 4096] [--old-next 0] [--sampling greedy|chat]
 
@@ -15,8 +15,10 @@ a slab per tail (slab_blocks = 1: each kv head's rows in runs of one block).
 table switched before each round.
 --what prefetch: the decode GEMVs' software prefetch distance of the detected table (el_prefetch_bytes) against
 --old-prefetch bytes, one model, set before each round.
---what next: the bytes of the next decode product that an idle worker fetches between products (el_next_bytes, the
-default) against --old-next bytes (default 0: none), one model, set before each round.
+--what next: the bytes of the next decode product that a thread fetches ahead (el_next_bytes, the default) against
+--old-next bytes (default 0: none), one model, set before each round.
+--what token: one-token steps as one pool job for all layers (el_token_step, the default) against per-layer jobs,
+one model, switched before each round.
 --what sampling: decoding sampled as `edgellm chat` samples (its temperature, top-k, top-p, min-p, repeat penalty; a
 fixed seed) against greedy decoding, one model: what a chat's draws cost.
 --sampling chat: every way samples as `edgellm chat` does (its temperature, top-k, top-p, min-p, repeat penalty; a
@@ -68,7 +70,7 @@ def huge_kb() -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--what", choices=("huge-pages", "runs", "slabs", "simd", "prefetch", "next", "sampling"), required=True)
+    ap.add_argument("--what", choices=("huge-pages", "runs", "slabs", "simd", "prefetch", "next", "sampling", "token"), required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=512)
@@ -82,6 +84,7 @@ def main() -> None:
     levels = {"new": N.simd_level(), "old": N.simd_level()}
     distances = {"new": N.prefetch_bytes(), "old": N.prefetch_bytes()}
     nexts = {"new": None, "old": None}   # el_next_bytes, set for --what next only
+    steps = {"new": N.token_step(), "old": N.token_step()}   # el_token_step: --what token's old is off
     if args.what == "huge-pages":
         llms = {"new": load(args.threads, args.kv_dtype), "old": load(args.threads, args.kv_dtype, huge_pages=False)}
     elif args.what == "runs":
@@ -91,6 +94,9 @@ def main() -> None:
     elif args.what == "next":
         llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
         nexts = {"new": N.next_bytes(), "old": args.old_next}
+    elif args.what == "token":
+        llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
+        steps["old"] = 0
     elif args.what == "sampling":
         llms = dict.fromkeys(("new", "old"), load(args.threads, args.kv_dtype))
     elif args.what == "prefetch":
@@ -112,6 +118,7 @@ def main() -> None:
             llm = llms[name]
             N.set_simd(levels[name])
             N.prefetch_bytes(distances[name])
+            N.token_step(steps[name])
             if nexts[name] is not None:
                 N.next_bytes(nexts[name])
             llm.reset()
@@ -119,6 +126,7 @@ def main() -> None:
             rates[name].append(llm.stats()["decode_tok_s"])
             prefill[name].append(llm.stats()["prefill_tok_s"])
     N.set_simd(levels["new"])
+    N.token_step(steps["new"])
     if nexts["new"] is not None:
         N.next_bytes(nexts["new"])
     print(f"{args.what}: new against old, {args.threads} thread(s), {args.prompt_tokens}-token prompt, "

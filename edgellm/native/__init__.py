@@ -45,9 +45,15 @@ def prefetch_bytes(n: int = 0) -> int:
 
 
 def next_bytes(n: int = -1) -> int:
-    """Bytes of the next decode product an idle worker fetches between products: set to n where n >= 0 (0: none);
+    """Bytes of the next decode product a thread fetches ahead (el_next_bytes): set to n where n >= 0 (0: none);
     returns the one in use."""
     return lib.el_next_bytes(int(n))
+
+
+def token_step(on: int = -1) -> int:
+    """Whether a one-token step runs every layer in one pool job (el_token_step; a benchmark's knob): set where
+    on >= 0; returns the setting in use."""
+    return lib.el_token_step(int(on))
 
 
 def set_threads(n: int) -> None:

@@ -28,9 +28,13 @@ int  el_set_simd(int level);
 /* The decode GEMVs' software prefetch distance in bytes: set where bytes > 0 (a benchmark's knob; el_set_simd resets
  * it to its table's), returns the one in use */
 int  el_prefetch_bytes(int bytes);
-/* How many bytes of the next product an idle worker fetches while the caller runs the serial steps between two
- * decode products (pool_hint): set where bytes >= 0 (a benchmark's knob; 0: none), returns the one in use */
+/* How many bytes of the next decode product a thread fetches ahead: in the one-token step, of its own share while it
+ * waits at a barrier; between per-product jobs, an idle worker of the next product's first rows while the caller runs
+ * the serial steps (pool_hint). Set where bytes >= 0 (a benchmark's knob; 0: none), returns the one in use */
 int  el_next_bytes(int bytes);
+/* Whether el_forward_layers takes one token through every layer in one pool job (1, the default) or as per-layer
+ * jobs (0): set where on >= 0 (a benchmark's knob, the same results either way), returns the one in use */
+int  el_token_step(int on);
 /* Times the thread pool's jobs (a benchmark's tool, bench/pool_split.py): out (5 doubles, or NULL) gets the totals
  * since the last call: jobs, seconds inside jobs, of them the caller's own share and its wait for the other threads,
  * and seconds between one job's end and the next one's start (the serial steps); then timing is on or off. */

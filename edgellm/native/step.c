@@ -239,7 +239,9 @@ static int token_locked(const el_model *m, el_kvblock *const *descs, int n_block
         ((int32_t *)descs[l][n_blocks - 1].pos)[row[l]] = pos[0];
     }
     token_job j = {.m = m, .descs = descs, .n_blocks = n_blocks, .rotate = rotate, .cs = cs, .x = x, .b = b,
-                   .row = row, .att = att, .att_bytes = att_bytes, .next = (size_t)el_next_bytes(-1), .own = bufs};
+                   .row = row, .att = att, .att_bytes = att_bytes, .own = bufs,
+                   /* alone, a thread's products follow each other with no wait, its prefetch stream running on */
+                   .next = nth > 1 ? (size_t)el_next_bytes(-1) : 0};
     el_parallel(token_task, &j);
     return 0;
 }
@@ -263,6 +265,13 @@ static int forward_token(const el_model *m, el_kvblock *const *descs, int n_bloc
     return rc;
 }
 
+static int token_step = 1;
+
+int el_token_step(int on) {
+    if (on >= 0) token_step = on != 0;
+    return token_step;
+}
+
 int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const int32_t *pos, int n,
                       float *x, const el_buffers *b, const el_kvblock *seal) {
     if (n <= 0 || n_blocks <= 0 || !tails_have_room(descs, m->n_layer, n_blocks, n)) return -1;
@@ -270,7 +279,7 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
     float *cs = NULL;   /* the positions' RoPE table, once for every layer */
     if (el_rope_applies(m->rope_dim, hd) && !(cs = el_rope_table(n, m->rope_dim, pos, m->rope_base))) return -1;
     /* one token that fills no tail: one pool job for all layers */
-    if (n == 1 && (!seal || tails_have_room(descs, m->n_layer, n_blocks, 2)) &&
+    if (n == 1 && token_step && (!seal || tails_have_room(descs, m->n_layer, n_blocks, 2)) &&
         !forward_token(m, descs, n_blocks, rotate, cs, pos, x, b)) {
         free(cs);
         return 0;
