@@ -147,8 +147,8 @@ class LLM:
             if keep < len(self._tokens):
                 keep = 0
                 self._cache.reset()
-        else:
-            self._cache.truncate(keep)   # counts stream tokens: only while each one still has its entry
+        else:   # counts stream tokens: only while each one still has its entry
+            keep = self._cache.truncate(keep, exact=True)   # fewer where a quantized block would be cut
         if self.kv.query_aware and self.n_ctx is None:  # the prompt's end (the question) steers distillation
             self._cache.catalyst_ids = ids[-self.kv.query_tokens:] + self._catalyst
         self._tokens = self._tokens[:keep]

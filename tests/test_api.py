@@ -199,6 +199,24 @@ def _same_state(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("kv_dtype", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("prompt", [PROMPT, PROMPT + " red, green and blue." * 12], ids=["short", "past-a-block"])
+def test_reused_prompt_gives_a_fresh_prompts_text(model_path, kv_dtype, prompt):
+    """Generating again from a prompt the cache holds, after the first answer sealed the prompt's block into 8 bits,
+    gives the text a fresh LLM gives: the reused prefix keeps whole quantized blocks only and feeds the rest again,
+    so the prompt's last rows are the f16 rows a fresh prefill writes, not rows rounded through 8 bits."""
+    def make():
+        return edgellm.LLM(str(model_path), n_threads=2, kv=edgellm.KVConfig(kv_dtype=kv_dtype), n_ctx=512)
+    with make() as llm:
+        first = llm.generate(prompt, max_tokens=100, ignore_eos=True)
+        again = llm.generate(prompt, max_tokens=100, ignore_eos=True)
+        reused = llm.stats()["prefill_tokens"]
+    with make() as fresh:
+        assert fresh.generate(prompt, max_tokens=100, ignore_eos=True) == first == again
+    n = len(fresh.tokenize(prompt))
+    assert reused == (n if n < 64 else n - 64)   # whole blocks of 64 reused, the partly sealed one fed again
+
+
 @pytest.mark.parametrize("sampling", [{}, {**CHAT_SAMPLING, "seed": 5}], ids=["greedy", "sampled"])
 def test_runs_equal_token_by_token(run_pair, sampling):
     """Runs (el_decode_run) give token-by-token decoding's text and cache, greedy or sampled with a seed (one draw

@@ -234,9 +234,20 @@ class KVCache(GrowingCache):
         d.pos = ffi.cast("int32_t *", blk.pos.ctypes.data)
         d.n, d.cap, d.dtype = blk.n, blk.cap, int(blk.dtype)
 
-    def truncate(self, n: int) -> None:
-        """Keep the first n tokens of every layer (to reuse a shared prompt prefix). A quantized block cut short keeps
-        its whole tails' rows; the rest of the last one kept becomes an f16 tail again."""
+    def truncate(self, n: int, exact: bool = False) -> int:
+        """Keep the first n tokens of every layer; returns how many are kept. A quantized block cut short keeps its
+        whole tails' rows, and the rest of the last one kept becomes an f16 tail again, dequantized: n are kept. With
+        `exact` (reusing a prompt prefix) those rows are dropped instead, so that the cache holds what a fresh prefill
+        of the kept tokens leaves, bit for bit (the prompt's last rows as f16, not rounded through 8 bits), and the
+        caller feeds the dropped tokens again."""
+        n = min(n, self.n_tokens[0]) if exact else n
+        if exact:   # every layer's blocks end at the same tokens
+            total = 0
+            for blk in self.blocks[0]:
+                if blk.dtype != GGMLType.F16 and total + blk.n > n:
+                    n = total + (n - total) // self.block_size * self.block_size
+                    break
+                total += blk.n
         for layer in range(self.n_layer):
             kept, total = [], 0
             for blk in self.blocks[layer]:
@@ -249,6 +260,7 @@ class KVCache(GrowingCache):
             self.n_tokens[layer] = n
             for i in range(len(kept)):
                 self._describe(layer, i)
+        return n
 
     def _cut(self, blk: KVBlock, n: int) -> list[KVBlock]:
         """blk's first n rows as blocks: an f16 block shortened; a quantized one shortened to whole tails, its

@@ -32,9 +32,11 @@ class RefCache(GrowingCache):
         self.k = [None] * len(self.k)
         self.v = [None] * len(self.v)
 
-    def truncate(self, n: int):
+    def truncate(self, n: int, exact: bool = False) -> int:
+        """Keep the first n tokens (float32 rows: kept exactly either way); returns n."""
         self.k = [None if a is None else a[:n] for a in self.k]
         self.v = [None if a is None else a[:n] for a in self.v]
+        return n
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v if a is not None)
