@@ -149,3 +149,15 @@ def test_attention_sweep_times_cold_layers(monkeypatch):
     assert len(per_layer) == 2 and all(0 < s < 0.1 for s in per_layer)
     with pytest.raises(ValueError):
         load_script("attention_sweep").sweep(BENCH.parent, keys=1000)
+
+
+@pytest.mark.slow   # builds the whole library with -O3 (~30 s)
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_stream_sync_times_every_way(monkeypatch):
+    """bench/stream_sync.py builds the library's sources with its harness and sweeps a token's layer matrices each
+    way: a median and a best rate for each, the best no slower than the median."""
+    monkeypatch.syspath_prepend(str(BENCH))   # it imports tile_cycles' build from beside it
+    rates = load_script("stream_sync").measure(BENCH.parent, threads=2, sweeps=3)
+    assert list(rates) == ["matmul", "barrier", "free", "read"]
+    for median, best in rates.values():
+        assert 0.1 < median <= best < 10000
