@@ -240,7 +240,6 @@ class KVCache(GrowingCache):
         `exact` (reusing a prompt prefix) those rows are dropped instead, so that the cache holds what a fresh prefill
         of the kept tokens leaves, bit for bit (the prompt's last rows as f16, not rounded through 8 bits), and the
         caller feeds the dropped tokens again."""
-        n = min(n, self.n_tokens[0]) if exact else n
         if exact:   # every layer's blocks end at the same tokens
             total = 0
             for blk in self.blocks[0]:

@@ -353,11 +353,6 @@ static size_t att_part_floats(const att_ctx *c) {
 
 static size_t att_scratch_floats(const att_ctx *c) { return att_part_floats(c) + c->ws_floats * c->nth; }
 
-static void att_bind(att_ctx *c, float *mem) {
-    c->part = mem;
-    c->ws = mem + att_part_floats(c);
-}
-
 size_t el_att_ctx_bytes(void) { return sizeof(att_ctx); }
 
 size_t el_att_plan(void *ctx, const float *q, const int32_t *q_pos, int n_head, int n_kv_head, int hd, float scale,
@@ -367,7 +362,11 @@ size_t el_att_plan(void *ctx, const float *q, const int32_t *q_pos, int n_head, 
                                                                                                     : att_scratch_floats(c);
 }
 
-void el_att_bind(void *ctx, float *mem) { att_bind(ctx, mem); }
+void el_att_bind(void *ctx, float *mem) {
+    att_ctx *c = ctx;
+    c->part = mem;
+    c->ws = mem + att_part_floats(c);
+}
 
 void el_att_units(void *ctx, int ith) { attend_task(ctx, ith, ((att_ctx *)ctx)->nth); }
 
@@ -387,7 +386,7 @@ void el_attention(const float *q, int n_q, const int32_t *q_pos, int n_head, int
     }
     float *mem = el_scratch(1, sizeof(float) * att_scratch_floats(&c));
     if (mem) {
-        att_bind(&c, mem);
+        el_att_bind(&c, mem);
         el_parallel(attend_task, &c);
         if (c.nchunk > 1) merge_chunks(&c, c.out, c.lse);
     }
