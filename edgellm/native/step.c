@@ -250,7 +250,8 @@ static int token_locked(const el_model *m, el_kvblock *const *descs, int n_block
  * per-layer calls; nothing has changed) */
 static int forward_token(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const float *cs,
                          const int32_t *pos, float *x, const el_buffers *b) {
-    if (!token_fits(m)) return -1;
+    /* el_kv_append's own check: a rotation needs a power-of-2 head_dim */
+    if (!token_fits(m) || (rotate && (m->head_dim & (m->head_dim - 1)))) return -1;
     const size_t att_bytes = (el_att_ctx_bytes() + 63) / 64 * 64;
     int *row = malloc(sizeof(int) * m->n_layer);
     char *att = aligned_alloc(64, att_bytes * m->n_layer);
