@@ -95,3 +95,29 @@ def test_slabs_change_the_layout_not_the_numbers(model, parity_ref):
         out.append(np.concatenate(logits))
         assert [b.n for b in cache.blocks[0]] == ([64] * 9 if slab_blocks == 1 else [512, 64]) + [24]
     np.testing.assert_array_equal(out[1], out[0])
+
+
+def test_step_timing_counts_the_one_token_steps(model, parity_ref):
+    """el_step_timing (bench/step_stages.py's timer): as many steps as one-token steps ran, each thread's stages
+    non-negative, the stages that compute positive on every thread, and their sum within the wall time."""
+    import time
+
+    from edgellm.native import ffi, lib
+    ids = np.concatenate(parity_ref["ids"])[:40]
+    cache = model.new_cache(256, "q8_0")
+    model.forward(ids[:20], cache, logits="last")
+    threads = 2
+    out = ffi.new(f"double[{lib.EL_STEP_STAGES * threads}]")
+    lib.el_step_timing(1, ffi.NULL, 0)
+    t0 = time.perf_counter()
+    for i in range(20, 40):
+        model.forward(ids[i:i + 1], cache, logits="last")
+    wall = time.perf_counter() - t0
+    steps = lib.el_step_timing(0, out, threads)
+    assert steps == 20
+    stages = np.array([out[i] for i in range(lib.EL_STEP_STAGES * threads)]).reshape(threads, -1)
+    assert (stages >= 0).all()
+    assert (stages[:, 0::2] > 0).all()   # QKV, attention, wo, gate/up, down
+    assert (stages.sum(axis=1) <= wall).all()
+    assert lib.el_step_timing(0, out, threads) == 0   # timing off: nothing counted, totals reset
+    assert not any(out[i] for i in range(lib.EL_STEP_STAGES * threads))

@@ -121,7 +121,6 @@ int el_set_simd(int level) {
 
 /* ---------------- thread pool ---------------- */
 
-#define EL_MAX_THREADS 64
 #define EL_SPIN_ROUNDS 200000   /* ~ a few ms of pause loops before a worker blocks */
 
 static struct {
@@ -277,7 +276,7 @@ typedef struct {
 } pool_timing;
 static pool_timing timing;
 
-static double now_s(void) {
+double el_now_s(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
@@ -302,12 +301,12 @@ void el_pool_timing(int on, double *out) {
 /* caller holds api_mu */
 void el_parallel(el_task_fn fn, void *ctx) {
     pool_ensure();
-    const double t0 = timing.on ? now_s() : 0;
+    const double t0 = timing.on ? el_now_s() : 0;
     if (pool.nth == 1) {
         fn(ctx, 0, 1);
         pool_hint(NULL, 0);
         if (timing.on) {
-            const double t = now_s();
+            const double t = el_now_s();
             job_timed(t0, t, t);
         }
         return;
@@ -320,11 +319,11 @@ void el_parallel(el_task_fn fn, void *ctx) {
     pthread_cond_broadcast(&pool.cv);
     pthread_mutex_unlock(&pool.mu);
     fn(ctx, 0, pool.nth);
-    const double t1 = timing.on ? now_s() : 0;
+    const double t1 = timing.on ? el_now_s() : 0;
     for (int i = 1; i < pool.nth; i++) run_slot(i, g);
     for (int spins = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; spins++) cpu_relax(spins);
     pool_hint(NULL, 0);
-    if (timing.on) job_timed(t0, t1, now_s());
+    if (timing.on) job_timed(t0, t1, el_now_s());
 }
 
 void el_barrier_wait(el_barrier *b, int nth) {

@@ -39,6 +39,13 @@ int  el_token_step(int on);
  * since the last call: jobs, seconds inside jobs, of them the caller's own share and its wait for the other threads,
  * and seconds between one job's end and the next one's start (the serial steps); then timing is on or off. */
 void el_pool_timing(int on, double *out);
+/* Times the stages of the one-token step (a benchmark's tool, bench/step_stages.py): out (EL_STEP_STAGES doubles a
+ * thread for max_threads threads, thread after thread, or NULL) gets each thread's seconds in each stage since the
+ * last call, in order: QKV (with the norm, RoPE and K/V appends), attention's units, the merge with the output
+ * projection, gate/up, down, each followed by its barrier wait; then timing is on or off. Returns the one-token
+ * steps timed. */
+#define EL_STEP_STAGES 10
+int  el_step_timing(int on, double *out, int max_threads);
 void el_set_threads(int n);
 int  el_get_threads(void);
 void el_matmul(const void *W, int wtype, int rows, int cols, const float *X, int n, float *Y, int ldy);
@@ -401,6 +408,11 @@ extern const el_kernels el_kernels_neon_dot;   /* level 11: + dotprod (Pi 5) */
 /* Scratch memory owned by the library, grown on demand; slot 0 is matmul activations, 1 attention, 2 the one-token
  * step's per-thread buffers. Only used under the library lock (el_matmul / el_attention serialize). */
 void *el_scratch(int slot, size_t bytes);
+
+#define EL_MAX_THREADS 64   /* the pool's */
+
+/* CLOCK_MONOTONIC in seconds */
+double el_now_s(void);
 
 /* A spin barrier for the nth threads of one el_parallel job (zero-initialized) */
 typedef struct {

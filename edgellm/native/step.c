@@ -4,6 +4,7 @@
 #include "kernels.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 static int tails_have_room(el_kvblock *const *descs, int n_layer, int n_blocks, int n) {
     for (int l = 0; l < n_layer; l++) {
@@ -137,29 +138,61 @@ static void fetch_qkv(const el_model *m, const el_layer_w *L, size_t bytes, int 
     fetch_rows(L->wv, g0 * m->head_dim, g1 * m->head_dim, bytes);
 }
 
+/* el_step_timing's totals: each thread's seconds in each stage, on its own cache lines */
+static struct {
+    _Alignas(64) double s[EL_STEP_STAGES];
+} stage_s[EL_MAX_THREADS];
+static int stage_on, stage_steps;
+
+int el_step_timing(int on, double *out, int max_threads) {
+    el_lock();
+    for (int t = 0; out && t < max_threads; t++)
+        for (int i = 0; i < EL_STEP_STAGES; i++) out[t * EL_STEP_STAGES + i] = t < EL_MAX_THREADS ? stage_s[t].s[i] : 0;
+    const int steps = stage_steps;
+    memset(stage_s, 0, sizeof stage_s);
+    stage_on = on != 0, stage_steps = 0;
+    el_unlock();
+    return steps;
+}
+
+/* With timing on, the time since *t to thread ith's stage i; *t becomes now */
+static inline void stage_end(double *t, int ith, int i) {
+    if (!stage_on) return;
+    const double now = el_now_s();
+    stage_s[ith].s[i] += now - *t;
+    *t = now;
+}
+
 static void token_task(void *p, int ith, int nth) {
     token_job *j = p;
     const el_model *m = j->m;
     const el_buffers *b = j->b;
     const own_bufs *o = &j->own[ith];
     const int dim = m->dim, H = m->n_head, hd = m->head_dim;
+    double t = stage_on ? el_now_s() : 0;
     for (int l = 0; l < m->n_layer; l++) {
         const el_layer_w *L = &m->layers[l];
         el_rmsnorm(j->x, L->attn_norm, 1, dim, m->eps, o->h);
         acts_for((el_weight *[]){L->wq, L->wk, L->wv}, 3, o->h, dim, o);
         qkv_heads(j, L, &j->descs[l][j->n_blocks - 1], j->row[l], o, ith, nth);
+        stage_end(&t, ith, 0);
         el_barrier_wait(&j->bar, nth);
+        stage_end(&t, ith, 1);
         void *att = j->att + (size_t)l * j->att_bytes;
         el_att_units(att, ith);
         fetch_share(L->wo, j->next, ith, nth);
+        stage_end(&t, ith, 2);
         el_barrier_wait(&j->bar, nth);
+        stage_end(&t, ith, 3);
         el_att_out(att, o->att);
         if (j->rotate) el_hadamard(o->att, H, hd);
         acts_for(&L->wo, 1, o->att, H * hd, o);
         add_rows(L->wo, o->att, o, b->h, j->x, ith, nth);
         fetch_share(L->gate, j->next, ith, nth);
         fetch_share(L->up, j->next, ith, nth);
+        stage_end(&t, ith, 4);
         el_barrier_wait(&j->bar, nth);
+        stage_end(&t, ith, 5);
         el_rmsnorm(j->x, L->ffn_norm, 1, dim, m->eps, o->h);
         acts_for((el_weight *[]){L->gate, L->up}, 2, o->h, dim, o);
         int r0, r1;
@@ -168,12 +201,17 @@ static void token_task(void *p, int ith, int nth) {
         rows_of(L->up, o->h, o, b->u, r0, r1);
         el_kern->silu_mul(b->g + r0, b->u + r0, r1 - r0);
         fetch_share(L->down, j->next, ith, nth);
+        stage_end(&t, ith, 6);
         el_barrier_wait(&j->bar, nth);
+        stage_end(&t, ith, 7);
         acts_for(&L->down, 1, b->g, L->gate->rows, o);
         add_rows(L->down, b->g, o, b->h, j->x, ith, nth);
         if (l + 1 < m->n_layer) fetch_qkv(m, &m->layers[l + 1], j->next, ith, nth);
+        stage_end(&t, ith, 8);
         el_barrier_wait(&j->bar, nth);
+        stage_end(&t, ith, 9);
     }
+    if (stage_on && ith == 0) stage_steps++;
 }
 
 /* Whether token_task can take the model: shapes its shares and tiles hold for, activations it can quantize */
