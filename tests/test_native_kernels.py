@@ -248,8 +248,9 @@ def test_avx512_attention_is_avx2s_bit_for_bit(threads, t, n_head, n_kv, hd, n_q
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows,cols", [(1536, 576), (576, 1536), (40, 96), (8, 64)])
 def test_avx512_interleaved_matmul_is_avx2s_bit_for_bit(threads, t, rows, cols):
-    """The AVX-512 table's VNNI kernel for interleaved Q4 weights (prefill: two 8-row groups a vector, an odd group
-    alone; decode: AVX2's) sums each row's terms in AVX2's order: the same outputs to the bit, one plane or two."""
+    """The AVX-512 table's VNNI kernels for interleaved Q4 weights (prefill: two 8-row groups a vector, an odd group
+    alone; decode, one token: a group at a time; two planes: AVX2's) sum each row's terms in AVX2's order: the same
+    outputs to the bit, one plane or two."""
     rng = np.random.default_rng(rows + cols)
     W = random_weights(t, rows, cols, rng)
     wt = N.repack(W, t, rows, cols)

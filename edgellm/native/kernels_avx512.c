@@ -1,5 +1,5 @@
 /* AVX-512 (F, BW, VL, DQ, VNNI) kernels: the AVX2 table with the quantized attention tile, the interleaved Q4 matmul
- * (prefill) and the row-repacked Q8_0 GEMV (the output matrix) in 16-lane vectors and VNNI byte dots. Only this
+ * (prefill and decode) and the row-repacked Q8_0 GEMV (the output matrix) in 16-lane vectors and VNNI byte dots. Only this
  * file's functions are compiled for AVX-512 (pragma below); they are reached solely through el_kernels_avx512() after
  * a cpuid check.
  *
@@ -410,6 +410,74 @@ INLINE void xmm_rows16(int type, const el_mm *m, int r0, int r1, int BOUND) {
     }
 }
 
+/* ---------------- decode GEMV, interleaved Q4 weights ---------------- */
+
+/* One token's act blocks as x_group1's VNNI operands: per block, vectors v = 0..3 (the low nibbles of chunks 0-1,
+ * of chunks 2-3, the high nibbles of chunks 0-1, of 2-3) whose lanes 0-7 hold the 4 values that chunk 2 (v % 2) meets
+ * and lanes 8-15 those of the next chunk (x_unpack's lanes: row i's weights 4c..4c+3 low, 16+4c.. high). Per thread,
+ * grown as needed; NULL: no memory. */
+static const __m512i *spread_x(const el_block_q8a *a, int nb) {
+    static _Thread_local __m512i *buf;
+    static _Thread_local int cap;
+    if (nb > cap) {
+        free(buf);
+        buf = aligned_alloc(64, (size_t)nb * 4 * sizeof(__m512i));
+        cap = buf ? nb : 0;
+        if (!buf) return NULL;
+    }
+    for (int b = 0; b < nb; b++) {
+        const __m512i qs = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)a[b].qs));
+        for (int v = 0; v < 4; v++) {
+            const int c = (v >= 2 ? 4 : 0) + 2 * (v % 2);   /* the dword of values 4c..4c+3 for lanes 0-7 */
+            const __m512i idx = _mm512_set_epi32(c + 1, c + 1, c + 1, c + 1, c + 1, c + 1, c + 1, c + 1, c, c, c, c, c,
+                                                 c, c, c);
+            buf[4 * b + v] = _mm512_permutexvar_epi32(idx, qs);
+        }
+    }
+    return buf;
+}
+
+/* x_group (kernels_avx2.c) for one token: the group's 128 bytes of a block in two 64-byte loads (the bytes in order,
+ * one stream), four VNNI dots into lanes i and i + 8 of row i, their sum the exact integer dot of x_dot; the float
+ * terms and sums are x_group's on the low 8 lanes */
+INLINE void x_group1(int type, const el_mm *m, int g, int r0, int r1, const __m512i *xs, int BOUND) {
+    const int nb = m->cols / EL_QK;
+    const size_t bb = 8 * m->row_bytes / nb;
+    const uint8_t *q = m->W + (size_t)g * m->row_bytes;
+    const el_block_q8a *a = m->act;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[XACC], bacc = _mm512_setzero_ps();
+    for (int k = 0; k < XACC; k++) acc[k] = _mm512_setzero_ps();
+    const char *pf = (const char *)q + PF_BYTES;
+    for (int b = 0; b < nb; b++, pf += bb) {
+        for (int k = 0; k < 3; k++) _mm_prefetch(pf + 64 * k, _MM_HINT_T0);   /* x_group's prefetch */
+        const uint8_t *blk = q + bb * b;
+        const __m512i x01 = _mm512_loadu_si512(blk), x23 = _mm512_loadu_si512(blk + 64), *v = xs + 4 * b;
+        __m512i lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(x01, m4), v[0]);
+        __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(x01, 4), m4), v[2]);
+        lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(x23, m4), v[1]);
+        hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16(x23, 4), m4), v[3]);
+        const __m512i s = _mm512_add_epi32(lo, hi);
+        const __m512 dot = _mm512_zextps256_ps512(
+            _mm256_cvtepi32_ps(_mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1))));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 128))));
+        const __m512 c = type == EL_Q4_1X
+                             ? _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 144))))
+                             : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+        const __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(a[b].d));
+        acc[b % XACC] = _mm512_add_ps(acc[b % XACC], _mm512_fmadd_ps(dot, dd, _mm512_mul_ps(c, _mm512_set1_ps(a[b].s))));
+        if (BOUND) bacc = _mm512_fmadd_ps(scale_wmax16(type, dw, c), _mm512_set1_ps(m->bound_v[b]), bacc);
+    }
+    for (int w = XACC / 2; w; w /= 2)
+        for (int k = 0; k < w; k++) acc[k] = _mm512_add_ps(acc[k], acc[k + w]);
+    x_store16(m->Y, g, 8, r0, r1, acc[0]);
+    if (BOUND) x_store16(m->bound, g, 8, r0, r1, bacc);
+}
+
+INLINE void xgemv(int type, const el_mm *m, int r0, int r1, const __m512i *xs, int BOUND) {
+    for (int g = r0 & ~7; g < r1; g += 8) x_group1(type, m, g, r0, r1, xs, BOUND);
+}
+
 /* ---------------- decode GEMV, row-repacked Q8_0 weights (the output matrix) ---------------- */
 
 /* One activation row as VNNI's signed operand: its blocks' values back to back, and per block 128 sum(a), taken off
@@ -511,9 +579,16 @@ static void mm_rows_avx512(const el_mm *m, int r0, int r1) {
             return;
         }
     }
-    /* Other decode GEMVs (one token, or its two planes) take AVX2's kernels: for Q4 weights, whose stream from DRAM
-     * sets the pace, its single stream and 32-byte loads that never cross a line measured faster than x_pair's two
-     * streams and than a one-group VNNI kernel (docs/PERFORMANCE.md) */
+    /* A decode GEMV over interleaved Q4 weights: one group at a time, its bytes as one stream (x_pair's two streams
+     * measured slower for one token); with the one-token step it runs 1-3% faster than AVX2's (docs/PERFORMANCE.md) */
+    const __m512i *xs;
+    if (m->n == 1 && m->planes != 2 && (m->wtype == EL_Q4_0X || m->wtype == EL_Q4_1X) &&
+        (xs = spread_x(m->act, m->cols / EL_QK))) {
+        if (m->wtype == EL_Q4_1X) bound ? xgemv(EL_Q4_1X, m, r0, r1, xs, 1) : xgemv(EL_Q4_1X, m, r0, r1, xs, 0);
+        else bound ? xgemv(EL_Q4_0X, m, r0, r1, xs, 1) : xgemv(EL_Q4_0X, m, r0, r1, xs, 0);
+        return;
+    }
+    /* Other decode GEMVs (two planes, other weights) take AVX2's kernels */
     if (m->n <= (m->planes == 2 ? 2 : 1)) {
         el_kernels_avx2.mm_rows(m, r0, r1);
         return;
