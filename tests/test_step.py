@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import edgellm
+from edgellm.quant import GGMLType
 from edgellm.runtime.model import Model
 
 CHUNKS = [20] + [1] * 50 + [3, 64, 1, 1]   # decode steps across block boundaries, chunks that fit a tail or not
@@ -98,23 +99,24 @@ def test_slabs_change_the_layout_not_the_numbers(model, parity_ref):
 
 
 def test_step_timing_counts_the_one_token_steps(model, parity_ref):
-    """el_step_timing (bench/step_stages.py's timer): as many steps as one-token steps ran, each thread's stages
-    non-negative, the stages that compute positive on every thread, and their sum within the wall time."""
+    """el_step_timing (bench/step_stages.py's timer): as many steps as one-token steps ran (every decoded token, the
+    one that fills a quantized tail too), each thread's stages non-negative, the stages that compute positive on
+    every thread, and their sum within the wall time."""
     import time
 
     from edgellm.native import ffi, lib
-    ids = np.concatenate(parity_ref["ids"])[:40]
+    ids = np.concatenate(parity_ref["ids"])[:80]
     cache = model.new_cache(256, "q8_0")
     model.forward(ids[:20], cache, logits="last")
     threads = 2
     out = ffi.new(f"double[{lib.EL_STEP_STAGES * threads}]")
     lib.el_step_timing(1, ffi.NULL, 0)
     t0 = time.perf_counter()
-    for i in range(20, 40):
+    for i in range(20, 80):   # the token at 63 fills the first tail
         model.forward(ids[i:i + 1], cache, logits="last")
     wall = time.perf_counter() - t0
     steps = lib.el_step_timing(0, out, threads)
-    assert steps == 20
+    assert steps == 60 and cache.blocks[0][0].dtype == GGMLType.Q8_0
     stages = np.array([out[i] for i in range(lib.EL_STEP_STAGES * threads)]).reshape(threads, -1)
     assert (stages >= 0).all()
     assert (stages[:, 0::2] > 0).all()   # QKV, attention, wo, gate/up, down

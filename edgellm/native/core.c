@@ -585,6 +585,10 @@ void el_quantize_row(const float *x, void *dst, long n, int type) {
         to_f16_row(x, dst, n);
         return;
     }
+    if (type == EL_Q8_0 && el_kern->q8_0_row) {
+        el_kern->q8_0_row(x, dst, n);
+        return;
+    }
     for (long b = 0; b < n / EL_QK; b++, x += EL_QK) {
         if (type == EL_Q8_0) {
             el_block_q8_0 *y = (el_block_q8_0 *)dst + b;
@@ -779,18 +783,20 @@ void el_kv_ungroup(int type, const void *kg, long j, int n, int hd, void *out) {
     }
 }
 
-void el_kv_seal(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd) {
+void el_kv_seal_head(const el_kvblock *tail, const el_kvblock *to, int h, int hd) {
     const long values = (long)tail->cap * hd;   /* a head's rows */
     const size_t rb = el_row_bytes(to->dtype, hd);
     char rows[EL_KG * EL_MAX_QROW];   /* 8 quantized keys, then grouped */
-    for (int h = 0; h < n_kv_head; h++) {
-        char *k = (char *)to->k + h * to->cap * rb;
-        for (int r = 0; r < tail->cap; r += EL_KG) {
-            el_kv_quantize((const uint16_t *)tail->k + h * values + (long)r * hd, rows, (long)EL_KG * hd, to->dtype);
-            el_kv_group(to->dtype, rows, EL_KG, hd, k + r * rb);
-        }
-        el_kv_quantize((const uint16_t *)tail->v + h * values, (char *)to->v + h * to->cap * rb, values, to->dtype);
+    char *k = (char *)to->k + h * to->cap * rb;
+    for (int r = 0; r < tail->cap; r += EL_KG) {
+        el_kv_quantize((const uint16_t *)tail->k + h * values + (long)r * hd, rows, (long)EL_KG * hd, to->dtype);
+        el_kv_group(to->dtype, rows, EL_KG, hd, k + r * rb);
     }
+    el_kv_quantize((const uint16_t *)tail->v + h * values, (char *)to->v + h * to->cap * rb, values, to->dtype);
+}
+
+void el_kv_seal(el_kvblock *tail, const el_kvblock *to, int n_kv_head, int hd) {
+    for (int h = 0; h < n_kv_head; h++) el_kv_seal_head(tail, to, h, hd);
     tail->k = to->k, tail->v = to->v, tail->dtype = to->dtype, tail->cap = to->cap;
 }
 

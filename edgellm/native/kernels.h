@@ -368,6 +368,9 @@ typedef struct {
     float (*max)(const float *x, int n, float m);
     /* Optional (NULL: el_f32_to_f16 per value): n f32 values to f16, bit for bit as el_f32_to_f16 rounds them */
     void (*to_f16_row)(const float *x, uint16_t *y, long n);
+    /* Optional (NULL: the portable loop): n f32 values (whole blocks) as Q8_0 blocks, bit for bit as ggml's
+     * quantize_row_q8_0_ref (every KV tail that fills is quantized through it) */
+    void (*q8_0_row)(const float *x, void *dst, long n);
 } el_kernels;
 
 /* The kq of grouped quantized keys, portable (keys in lanes, no horizontal sums): s[h * EL_KT + t] = scale * q_h . k_t
@@ -427,6 +430,9 @@ void el_weight_prepare_locked(el_weight *w);
 void el_quant_row(const float *x, int cols, el_block_q8a *q, float *ds);
 /* RoPE on n rows of n_heads heads with the positions' table cs (el_rope_table) */
 void el_rope_apply(float *x, int n, int n_heads, int head_dim, int rope_dim, const float *cs, int neox);
+/* kv head h's rows of a full f16 tail quantized to its rows at `to`: el_kv_seal's step, which leaves the tail's
+ * descriptor as it is */
+void el_kv_seal_head(const el_kvblock *tail, const el_kvblock *to, int h, int hd);
 /* One head's K or V row (hd floats; rotated first when `rotate`) as f16 at dst: el_kv_append's step */
 void el_kv_append_head(const float *x, int hd, int rotate, uint16_t *dst);
 

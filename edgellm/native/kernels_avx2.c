@@ -1290,9 +1290,33 @@ static void to_f16_row_avx2(const float *x, uint16_t *y, long n) {
     for (; i < n; i++) y[i] = el_f32_to_f16(x[i]);
 }
 
+/* el_quantize_row's Q8_0 loop on 8 lanes: the same max, scale, products and round-half-away steps per value */
+static void q8_0_row_avx2(const float *x, void *dst, long n) {
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), half = _mm256_set1_ps(0.5f);
+    for (long b = 0; b < n / EL_QK; b++, x += EL_QK) {
+        el_block_q8_0 *y = (el_block_q8_0 *)dst + b;
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(x + 8 * k), m = _mm256_max_ps(m, _mm256_and_ps(v[k], abs));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        const float d = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) {   /* t + (f >= 0.5) - (f <= -0.5), f = v - t, t its truncation */
+            const __m256 p = _mm256_mul_ps(v[k], _mm256_set1_ps(id));
+            const __m256i t = _mm256_cvttps_epi32(p);
+            const __m256 f = _mm256_sub_ps(p, _mm256_cvtepi32_ps(t));
+            q[k] = _mm256_add_epi32(_mm256_sub_epi32(t, _mm256_castps_si256(_mm256_cmp_ps(f, half, _CMP_GE_OQ))),
+                                    _mm256_castps_si256(_mm256_cmp_ps(f, _mm256_set1_ps(-0.5f), _CMP_LE_OQ)));
+        }
+        const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)y->qs, _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        y->d = el_f32_to_f16(d);
+    }
+}
+
 const el_kernels el_kernels_avx2 = {
     quant_act_avx2, mm_rows_avx2, kq_avx2, pv_avx2, exp_sum_avx2, silu_mul_avx2, attend_lanes_avx2, 1, hadamard_avx2, f16_row_avx2,
-    attend_quant_avx2, max_avx2, to_f16_row_avx2,
+    attend_quant_avx2, max_avx2, to_f16_row_avx2, q8_0_row_avx2,
 };
 
 #pragma GCC pop_options

@@ -33,11 +33,12 @@ typedef struct {
 typedef struct {
     const el_model *m;
     el_kvblock *const *descs;
-    int n_blocks, rotate;
+    el_kvblock *f16;         /* per layer: the tail as the token's K/V rows go into it, f16 */
+    int n_blocks, rotate, seal;   /* seal: the token fills the tails, which the descriptors already describe sealed */
     const float *cs;
     float *x;
     const el_buffers *b;
-    const int *row;   /* per layer: the tail row the token goes to */
+    int *row;         /* per layer: the tail row the token goes to */
     char *att;        /* per layer: an el_att_plan context, att_bytes apart */
     size_t att_bytes, next;   /* next: el_next_bytes, what fetch_rows takes of a share */
     own_bufs *own;
@@ -82,9 +83,11 @@ static void heads_of(const el_model *m, int ith, int nth, int *q0, int *q1, int 
     *q0 = u0 < H ? u0 : H, *q1 = u1 < H ? u1 : H, *g0 = u0 > H ? u0 - H : 0, *g1 = u1 > H ? u1 - H : 0;
 }
 
-/* The layer's QKV rows of thread ith's heads, RoPE and rotation on them, its kv heads' K/V rows into the tail */
-static void qkv_heads(const token_job *j, const el_layer_w *L, const el_kvblock *tail, int row, const own_bufs *o,
-                      int ith, int nth) {
+/* The layer's QKV rows of thread ith's heads, RoPE and rotation on them, its kv heads' K/V rows into the f16 tail and,
+ * where the token fills it (sealed: the tail's descriptor, already at the quantized rows), those heads' rows
+ * quantized there as el_kv_seal does */
+static void qkv_heads(const token_job *j, const el_layer_w *L, const el_kvblock *tail, const el_kvblock *sealed, int row,
+                      const own_bufs *o, int ith, int nth) {
     const el_model *m = j->m;
     const int hd = m->head_dim;
     int q0, q1, g0, g1;
@@ -102,6 +105,7 @@ static void qkv_heads(const token_job *j, const el_layer_w *L, const el_kvblock 
         const size_t at = ((size_t)g * tail->cap + row) * hd;
         el_kv_append_head(b->k + g * hd, hd, j->rotate, (uint16_t *)tail->k + at);
         el_kv_append_head(b->v + g * hd, hd, j->rotate, (uint16_t *)tail->v + at);
+        if (sealed) el_kv_seal_head(tail, sealed, g, hd);
     }
 }
 
@@ -174,7 +178,7 @@ static void token_task(void *p, int ith, int nth) {
         const el_layer_w *L = &m->layers[l];
         el_rmsnorm(j->x, L->attn_norm, 1, dim, m->eps, o->h);
         acts_for((el_weight *[]){L->wq, L->wk, L->wv}, 3, o->h, dim, o);
-        qkv_heads(j, L, &j->descs[l][j->n_blocks - 1], j->row[l], o, ith, nth);
+        qkv_heads(j, L, &j->f16[l], j->seal ? &j->descs[l][j->n_blocks - 1] : NULL, j->row[l], o, ith, nth);
         stage_end(&t, ith, 0);
         el_barrier_wait(&j->bar, nth);
         stage_end(&t, ith, 1);
@@ -241,25 +245,31 @@ static size_t own_layout(const el_model *m, int n_ff, float *base, own_bufs *o) 
     return ((size_t)m->dim + att + q_floats + 2 * (size_t)el_ds_blocks(nb) + 15) / 16 * 16;
 }
 
-/* forward_token's part under the lock: row and att, room for each layer */
-static int token_locked(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const float *cs,
-                        const int32_t *pos, float *x, const el_buffers *b, int *row, char *att, size_t att_bytes) {
-    const int L = m->n_layer, nth = el_get_threads_locked();
+/* forward_token's part under the lock, for j (its model, caches, buffers and the room for row, att and f16 filled
+ * in): each tail's row for the token, its f16 view and the layers' attention plans, then the job */
+static int token_locked(token_job *j, const int32_t *pos, const el_kvblock *seal) {
+    const el_model *m = j->m;
+    const int L = m->n_layer, nth = el_get_threads_locked(), last = j->n_blocks - 1;
+    el_kvblock *f16 = j->f16;
     int n_ff = 0;
     for (int l = 0; l < L; l++) {
         const el_layer_w *Lw = &m->layers[l];
         el_weight *const W[7] = {Lw->wq, Lw->wk, Lw->wv, Lw->wo, Lw->gate, Lw->up, Lw->down};
         for (int i = 0; i < 7; i++) el_weight_prepare_locked(W[i]);
         n_ff = Lw->gate->rows > n_ff ? Lw->gate->rows : n_ff;
+        f16[l] = j->descs[l][last];
+        if (seal && f16[l].n + 1 != f16[l].cap) return -1;   /* a seal table for a token that fills no tail */
     }
-    /* the tails take the token's row first, so that each layer's attention plan counts its key */
+    /* the tails take the token's row first, so that each layer's attention plan counts its key; a token that fills
+     * them is attended sealed, as the per-layer path attends after el_kv_seal */
     size_t att_floats = 0;
     int planned = 1;
     for (int l = 0; l < L; l++) {
-        el_kvblock *tail = &descs[l][n_blocks - 1];
-        row[l] = tail->n++;
-        const size_t f = el_att_plan(att + l * att_bytes, b->q, pos, m->n_head, m->n_kv_head, m->head_dim, m->scale,
-                                     descs[l], n_blocks, b->att, nth);
+        el_kvblock *tail = &j->descs[l][last];
+        j->row[l] = tail->n++;
+        if (seal) tail->k = seal[l].k, tail->v = seal[l].v, tail->dtype = seal[l].dtype, tail->cap = seal[l].cap;
+        const size_t f = el_att_plan(j->att + l * j->att_bytes, j->b->q, pos, m->n_head, m->n_kv_head, m->head_dim,
+                                     m->scale, j->descs[l], j->n_blocks, j->b->att, nth);
         planned &= f > 0;
         att_floats = f > att_floats ? f : att_floats;
     }
@@ -267,40 +277,41 @@ static int token_locked(const el_model *m, el_kvblock *const *descs, int n_block
     float *mem = planned ? el_scratch(1, sizeof(float) * att_floats) : NULL;
     float *mine = mem ? el_scratch(2, sizeof(float) * own * nth) : NULL;
     if (!mine) {
-        for (int l = 0; l < L; l++) descs[l][n_blocks - 1].n = row[l];
+        for (int l = 0; l < L; l++) j->descs[l][last] = f16[l];
         return -1;
     }
     own_bufs bufs[nth];
     for (int t = 0; t < nth; t++) own_layout(m, n_ff, mine + own * t, &bufs[t]);
     for (int l = 0; l < L; l++) {
-        el_att_bind(att + l * att_bytes, mem);
-        ((int32_t *)descs[l][n_blocks - 1].pos)[row[l]] = pos[0];
+        el_att_bind(j->att + l * j->att_bytes, mem);
+        ((int32_t *)f16[l].pos)[j->row[l]] = pos[0];
     }
-    token_job j = {.m = m, .descs = descs, .n_blocks = n_blocks, .rotate = rotate, .cs = cs, .x = x, .b = b,
-                   .row = row, .att = att, .att_bytes = att_bytes, .own = bufs,
-                   /* alone, a thread's products follow each other with no wait, its prefetch stream running on */
-                   .next = nth > 1 ? (size_t)el_next_bytes(-1) : 0};
-    el_parallel(token_task, &j);
+    j->own = bufs, j->seal = seal != NULL;
+    /* alone, a thread's products follow each other with no wait, its prefetch stream running on */
+    j->next = nth > 1 ? (size_t)el_next_bytes(-1) : 0;
+    el_parallel(token_task, j);
     return 0;
 }
 
-/* One token through every layer as token_task: returns 0, or -1 where it cannot take it (the caller then takes the
- * per-layer calls; nothing has changed) */
+/* One token through every layer as token_task (seal: el_forward_layers' table where the token fills the tails):
+ * returns 0, or -1 where it cannot take it (the caller then takes the per-layer calls; nothing has changed) */
 static int forward_token(const el_model *m, el_kvblock *const *descs, int n_blocks, int rotate, const float *cs,
-                         const int32_t *pos, float *x, const el_buffers *b) {
+                         const int32_t *pos, float *x, const el_buffers *b, const el_kvblock *seal) {
     /* el_kv_append's own check: a rotation needs a power-of-2 head_dim */
     if (!token_fits(m) || (rotate && (m->head_dim & (m->head_dim - 1)))) return -1;
     const size_t att_bytes = (el_att_ctx_bytes() + 63) / 64 * 64;
-    int *row = malloc(sizeof(int) * m->n_layer);
-    char *att = aligned_alloc(64, att_bytes * m->n_layer);
+    token_job j = {.m = m, .descs = descs, .n_blocks = n_blocks, .rotate = rotate, .cs = cs, .x = x, .b = b,
+                   .att_bytes = att_bytes, .row = malloc(sizeof(int) * m->n_layer),
+                   .att = aligned_alloc(64, att_bytes * m->n_layer), .f16 = malloc(sizeof(el_kvblock) * m->n_layer)};
     int rc = -1;
-    if (row && att) {
+    if (j.row && j.att && j.f16) {
         el_lock();
-        rc = token_locked(m, descs, n_blocks, rotate, cs, pos, x, b, row, att, att_bytes);
+        rc = token_locked(&j, pos, seal);
         el_unlock();
     }
-    free(row);
-    free(att);
+    free(j.row);
+    free(j.att);
+    free(j.f16);
     return rc;
 }
 
@@ -317,9 +328,8 @@ int el_forward_layers(const el_model *m, el_kvblock *const *descs, int n_blocks,
     const int H = m->n_head, G = m->n_kv_head, hd = m->head_dim;
     float *cs = NULL;   /* the positions' RoPE table, once for every layer */
     if (el_rope_applies(m->rope_dim, hd) && !(cs = el_rope_table(n, m->rope_dim, pos, m->rope_base))) return -1;
-    /* one token that fills no tail: one pool job for all layers */
-    if (n == 1 && token_step && (!seal || tails_have_room(descs, m->n_layer, n_blocks, 2)) &&
-        !forward_token(m, descs, n_blocks, rotate, cs, pos, x, b)) {
+    /* one token: one pool job for all layers */
+    if (n == 1 && token_step && !forward_token(m, descs, n_blocks, rotate, cs, pos, x, b, seal)) {
         free(cs);
         return 0;
     }
