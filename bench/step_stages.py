@@ -8,7 +8,7 @@ Greedy decoding in runs (as `generate` decodes) after a random prompt, EOS ignor
 in each stage of the one-token steps (QKV with its norm, RoPE and K/V appends; attention's units; the merge with the
 output projection; gate/up; down; each ends with the fetch of the first bytes of the thread's next share,
 el_next_bytes), each beside the barrier wait after it, and what a token spent outside the steps (the next-token
-logits, sampling, Python at the runs' edges, and the tokens that fill a KV tail, which take the per-layer calls).
+logits, sampling, Python at the runs' edges, the KV manager's bookkeeping when a token fills the tails).
 The timer reads the clock ~300 times a token (~20 ns each).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def timed(llm, ids: list[int], gen: int, threads: int) -> dict:
     for _ in stream:
         pass
     total = time.perf_counter() - t0
-    steps = lib.el_step_timing(0, out, threads)   # a token that fills a KV tail takes the per-layer calls
+    steps = lib.el_step_timing(0, out, threads)
     per = np.array([out[i] for i in range(lib.EL_STEP_STAGES * threads)]).reshape(threads, -1) * 1e6 / steps
     return {"tok/s": gen / total, "total": total * 1e6 / gen, "stages": per, "steps": steps}
 
@@ -54,7 +54,8 @@ def main() -> None:
     best = max((timed(llm, ids, args.gen_tokens, args.threads) for _ in range(args.rounds)), key=lambda r: r["tok/s"])
     llm.close()
     per = best["stages"]
-    print(f"{args.threads} thread(s), {args.prompt_tokens}-token prompt, {args.kv_dtype} KV: {best['tok/s']:.1f} tok/s, {best['total']:.0f} us a token ({best['steps']} of "
+    print(f"{args.threads} thread(s), {args.prompt_tokens}-token prompt, {args.kv_dtype} KV: {best['tok/s']:.1f} tok/s, "
+          f"{best['total']:.0f} us a token ({best['steps']} of "
           f"{args.gen_tokens} tokens in one-token steps)")
     print("us a token   " + " ".join(f"{s:>9} {'wait':>6}" for s in STAGES) + f" {'step':>7} {'outside':>8}")
     for t, row in enumerate(per):

@@ -1309,7 +1309,8 @@ static void q8_0_row_avx2(const float *x, void *dst, long n) {
                                     _mm256_castps_si256(_mm256_cmp_ps(f, _mm256_set1_ps(-0.5f), _CMP_LE_OQ)));
         }
         const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256((__m256i *)y->qs, _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   /* packs work within 128-bit lanes */
+        _mm256_storeu_si256((__m256i *)y->qs, _mm256_permutevar8x32_epi32(w, order));
         y->d = el_f32_to_f16(d);
     }
 }

@@ -1,7 +1,7 @@
 /* AVX-512 (F, BW, VL, DQ, VNNI) kernels: the AVX2 table with the quantized attention tile, the interleaved Q4 matmul
- * (prefill and decode) and the row-repacked Q8_0 GEMV (the output matrix) in 16-lane vectors and VNNI byte dots. Only this
- * file's functions are compiled for AVX-512 (pragma below); they are reached solely through el_kernels_avx512() after
- * a cpuid check.
+ * (prefill and decode) and the row-repacked Q8_0 GEMV (the output matrix) in 16-lane vectors and VNNI byte dots. Only
+ * this file's functions are compiled for AVX-512 (pragma below); they are reached solely through el_kernels_avx512()
+ * after a cpuid check.
  *
  * Every lane does what the AVX2 kernel does for its key, head dimension or weight row, the same operations in the
  * same order (integer dot products are exact in any order), so the outputs are the AVX2 table's bit for bit
@@ -412,10 +412,10 @@ INLINE void xmm_rows16(int type, const el_mm *m, int r0, int r1, int BOUND) {
 
 /* ---------------- decode GEMV, interleaved Q4 weights ---------------- */
 
-/* One token's act blocks as x_group1's VNNI operands: per block, vectors v = 0..3 (the low nibbles of chunks 0-1,
- * of chunks 2-3, the high nibbles of chunks 0-1, of 2-3) whose lanes 0-7 hold the 4 values that chunk 2 (v % 2) meets
- * and lanes 8-15 those of the next chunk (x_unpack's lanes: row i's weights 4c..4c+3 low, 16+4c.. high). Per thread,
- * grown as needed; NULL: no memory. */
+/* One token's act blocks as x_group1's VNNI operands: per block four vectors, for the low nibbles of chunks 0-1, of
+ * chunks 2-3, and the high nibbles of chunks 0-1, of 2-3 (x_unpack: chunk c's lane i holds row i's weights 4c..4c+3 in
+ * its low nibbles, 16+4c..16+4c+3 in its high ones); a vector's lanes 0-7 hold the four act values its first chunk
+ * meets, lanes 8-15 the second's. Per thread, grown as needed; NULL: no memory. */
 static const __m512i *spread_x(const el_block_q8a *a, int nb) {
     static _Thread_local __m512i *buf;
     static _Thread_local int cap;
@@ -428,9 +428,9 @@ static const __m512i *spread_x(const el_block_q8a *a, int nb) {
     for (int b = 0; b < nb; b++) {
         const __m512i qs = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)a[b].qs));
         for (int v = 0; v < 4; v++) {
-            const int c = (v >= 2 ? 4 : 0) + 2 * (v % 2);   /* the dword of values 4c..4c+3 for lanes 0-7 */
-            const __m512i idx = _mm512_set_epi32(c + 1, c + 1, c + 1, c + 1, c + 1, c + 1, c + 1, c + 1, c, c, c, c, c,
-                                                 c, c, c);
+            const int w = (v >= 2 ? 4 : 0) + 2 * (v % 2);   /* lanes 0-7: act dword w (values 4w..4w+3); 8-15: w + 1 */
+            const __m512i idx = _mm512_set_epi32(w + 1, w + 1, w + 1, w + 1, w + 1, w + 1, w + 1, w + 1, w, w, w, w, w,
+                                                 w, w, w);
             buf[4 * b + v] = _mm512_permutexvar_epi32(idx, qs);
         }
     }
@@ -465,7 +465,8 @@ INLINE void x_group1(int type, const el_mm *m, int g, int r0, int r1, const __m5
                              ? _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 144))))
                              : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
         const __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(a[b].d));
-        acc[b % XACC] = _mm512_add_ps(acc[b % XACC], _mm512_fmadd_ps(dot, dd, _mm512_mul_ps(c, _mm512_set1_ps(a[b].s))));
+        const __m512 term = _mm512_fmadd_ps(dot, dd, _mm512_mul_ps(c, _mm512_set1_ps(a[b].s)));
+        acc[b % XACC] = _mm512_add_ps(acc[b % XACC], term);
         if (BOUND) bacc = _mm512_fmadd_ps(scale_wmax16(type, dw, c), _mm512_set1_ps(m->bound_v[b]), bacc);
     }
     for (int w = XACC / 2; w; w /= 2)

@@ -86,8 +86,8 @@ static void heads_of(const el_model *m, int ith, int nth, int *q0, int *q1, int 
 /* The layer's QKV rows of thread ith's heads, RoPE and rotation on them, its kv heads' K/V rows into the f16 tail and,
  * where the token fills it (sealed: the tail's descriptor, already at the quantized rows), those heads' rows
  * quantized there as el_kv_seal does */
-static void qkv_heads(const token_job *j, const el_layer_w *L, const el_kvblock *tail, const el_kvblock *sealed, int row,
-                      const own_bufs *o, int ith, int nth) {
+static void qkv_heads(const token_job *j, const el_layer_w *L, const el_kvblock *tail, const el_kvblock *sealed,
+                      int row, const own_bufs *o, int ith, int nth) {
     const el_model *m = j->m;
     const int hd = m->head_dim;
     int q0, q1, g0, g1;
