@@ -38,7 +38,7 @@ def _stream(model, ids, cache, one_call: bool):
     return np.concatenate(out), sum(taken)
 
 
-@pytest.mark.parametrize("kind", ["f16", "q8_0", "infinipot"])
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0", "infinipot"])
 def test_one_call_step_equals_layer_by_layer(model, parity_ref, kind):
     ids = np.concatenate(parity_ref["ids"])[:sum(CHUNKS)]
     ref_cache, fast_cache = _cache(model, kind), _cache(model, kind)
