@@ -516,10 +516,23 @@ def test_f32_to_f16_rounds_as_numpy(simd):
     np.testing.assert_array_equal(got[nan], np.where(np.signbit(x[nan]), 0xFE00, 0x7E00).astype(np.uint16))
 
 
-def test_q8_0_rounds_halves_away_from_zero():
+def test_q8_0_rounds_halves_away_from_zero(simd):
     """ggml's roundf on exact halves (amax 127 makes the scale 1, so each value is its own quotient)."""
     x = np.concatenate([[127.0], np.arange(-15.5, 15.5, 1.0)]).astype(np.float32)
     q = N.quantize_row(x, GGMLType.Q8_0)
     np.testing.assert_array_equal(q, quantize(x, GGMLType.Q8_0))
     away = np.concatenate([[127], np.arange(-16, 0), np.arange(1, 16)])
     np.testing.assert_array_equal(q[2:].view(np.int8), away)
+
+
+def test_q8_0_blocks_at_every_scale(simd):
+    """Each table's Q8_0 quantizer (AVX2's own loop where it has one) against ggml's reference, bit for bit: blocks
+    from 1e-20 to 1e6, one all zero, one with its largest value negative, values that land on halves of the scale."""
+    rng = np.random.default_rng(7)
+    scales = 10.0 ** np.arange(-20, 7)
+    x = (rng.standard_normal((scales.size, 32)) * scales[:, None]).astype(np.float32)
+    x[3] = 0
+    x[4, 9] = -40 * np.abs(x[4]).max()
+    x[5] = (np.arange(32) - 15.5) * 127 / 15.5   # the scale is 1: every value a half
+    x = x.reshape(-1)
+    np.testing.assert_array_equal(N.quantize_row(x, GGMLType.Q8_0), quantize(x, GGMLType.Q8_0))

@@ -369,7 +369,7 @@ typedef struct {
     /* Optional (NULL: el_f32_to_f16 per value): n f32 values to f16, bit for bit as el_f32_to_f16 rounds them */
     void (*to_f16_row)(const float *x, uint16_t *y, long n);
     /* Optional (NULL: the portable loop): n f32 values (whole blocks) as Q8_0 blocks, bit for bit as ggml's
-     * quantize_row_q8_0_ref (every KV tail that fills is quantized through it) */
+     * quantize_row_q8_0_ref for finite values (every KV tail that fills is quantized through it) */
     void (*q8_0_row)(const float *x, void *dst, long n);
 } el_kernels;
 

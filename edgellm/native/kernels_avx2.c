@@ -1290,13 +1290,15 @@ static void to_f16_row_avx2(const float *x, uint16_t *y, long n) {
     for (; i < n; i++) y[i] = el_f32_to_f16(x[i]);
 }
 
-/* el_quantize_row's Q8_0 loop on 8 lanes: the same max, scale, products and round-half-away steps per value */
+/* el_quantize_row's Q8_0 loop on 8 lanes: the same max, scale, products and round-half-away steps per value, so the
+ * same blocks for finite values (a NaN is left out of the max as there; its own byte is not defined on either path) */
 static void q8_0_row_avx2(const float *x, void *dst, long n) {
     const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), half = _mm256_set1_ps(0.5f);
     for (long b = 0; b < n / EL_QK; b++, x += EL_QK) {
         el_block_q8_0 *y = (el_block_q8_0 *)dst + b;
         __m256 v[4], m = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(x + 8 * k), m = _mm256_max_ps(m, _mm256_and_ps(v[k], abs));
+        for (int k = 0; k < 4; k++)   /* maxps returns its second operand where one is NaN: m, as the scalar max */
+            v[k] = _mm256_loadu_ps(x + 8 * k), m = _mm256_max_ps(_mm256_and_ps(v[k], abs), m);
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
         const float d = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
