@@ -21,17 +21,23 @@ import edgellm
 from edgellm.native import ffi, lib
 
 
-def split(llm, ids: list[int], gen: int) -> dict:
-    out = ffi.new("double[5]")
+def timed_decode(llm, ids: list[int], gen: int, timer):
+    """Decodes gen tokens after ids (greedy runs, EOS ignored), a native timer on for them alone: timer(1) as they
+    start, timer(0) once they are done. Returns (seconds, timer(0)'s result)."""
     llm.reset()
     stream = llm.generate(ids, max_tokens=gen + 1, ignore_eos=True, stream=True)
     next(stream)   # the prompt's prefill and first token
-    lib.el_pool_timing(1, ffi.NULL)
+    timer(1)
     t0 = time.perf_counter()
     for _ in stream:
         pass
     total = time.perf_counter() - t0
-    lib.el_pool_timing(0, out)
+    return total, timer(0)
+
+
+def split(llm, ids: list[int], gen: int) -> dict:
+    out = ffi.new("double[5]")
+    total, _ = timed_decode(llm, ids, gen, lambda on: lib.el_pool_timing(on, out if not on else ffi.NULL))
     jobs, in_jobs, own, wait, between = (out[i] for i in range(5))
     ms = 1e3 / gen
     return {"tok/s": gen / total, "total": total * ms, "jobs": jobs / gen, "in jobs": in_jobs * ms,

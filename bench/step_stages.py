@@ -14,27 +14,19 @@ The timer reads the clock ~300 times a token (~20 ns each).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import edgellm
 from edgellm.native import ffi, lib
+from pool_split import timed_decode   # bench/pool_split.py, beside this file
 
 STAGES = ("qkv", "attention", "wo", "gate/up", "down")
 
 
 def timed(llm, ids: list[int], gen: int, threads: int) -> dict:
     out = ffi.new(f"double[{lib.EL_STEP_STAGES * threads}]")
-    llm.reset()
-    stream = llm.generate(ids, max_tokens=gen + 1, ignore_eos=True, stream=True)
-    next(stream)   # the prompt's prefill and first token
-    lib.el_step_timing(1, ffi.NULL, 0)
-    t0 = time.perf_counter()
-    for _ in stream:
-        pass
-    total = time.perf_counter() - t0
-    steps = lib.el_step_timing(0, out, threads)
+    total, steps = timed_decode(llm, ids, gen, lambda on: lib.el_step_timing(on, out if not on else ffi.NULL, threads))
     per = np.array([out[i] for i in range(lib.EL_STEP_STAGES * threads)]).reshape(threads, -1) * 1e6 / steps
     return {"tok/s": gen / total, "total": total * 1e6 / gen, "stages": per, "steps": steps}
 
@@ -55,8 +47,7 @@ def main() -> None:
     llm.close()
     per = best["stages"]
     print(f"{args.threads} thread(s), {args.prompt_tokens}-token prompt, {args.kv_dtype} KV: {best['tok/s']:.1f} tok/s, "
-          f"{best['total']:.0f} us a token ({best['steps']} of "
-          f"{args.gen_tokens} tokens in one-token steps)")
+          f"{best['total']:.0f} us a token ({best['steps']} of {args.gen_tokens} tokens in one-token steps)")
     print("us a token   " + " ".join(f"{s:>9} {'wait':>6}" for s in STAGES) + f" {'step':>7} {'outside':>8}")
     for t, row in enumerate(per):
         print(f"  thread {t:<3} " + " ".join(f"{row[2 * i]:9.1f} {row[2 * i + 1]:6.1f}" for i in range(len(STAGES)))

@@ -109,11 +109,11 @@ static void qkv_heads(const token_job *j, const el_layer_w *L, const el_kvblock 
     }
 }
 
-/* The first `bytes` of rows [r0, r1) of w, fetched while the thread waits at a barrier: the kernels prefetch
+/* The first `bytes` of rows [r0, r1) of w, fetched as the thread goes to wait at a barrier: the kernels prefetch
  * el_pf_bytes ahead of the row in use, so a share's first rows would otherwise come from DRAM on demand. */
 static void fetch_rows(const el_weight *w, int r0, int r1, size_t bytes) {
     if (r0 >= r1) return;
-    const size_t rb = el_row_bytes(w->type, w->cols), len = (size_t)(r1 - r0) * rb < bytes ? (size_t)(r1 - r0) * rb : bytes;
+    const size_t rb = el_row_bytes(w->type, w->cols), all = (size_t)(r1 - r0) * rb, len = all < bytes ? all : bytes;
     const char *p = (const char *)w->w + (size_t)r0 * rb;
     for (size_t o = 0; o < len; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
